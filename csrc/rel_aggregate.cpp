@@ -1,0 +1,177 @@
+// Schemas of the rel_aggregate op family and the one input check every kernel shares.
+#include "rel_aggregate.h"
+
+#include <Python.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <string>
+
+extern "C" {
+// The library only registers ops; importing it as a Python module is how it gets loaded.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace gfmrag_fast {
+
+Message parse_message(std::string_view message) {
+  if (message == "distmult") return Message::DistMult;
+  if (message == "transe") return Message::TransE;
+  TORCH_CHECK_VALUE(false, "rel_aggregate: message must be 'distmult' or 'transe', got '",
+                    std::string(message), "'");
+}
+
+Aggregate parse_aggregate(std::string_view aggregate) {
+  if (aggregate == "sum") return Aggregate::Sum;
+  if (aggregate == "mean") return Aggregate::Mean;
+  if (aggregate == "max") return Aggregate::Max;
+  if (aggregate == "min") return Aggregate::Min;
+  TORCH_CHECK_VALUE(false, "rel_aggregate: aggregate must be one of 'sum', 'mean', 'max', 'min', got '",
+                    std::string(aggregate), "'");
+}
+
+namespace {
+
+const char* kGraphFieldNames[kNumGraphFields] = {
+    "dst_ptr", "dst_src", "dst_type", "dst_eid", "src_ptr", "src_dst", "src_type",
+    "src_eid", "rel_ptr", "rel_eid", "edge_src", "edge_dst", "edge_type"};
+
+void check_same_device(const at::Tensor& t, const at::Tensor& x, const char* name) {
+  TORCH_CHECK_VALUE(t.device() == x.device(), "rel_aggregate: ", name, " is on ", t.device(),
+                    " but x is on ", x.device(), "; move both to the same device");
+}
+
+}  // namespace
+
+RelAggregateArgs check_rel_aggregate_inputs(const at::Tensor& x, const at::Tensor& relation,
+                                            at::TensorList graph,
+                                            const std::optional<at::Tensor>& edge_weight,
+                                            const std::optional<at::Tensor>& edge_mask,
+                                            std::string_view message, std::string_view aggregate) {
+  RelAggregateArgs args{};
+  args.message = parse_message(message);
+  args.aggregate = parse_aggregate(aggregate);
+
+  TORCH_CHECK_VALUE(x.dim() == 3, "rel_aggregate: x must have shape [B, N, d], got ", x.sizes());
+  TORCH_CHECK_VALUE(at::isFloatingType(x.scalar_type()),
+                    "rel_aggregate: x must be floating point, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.is_contiguous(), "rel_aggregate: x must be contiguous");
+  args.batch = x.size(0);
+  args.num_nodes = x.size(1);
+  args.dim = x.size(2);
+
+  TORCH_CHECK_VALUE(relation.dim() == 2 || relation.dim() == 3,
+                    "rel_aggregate: relation must have shape [R, d] or [B, R, d], got ",
+                    relation.sizes());
+  check_same_device(relation, x, "relation");
+  TORCH_CHECK_VALUE(relation.scalar_type() == x.scalar_type(), "rel_aggregate: relation has dtype ",
+                    relation.scalar_type(), " but x has ", x.scalar_type());
+  TORCH_CHECK_VALUE(relation.is_contiguous(), "rel_aggregate: relation must be contiguous");
+  TORCH_CHECK_VALUE(relation.size(-1) == args.dim, "rel_aggregate: relation has last dimension ",
+                    relation.size(-1), " but x has d = ", args.dim);
+  args.per_query = relation.dim() == 3;
+  if (args.per_query) {
+    TORCH_CHECK_VALUE(relation.size(0) == args.batch, "rel_aggregate: per-query relation [B, R, d] has B = ",
+                      relation.size(0), " but x has B = ", args.batch);
+  }
+  args.num_relations = relation.size(-2);
+
+  TORCH_CHECK_VALUE(static_cast<int64_t>(graph.size()) == kNumGraphFields,
+                    "rel_aggregate: graph must hold ", static_cast<int>(kNumGraphFields),
+                    " prepared arrays (use RelGraph), got ", graph.size());
+  for (int i = 0; i < kNumGraphFields; ++i) {
+    const at::Tensor& t = graph[i];
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.scalar_type() == at::kInt && t.is_contiguous(),
+                      "rel_aggregate: graph array ", kGraphFieldNames[i],
+                      " must be a contiguous 1-D int32 tensor (use RelGraph)");
+    check_same_device(t, x, "the graph");
+  }
+  args.num_edges = graph[kDstSrc].size(0);
+  TORCH_CHECK_VALUE(graph[kDstPtr].size(0) == args.num_nodes + 1,
+                    "rel_aggregate: x has N = ", args.num_nodes, " nodes but the graph has ",
+                    graph[kDstPtr].size(0) - 1);
+  TORCH_CHECK_VALUE(graph[kRelPtr].size(0) == args.num_relations + 1,
+                    "rel_aggregate: relation has R = ", args.num_relations,
+                    " rows but the graph has num_relations = ", graph[kRelPtr].size(0) - 1);
+  for (int i : {kDstType, kDstEid, kSrcDst, kSrcType, kSrcEid, kRelEid, kEdgeSrc, kEdgeDst,
+                kEdgeType}) {
+    TORCH_CHECK_VALUE(graph[i].size(0) == args.num_edges, "rel_aggregate: graph array ",
+                      kGraphFieldNames[i], " has ", graph[i].size(0), " entries, expected E = ",
+                      args.num_edges);
+  }
+  TORCH_CHECK_VALUE(graph[kSrcPtr].size(0) == args.num_nodes + 1,
+                    "rel_aggregate: graph array src_ptr must have N + 1 entries");
+
+  args.has_weight = edge_weight.has_value();
+  if (args.has_weight) {
+    const at::Tensor& w = *edge_weight;
+    TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == args.num_edges,
+                      "rel_aggregate: edge_weight must have shape [E] = [", args.num_edges, "], got ",
+                      w.sizes());
+    check_same_device(w, x, "edge_weight");
+    TORCH_CHECK_VALUE(w.scalar_type() == x.scalar_type(), "rel_aggregate: edge_weight has dtype ",
+                      w.scalar_type(), " but x has ", x.scalar_type());
+    TORCH_CHECK_VALUE(w.is_contiguous(), "rel_aggregate: edge_weight must be contiguous");
+  }
+  args.has_mask = edge_mask.has_value();
+  if (args.has_mask) {
+    const at::Tensor& m = *edge_mask;
+    TORCH_CHECK_VALUE(m.dim() == 1 && m.size(0) == args.num_edges,
+                      "rel_aggregate: edge_mask must have shape [E] = [", args.num_edges, "], got ",
+                      m.sizes());
+    check_same_device(m, x, "edge_mask");
+    TORCH_CHECK_VALUE(m.scalar_type() == at::kBool, "rel_aggregate: edge_mask must be bool, got ",
+                      m.scalar_type());
+    TORCH_CHECK_VALUE(m.is_contiguous(), "rel_aggregate: edge_mask must be contiguous");
+  }
+  return args;
+}
+
+void check_grad_out(const at::Tensor& grad_out, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes(), "rel_aggregate backward: grad_out must have shape ",
+                    x.sizes(), ", got ", grad_out.sizes());
+  TORCH_CHECK_VALUE(grad_out.scalar_type() == x.scalar_type() && grad_out.device() == x.device(),
+                    "rel_aggregate backward: grad_out must match x in dtype and device");
+  TORCH_CHECK_VALUE(grad_out.is_contiguous(), "rel_aggregate backward: grad_out must be contiguous");
+}
+
+void check_aux(const at::Tensor& aux, const RelAggregateArgs& args) {
+  TORCH_CHECK_VALUE(aux.scalar_type() == at::kInt && aux.is_contiguous(),
+                    "rel_aggregate backward: aux must be the contiguous int32 tensor the forward saved");
+  switch (args.aggregate) {
+    case Aggregate::Sum:
+      break;
+    case Aggregate::Mean:
+      TORCH_CHECK_VALUE(aux.dim() == 1 && aux.size(0) == args.num_nodes,
+                        "rel_aggregate backward: mean needs the in-degree aux of shape [N]");
+      break;
+    case Aggregate::Max:
+    case Aggregate::Min:
+      TORCH_CHECK_VALUE(aux.dim() == 3 && aux.size(0) == args.batch && aux.size(1) == args.num_nodes &&
+                            aux.size(2) == args.dim,
+                        "rel_aggregate backward: max/min need the arg aux of shape [B, N, d]");
+      break;
+  }
+}
+
+TORCH_LIBRARY(gfmrag_fast, m) {
+  // Forward: returns (out [B, N, d], aux); see rel_aggregate.h for aux.
+  m.def(
+      "rel_aggregate(Tensor x, Tensor relation, Tensor[] graph, Tensor? edge_weight, "
+      "Tensor? edge_mask, str message, str aggregate) -> (Tensor, Tensor)");
+  // Gradients, one op each so autograd asks only for what it needs.
+  m.def(
+      "rel_aggregate_backward_x(Tensor grad_out, Tensor x, Tensor relation, Tensor aux, "
+      "Tensor[] graph, Tensor? edge_weight, Tensor? edge_mask, str message, str aggregate) -> Tensor");
+  m.def(
+      "rel_aggregate_backward_relation(Tensor grad_out, Tensor x, Tensor relation, Tensor aux, "
+      "Tensor[] graph, Tensor? edge_weight, Tensor? edge_mask, str message, str aggregate) -> Tensor");
+  m.def(
+      "rel_aggregate_backward_edge_weight(Tensor grad_out, Tensor x, Tensor relation, Tensor aux, "
+      "Tensor[] graph, Tensor? edge_weight, Tensor? edge_mask, str message, str aggregate) -> Tensor");
+}
+
+}  // namespace gfmrag_fast

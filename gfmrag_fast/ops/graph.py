@@ -1,0 +1,152 @@
+"""RelGraph: a relational graph prepared once for the aggregation kernels."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+
+_INT32_MAX = 2**31 - 1
+
+
+def _row_pointer(keys: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """[num_rows + 1] int32 offsets of each key's run in `keys` sorted."""
+    counts = torch.bincount(keys, minlength=num_rows)
+    ptr = torch.zeros(num_rows + 1, dtype=torch.int64, device=keys.device)
+    ptr[1:] = torch.cumsum(counts, 0)
+    return ptr.to(torch.int32)
+
+
+class RelGraph:
+    """A directed multigraph with typed edges, validated and prepared once for `rel_aggregate`.
+
+    Edge ``e`` goes from ``edge_index[1, e]`` (its source, where messages are gathered) to
+    ``edge_index[0, e]`` (its destination, where they are summed), with relation
+    ``edge_type[e]``; this is GFM-RAG's convention. Parallel edges and self-loops are allowed.
+
+    Preparation builds, in int32: the CSR by destination (forward), the CSC by source (input
+    gradient), edges grouped by relation (relation gradient), and the in-degrees. Nothing is
+    re-sorted afterwards; ``to(device)`` copies the arrays once and caches the copy.
+
+    Args:
+        edge_index: [2, E] integer tensor, rows (destination, source).
+        edge_type: [E] integer tensor of relation ids.
+        num_nodes: N; every index must be in [0, N).
+        num_relations: number of relation types, inverses included (2R in GFM-RAG);
+            default ``max(edge_type) + 1``.
+    """
+
+    FIELDS = (
+        "dst_ptr", "dst_src", "dst_type", "dst_eid",
+        "src_ptr", "src_dst", "src_type", "src_eid",
+        "rel_ptr", "rel_eid",
+        "edge_src", "edge_dst", "edge_type32",
+    )  # order of the C++ GraphField enum
+
+    def __init__(
+        self,
+        edge_index: torch.Tensor,  # [2, E]
+        edge_type: torch.Tensor,  # [E]
+        num_nodes: int,
+        num_relations: Optional[int] = None,
+    ):
+        if not isinstance(edge_index, torch.Tensor) or edge_index.dim() != 2 or edge_index.size(0) != 2:
+            raise ValueError(f"RelGraph: edge_index must be a tensor of shape [2, E], got {_shape(edge_index)}")
+        if edge_index.dtype.is_floating_point or edge_index.dtype == torch.bool or edge_index.is_complex():
+            raise TypeError(f"RelGraph: edge_index must hold integers, got {edge_index.dtype}")
+        num_edges = edge_index.size(1)
+        if not isinstance(edge_type, torch.Tensor) or edge_type.shape != (num_edges,):
+            raise ValueError(f"RelGraph: edge_type must have shape [E] = [{num_edges}], got {_shape(edge_type)}")
+        if edge_type.dtype.is_floating_point or edge_type.dtype == torch.bool or edge_type.is_complex():
+            raise TypeError(f"RelGraph: edge_type must hold integers, got {edge_type.dtype}")
+        if edge_type.device != edge_index.device:
+            raise ValueError(
+                f"RelGraph: edge_type is on {edge_type.device} but edge_index is on {edge_index.device}"
+            )
+        num_nodes = int(num_nodes)
+        if num_nodes < 0 or num_nodes > _INT32_MAX or num_edges > _INT32_MAX:
+            raise ValueError(f"RelGraph: num_nodes ({num_nodes}) and E ({num_edges}) must be in [0, 2**31)")
+        edge_index = edge_index.long()
+        edge_type = edge_type.long()
+        if num_edges > 0:
+            lo, hi = int(edge_index.min()), int(edge_index.max())
+            if lo < 0 or hi >= num_nodes:
+                raise ValueError(
+                    f"RelGraph: edge_index values must be in [0, num_nodes = {num_nodes}), found [{lo}, {hi}]"
+                )
+            type_lo, type_hi = int(edge_type.min()), int(edge_type.max())
+            if type_lo < 0:
+                raise ValueError(f"RelGraph: edge_type values must be >= 0, found {type_lo}")
+        else:
+            type_hi = -1
+        if num_relations is None:
+            num_relations = type_hi + 1
+        num_relations = int(num_relations)
+        if num_relations <= type_hi or num_relations > _INT32_MAX:
+            raise ValueError(
+                f"RelGraph: num_relations = {num_relations} but edge_type holds relation {type_hi}"
+            )
+
+        self.num_nodes = num_nodes
+        self.num_edges = num_edges
+        self.num_relations = num_relations
+        self.edge_index = edge_index  # [2, E] int64, as given
+        self.edge_type = edge_type  # [E] int64, as given
+        self._arrays = self._prepare(edge_index, edge_type)
+        self._copies: Dict[torch.device, "RelGraph"] = {}
+
+    def _prepare(self, edge_index: torch.Tensor, edge_type: torch.Tensor) -> List[torch.Tensor]:
+        dst, src = edge_index[0], edge_index[1]
+        i32 = torch.int32
+        by_dst = torch.argsort(dst, stable=True)
+        by_src = torch.argsort(src, stable=True)
+        by_rel = torch.argsort(edge_type, stable=True)
+        arrays = [
+            _row_pointer(dst, self.num_nodes), src[by_dst].to(i32), edge_type[by_dst].to(i32), by_dst.to(i32),
+            _row_pointer(src, self.num_nodes), dst[by_src].to(i32), edge_type[by_src].to(i32), by_src.to(i32),
+            _row_pointer(edge_type, self.num_relations), by_rel.to(i32),
+            src.to(i32), dst.to(i32), edge_type.to(i32),
+        ]
+        return [a.contiguous() for a in arrays]
+
+    @property
+    def arrays(self) -> List[torch.Tensor]:
+        """The prepared int32 arrays, in the order the kernels expect (FIELDS)."""
+        return self._arrays
+
+    @property
+    def device(self) -> torch.device:
+        return self.edge_index.device
+
+    @property
+    def in_degree(self) -> torch.Tensor:
+        """[N] int32 number of edges into each node (masks not applied)."""
+        ptr = self._arrays[0]
+        return ptr[1:] - ptr[:-1]
+
+    def to(self, device) -> "RelGraph":
+        """This graph on `device`; the copy is made once and cached."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device == self.device:
+            return self
+        if device not in self._copies:
+            copy = RelGraph.__new__(RelGraph)
+            copy.num_nodes, copy.num_edges, copy.num_relations = self.num_nodes, self.num_edges, self.num_relations
+            copy.edge_index = self.edge_index.to(device)
+            copy.edge_type = self.edge_type.to(device)
+            copy._arrays = [a.to(device) for a in self._arrays]
+            copy._copies = {self.device: self}
+            self._copies[device] = copy
+        return self._copies[device]
+
+    def __repr__(self) -> str:
+        return (
+            f"RelGraph(num_nodes={self.num_nodes}, num_edges={self.num_edges}, "
+            f"num_relations={self.num_relations}, device={self.device})"
+        )
+
+
+def _shape(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
