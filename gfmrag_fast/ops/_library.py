@@ -13,10 +13,18 @@ except ImportError as exc:  # pragma: no cover - exercised only in broken instal
     raise ImportError(f"gfmrag_fast's compiled library gfmrag_fast._C is not built: {_BUILD_HINT}") from exc
 
 
+# Read once: the answer cannot change after the library is loaded, and torch.compile cannot trace
+# the dispatcher query.
+_KERNEL_DEVICE_TYPES = frozenset(
+    device_type
+    for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+    if torch._C._dispatch_has_kernel_for_dispatch_key("gfmrag_fast::rel_aggregate", key)
+)
+
+
 def has_kernels_for(device: torch.device) -> bool:
     """Whether the compiled library holds kernels for `device`'s type (CPU always does)."""
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("gfmrag_fast::rel_aggregate", key)
+    return device.type in _KERNEL_DEVICE_TYPES
 
 
 def check_device_supported(device: torch.device) -> None:
