@@ -81,6 +81,7 @@ def _extension():
     kwargs = dict(
         name="gfmrag_fast._C",
         include_dirs=[os.path.join(ROOT, "csrc")],
+        define_macros=[("GFMRAG_FAST_PYTHON_MODULE", None)],
         extra_link_args=["-fopenmp"],
         py_limited_api=True,
     )

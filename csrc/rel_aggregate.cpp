@@ -1,19 +1,23 @@
 // Schemas of the rel_aggregate op family and the one input check every kernel shares.
 #include "rel_aggregate.h"
 
-#include <Python.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <string>
 
+#ifdef GFMRAG_FAST_PYTHON_MODULE
+#include <Python.h>
+
 extern "C" {
-// The library only registers ops; importing it as a Python module is how it gets loaded.
+// The library only registers ops; importing it as a Python module is how setup.py's build gets
+// loaded. The CMake build is loaded with torch.ops.load_library and needs no Python.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }
 }
+#endif
 
 namespace gfmrag_fast {
 

@@ -1,0 +1,392 @@
+// CUDA kernels of rel_aggregate (forward and the three gradients).
+//
+// Same ownership scheme as the CPU kernels: every output element is owned by one thread (or, for
+// the edge-weight gradient, one warp) that accumulates in a fixed order, so results are
+// deterministic with no atomics. The forward walks the CSR by destination, the input gradient the
+// CSC by source, the relation gradient the edges grouped by relation. Threads are laid out with
+// the channel fastest, so the flat thread index is the offset of the element it writes and
+// neighbouring threads read neighbouring channels of the same row.
+//
+// Sums use __fadd_rn / __dadd_rn so nvcc cannot contract `acc += a * b` into an FMA: the forward,
+// input and relation gradients then round like the CPU kernels, operation for operation. Only the
+// edge-weight gradient differs from the CPU in summation order (a warp tree instead of a loop).
+#include "../rel_aggregate.h"
+
+#include <ATen/DeviceGuard.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <limits>
+
+namespace gfmrag_fast {
+namespace {
+
+constexpr int kBlockThreads = 256;  // a multiple of the warp size (the edge-weight kernel needs it)
+constexpr int kWarpSize = 32;
+
+// Launch shape for one thread per work item; every kernel goes through here so tuning is local.
+dim3 grid_for(int64_t num_threads) {
+  const int64_t blocks = (num_threads + kBlockThreads - 1) / kBlockThreads;
+  TORCH_CHECK(blocks > 0 && blocks <= std::numeric_limits<int32_t>::max(),
+              "rel_aggregate: cannot launch ", num_threads, " CUDA threads in one grid");
+  return dim3(static_cast<unsigned int>(blocks));
+}
+
+__device__ __forceinline__ int64_t thread_index() {
+  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+
+template <Aggregate A, typename acc_t>
+__device__ __forceinline__ bool wins(acc_t candidate, acc_t best) {
+  // NaN wins so that it propagates, as torch's amax/amin do.
+  if constexpr (A == Aggregate::Max) return candidate > best || candidate != candidate;
+  else return candidate < best || candidate != candidate;
+}
+
+template <Message M, typename acc_t>
+__device__ __forceinline__ acc_t message_of(acc_t x, acc_t r) {
+  if constexpr (M == Message::DistMult) return x * r;
+  else return x + r;
+}
+
+// d out[b, v, c] / d message[b, e, c] for an unmasked edge e into v, without the selection of
+// max/min: 1 for sum and max/min, 1 / in-degree for mean.
+template <Aggregate A, typename acc_t>
+__device__ __forceinline__ acc_t reduce_scale(const int32_t* aux, int32_t v) {
+  if constexpr (A == Aggregate::Mean) return acc_t(1) / static_cast<acc_t>(aux[v]);
+  else return acc_t(1);
+}
+
+// Inputs shared by every kernel, as raw device pointers; passed to kernels by value.
+template <typename scalar_t>
+struct Inputs {
+  const scalar_t* x;         // [B, N, d]
+  const scalar_t* relation;  // [R, d] | [B, R, d]
+  const scalar_t* weight;    // [E] or nullptr
+  const bool* mask;          // [E] or nullptr
+  const int32_t* aux;        // see rel_aggregate.h; nullptr in the forward
+  const int32_t* graph[kNumGraphFields];
+  int64_t batch, num_nodes, dim, num_relations, num_edges;
+  bool per_query;
+
+  __device__ const scalar_t* relation_of(int64_t b) const {
+    return relation + (per_query ? b * num_relations * dim : 0);
+  }
+  __device__ bool removed(int32_t e) const { return mask != nullptr && mask[e]; }
+  template <typename acc_t>
+  __device__ acc_t weight_of(int32_t e) const {
+    return weight ? static_cast<acc_t>(weight[e]) : acc_t(1);
+  }
+};
+
+template <typename scalar_t>
+Inputs<scalar_t> make_inputs(const at::Tensor& x, const at::Tensor& relation, const at::Tensor* aux,
+                             at::TensorList graph, const std::optional<at::Tensor>& edge_weight,
+                             const std::optional<at::Tensor>& edge_mask, const RelAggregateArgs& a) {
+  Inputs<scalar_t> in{};
+  in.x = x.const_data_ptr<scalar_t>();
+  in.relation = relation.const_data_ptr<scalar_t>();
+  in.weight = edge_weight ? edge_weight->const_data_ptr<scalar_t>() : nullptr;
+  in.mask = edge_mask ? edge_mask->const_data_ptr<bool>() : nullptr;
+  in.aux = aux ? aux->const_data_ptr<int32_t>() : nullptr;
+  for (int i = 0; i < kNumGraphFields; ++i) in.graph[i] = graph[i].const_data_ptr<int32_t>();
+  in.batch = a.batch;
+  in.num_nodes = a.num_nodes;
+  in.dim = a.dim;
+  in.num_relations = a.num_relations;
+  in.num_edges = a.num_edges;
+  in.per_query = a.per_query;
+  return in;
+}
+
+// count[v] = number of unmasked in-edges of v: the mean's aux.
+__global__ void in_degree_kernel(const int32_t* ptr, const int32_t* eid, const bool* mask,
+                                 int64_t num_nodes, int32_t* count) {
+  const int64_t v = thread_index();
+  if (v >= num_nodes) return;
+  int32_t n = 0;
+  for (int32_t k = ptr[v]; k < ptr[v + 1]; ++k) {
+    if (mask == nullptr || !mask[eid[k]]) ++n;
+  }
+  count[v] = n;
+}
+
+// One thread per (b, v, c); `arg` is the max/min aux [B, N, d], untouched otherwise.
+template <typename scalar_t, Message M, Aggregate A>
+__global__ void forward_kernel(const Inputs<scalar_t> in, scalar_t* out, int32_t* arg) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kExtremum = A == Aggregate::Max || A == Aggregate::Min;
+  const int64_t N = in.num_nodes, D = in.dim;
+  const int64_t i = thread_index();  // (b * N + v) * D + c
+  if (i >= in.batch * N * D) return;
+  const int64_t row = i / D, c = i - row * D;
+  const int64_t b = row / N, v = row - b * N;
+  const int32_t* ptr = in.graph[kDstPtr];
+  const int32_t* src = in.graph[kDstSrc];
+  const int32_t* type = in.graph[kDstType];
+  const int32_t* eid = in.graph[kDstEid];
+  const scalar_t* xb = in.x + b * N * D + c;
+  const scalar_t* rb = in.relation_of(b) + c;
+
+  acc_t acc = 0;
+  int32_t best = -1;
+  int32_t n = 0;
+  for (int32_t k = ptr[v]; k < ptr[v + 1]; ++k) {
+    const int32_t e = eid[k];
+    if (in.removed(e)) continue;
+    ++n;
+    const acc_t w = in.template weight_of<acc_t>(e);
+    const acc_t m = w * message_of<M>(static_cast<acc_t>(xb[static_cast<int64_t>(src[k]) * D]),
+                                      static_cast<acc_t>(rb[static_cast<int64_t>(type[k]) * D]));
+    if constexpr (kExtremum) {
+      if (best < 0 || wins<A>(m, acc)) {
+        acc = m;
+        best = e;
+      }
+    } else {
+      acc = add_rn(acc, m);
+    }
+  }
+  if constexpr (kExtremum) {
+    out[i] = static_cast<scalar_t>(best < 0 ? acc_t(0) : acc);
+    arg[i] = best;
+  } else {
+    const acc_t scale = (A == Aggregate::Mean && n > 0) ? acc_t(1) / acc_t(n) : acc_t(1);
+    out[i] = static_cast<scalar_t>(acc * scale);
+  }
+}
+
+// One thread per (b, u, c), walking the out-edges of u.
+template <typename scalar_t, Message M, Aggregate A>
+__global__ void backward_x_kernel(const Inputs<scalar_t> in, const scalar_t* grad_out,
+                                  scalar_t* grad_x) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kExtremum = A == Aggregate::Max || A == Aggregate::Min;
+  const int64_t N = in.num_nodes, D = in.dim;
+  const int64_t i = thread_index();  // (b * N + u) * D + c
+  if (i >= in.batch * N * D) return;
+  const int64_t row = i / D, c = i - row * D;
+  const int64_t b = row / N, u = row - b * N;
+  const int32_t* ptr = in.graph[kSrcPtr];
+  const int32_t* dst = in.graph[kSrcDst];
+  const int32_t* type = in.graph[kSrcType];
+  const int32_t* eid = in.graph[kSrcEid];
+  const scalar_t* rb = in.relation_of(b) + c;
+
+  acc_t acc = 0;
+  for (int32_t k = ptr[u]; k < ptr[u + 1]; ++k) {
+    const int32_t e = eid[k];
+    if (in.removed(e)) continue;
+    const int32_t v = dst[k];
+    const acc_t scale = in.template weight_of<acc_t>(e) * reduce_scale<A, acc_t>(in.aux, v);
+    const int64_t o = (b * N + v) * D + c;  // grad_out and the max/min aux
+    acc_t t = static_cast<acc_t>(grad_out[o]) * scale;
+    if constexpr (M == Message::DistMult) t *= static_cast<acc_t>(rb[static_cast<int64_t>(type[k]) * D]);
+    if constexpr (kExtremum) {
+      if (in.aux[o] == e) acc = add_rn(acc, t);
+    } else {
+      acc = add_rn(acc, t);
+    }
+  }
+  grad_x[i] = static_cast<scalar_t>(acc);
+}
+
+// One thread per (r, c) for a shared table, summing over the batch inside the edge loop as the CPU
+// kernel does; one per (b, r, c) for a per-query table.
+template <typename scalar_t, Message M, Aggregate A>
+__global__ void backward_relation_kernel(const Inputs<scalar_t> in, const scalar_t* grad_out,
+                                         scalar_t* grad_relation) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kExtremum = A == Aggregate::Max || A == Aggregate::Min;
+  const int64_t N = in.num_nodes, D = in.dim, R = in.num_relations;
+  const int64_t num_out = in.per_query ? in.batch : 1;
+  const int64_t i = thread_index();  // (ob * R + r) * D + c
+  if (i >= num_out * R * D) return;
+  const int64_t row = i / D, c = i - row * D;
+  const int64_t ob = row / R, r = row - ob * R;
+  const int64_t b_begin = in.per_query ? ob : 0;
+  const int64_t b_end = in.per_query ? ob + 1 : in.batch;
+  const int32_t* ptr = in.graph[kRelPtr];
+  const int32_t* eid = in.graph[kRelEid];
+  const int32_t* edge_src = in.graph[kEdgeSrc];
+  const int32_t* edge_dst = in.graph[kEdgeDst];
+
+  acc_t acc = 0;
+  for (int32_t k = ptr[r]; k < ptr[r + 1]; ++k) {
+    const int32_t e = eid[k];
+    if (in.removed(e)) continue;
+    const int32_t u = edge_src[e];
+    const int32_t v = edge_dst[e];
+    const acc_t scale = in.template weight_of<acc_t>(e) * reduce_scale<A, acc_t>(in.aux, v);
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      const int64_t o = (b * N + v) * D + c;  // grad_out and the max/min aux
+      acc_t t = static_cast<acc_t>(grad_out[o]) * scale;
+      if constexpr (M == Message::DistMult) t *= static_cast<acc_t>(in.x[(b * N + u) * D + c]);
+      if constexpr (kExtremum) {
+        if (in.aux[o] == e) acc = add_rn(acc, t);
+      } else {
+        acc = add_rn(acc, t);
+      }
+    }
+  }
+  grad_relation[i] = static_cast<scalar_t>(acc);
+}
+
+// One warp per edge: lanes stride over the channels of every batch row, then a fixed-shape
+// shuffle tree combines them, so the sum order never depends on scheduling.
+template <typename scalar_t, Message M, Aggregate A>
+__global__ void backward_edge_weight_kernel(const Inputs<scalar_t> in, const scalar_t* grad_out,
+                                            scalar_t* grad_weight) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kExtremum = A == Aggregate::Max || A == Aggregate::Min;
+  const int64_t N = in.num_nodes, D = in.dim;
+  const int64_t warp = thread_index() / kWarpSize;
+  const int lane = static_cast<int>(threadIdx.x % kWarpSize);
+  // The edge is uniform across the warp, so whole warps leave together and the full-mask
+  // shuffles below see all 32 lanes.
+  if (warp >= in.num_edges) return;
+  const int32_t e = static_cast<int32_t>(warp);
+  if (in.removed(e)) {
+    if (lane == 0) grad_weight[e] = scalar_t(0);
+    return;
+  }
+  const int32_t u = in.graph[kEdgeSrc][e];
+  const int32_t v = in.graph[kEdgeDst][e];
+  const int64_t type = in.graph[kEdgeType][e];
+
+  acc_t total = 0;
+  for (int64_t b = 0; b < in.batch; ++b) {
+    const scalar_t* g = grad_out + (b * N + v) * D;
+    const scalar_t* xu = in.x + (b * N + u) * D;
+    const scalar_t* rr = in.relation_of(b) + type * D;
+    const int32_t* sel = kExtremum ? in.aux + (b * N + v) * D : nullptr;
+    for (int64_t c = lane; c < D; c += kWarpSize) {
+      const acc_t t = static_cast<acc_t>(g[c]) *
+                      message_of<M>(static_cast<acc_t>(xu[c]), static_cast<acc_t>(rr[c]));
+      if constexpr (kExtremum) {
+        if (sel[c] == e) total = add_rn(total, t);
+      } else {
+        total = add_rn(total, t);
+      }
+    }
+  }
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    total = add_rn(total, __shfl_down_sync(0xffffffffu, total, offset));
+  }
+  if (lane == 0) grad_weight[e] = static_cast<scalar_t>(total * reduce_scale<A, acc_t>(in.aux, v));
+}
+
+std::tuple<at::Tensor, at::Tensor> rel_aggregate_cuda(const at::Tensor& x, const at::Tensor& relation,
+                                                      at::TensorList graph,
+                                                      const std::optional<at::Tensor>& edge_weight,
+                                                      const std::optional<at::Tensor>& edge_mask,
+                                                      c10::string_view message,
+                                                      c10::string_view aggregate) {
+  const RelAggregateArgs a =
+      check_rel_aggregate_inputs(x, relation, graph, edge_weight, edge_mask, message, aggregate);
+  const at::cuda::OptionalCUDAGuard guard(device_of(x));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor out = at::empty_like(x);
+  at::Tensor aux;
+  if (a.aggregate == Aggregate::Max || a.aggregate == Aggregate::Min) {
+    aux = at::empty(x.sizes(), x.options().dtype(at::kInt));
+  } else if (a.aggregate == Aggregate::Mean) {
+    aux = at::zeros({a.num_nodes}, x.options().dtype(at::kInt));
+    // The CPU kernel writes the degrees from its batch loop, so with B == 0 they stay 0; match it.
+    if (a.batch > 0 && a.num_nodes > 0) {
+      in_degree_kernel<<<grid_for(a.num_nodes), kBlockThreads, 0, stream>>>(
+          graph[kDstPtr].const_data_ptr<int32_t>(), graph[kDstEid].const_data_ptr<int32_t>(),
+          edge_mask ? edge_mask->const_data_ptr<bool>() : nullptr, a.num_nodes,
+          aux.mutable_data_ptr<int32_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  } else {
+    aux = at::empty({0}, x.options().dtype(at::kInt));
+  }
+  const int64_t num_threads = x.numel();
+  if (num_threads == 0) return {out, aux};
+  int32_t* arg =
+      (a.aggregate == Aggregate::Max || a.aggregate == Aggregate::Min) ? aux.mutable_data_ptr<int32_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rel_aggregate_cuda", [&] {
+    const auto in = make_inputs<scalar_t>(x, relation, nullptr, graph, edge_weight, edge_mask, a);
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    dispatch_message_aggregate(a.message, a.aggregate, [&](auto m, auto g) {
+      forward_kernel<scalar_t, decltype(m)::value, decltype(g)::value>
+          <<<grid_for(num_threads), kBlockThreads, 0, stream>>>(in, o, arg);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {out, aux};
+}
+
+enum class Grad { X, Relation, EdgeWeight };
+
+template <Grad G>
+at::Tensor rel_aggregate_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
+                                       const at::Tensor& relation, const at::Tensor& aux,
+                                       at::TensorList graph, const std::optional<at::Tensor>& edge_weight,
+                                       const std::optional<at::Tensor>& edge_mask,
+                                       c10::string_view message, c10::string_view aggregate) {
+  const RelAggregateArgs a =
+      check_rel_aggregate_inputs(x, relation, graph, edge_weight, edge_mask, message, aggregate);
+  check_grad_out(grad_out, x);
+  check_aux(aux, a);
+  const at::cuda::OptionalCUDAGuard guard(device_of(x));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor grad;
+  int64_t num_threads;
+  if constexpr (G == Grad::X) {
+    grad = at::empty_like(x);
+    num_threads = grad.numel();
+  } else if constexpr (G == Grad::Relation) {
+    grad = at::empty_like(relation);
+    num_threads = grad.numel();
+  } else {
+    grad = at::empty({a.num_edges}, x.options());
+    // Every edge's entry must be written, even when B * d == 0.
+    num_threads = a.num_edges * kWarpSize;
+  }
+  if (num_threads == 0) return grad;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rel_aggregate_backward_cuda", [&] {
+    const auto in = make_inputs<scalar_t>(x, relation, &aux, graph, edge_weight, edge_mask, a);
+    const scalar_t* g = grad_out.const_data_ptr<scalar_t>();
+    scalar_t* o = grad.mutable_data_ptr<scalar_t>();
+    dispatch_message_aggregate(a.message, a.aggregate, [&](auto m, auto r) {
+      constexpr Message M = decltype(m)::value;
+      constexpr Aggregate A = decltype(r)::value;
+      const dim3 grid = grid_for(num_threads);
+      if constexpr (G == Grad::X) {
+        backward_x_kernel<scalar_t, M, A><<<grid, kBlockThreads, 0, stream>>>(in, g, o);
+      } else if constexpr (G == Grad::Relation) {
+        backward_relation_kernel<scalar_t, M, A><<<grid, kBlockThreads, 0, stream>>>(in, g, o);
+      } else {
+        backward_edge_weight_kernel<scalar_t, M, A><<<grid, kBlockThreads, 0, stream>>>(in, g, o);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gfmrag_fast, CUDA, m) {
+  m.impl("rel_aggregate", &rel_aggregate_cuda);
+  m.impl("rel_aggregate_backward_x", &rel_aggregate_backward_cuda<Grad::X>);
+  m.impl("rel_aggregate_backward_relation", &rel_aggregate_backward_cuda<Grad::Relation>);
+  m.impl("rel_aggregate_backward_edge_weight", &rel_aggregate_backward_cuda<Grad::EdgeWeight>);
+}
+
+}  // namespace gfmrag_fast
