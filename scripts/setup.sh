@@ -25,7 +25,7 @@ export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 echo "setup: building gfmrag_fast (FORCE_CUDA=${FORCE_CUDA:-0}, TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST}, MAX_JOBS=${MAX_JOBS})"
 start=$(date +%s)
-"${PIP[@]}" install --no-build-isolation -e .
+"${PIP[@]}" install --no-build-isolation -e ".[test]"
 echo "setup: built in $(( $(date +%s) - start )) s"
 "${VENV}/bin/python" - <<'PY'
 import torch
