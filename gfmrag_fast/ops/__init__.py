@@ -3,5 +3,19 @@
 from . import _library  # noqa: F401  (loads the compiled library first)
 from .graph import RelGraph
 from .rel_aggregate import AGGREGATES, MESSAGES, rel_aggregate, rel_aggregate_reference
+from .sampling_reference import easy_edge_mask_reference, negative_sampling_reference
+from .triple_index import TripleIndex, easy_edge_mask, negative_sampling, triple_index
 
-__all__ = ["RelGraph", "rel_aggregate", "rel_aggregate_reference", "MESSAGES", "AGGREGATES"]
+__all__ = [
+    "RelGraph",
+    "rel_aggregate",
+    "rel_aggregate_reference",
+    "MESSAGES",
+    "AGGREGATES",
+    "TripleIndex",
+    "triple_index",
+    "negative_sampling",
+    "negative_sampling_reference",
+    "easy_edge_mask",
+    "easy_edge_mask_reference",
+]

@@ -1,0 +1,106 @@
+// CPU kernels of negative_sampling and easy_edge_mask.
+#include "../triple_index.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <cstdint>
+
+namespace gfmrag_fast {
+namespace {
+
+TripleIndexView view_of(at::TensorList index) {
+  TORCH_CHECK_VALUE(index.size() == 6, "triple index must hold 6 arrays (use TripleIndex), got ", index.size());
+  return {index[0].data_ptr<int64_t>(), index[1].data_ptr<int64_t>(), index[2].data_ptr<int32_t>(),
+          index[3].data_ptr<int64_t>(), index[4].data_ptr<int32_t>(), index[5].data_ptr<int32_t>(),
+          index[0].size(0)};
+}
+
+void check_index(const at::Tensor& triples, at::TensorList index, const char* op) {
+  TORCH_CHECK_VALUE(index.size() == 6, op, ": triple index must hold 6 arrays (use TripleIndex), got ",
+                    index.size());
+  check_triple_index(index[0], index[1], index[2], index[3], index[4], index[5], triples, op);
+}
+
+at::Tensor negative_sampling_cpu(const at::Tensor& triples, at::TensorList index, int64_t num_nodes,
+                                 int64_t num_relations, int64_t num_negative, bool strict, int64_t seed) {
+  check_index(triples, index, "negative_sampling");
+  TORCH_CHECK_VALUE(num_negative > 0, "negative_sampling: num_negative must be positive, got ", num_negative);
+  TORCH_CHECK_VALUE(num_nodes > 0, "negative_sampling: num_nodes must be positive, got ", num_nodes);
+  TORCH_CHECK_VALUE(num_relations > 0 && num_relations % 2 == 0,
+                    "negative_sampling: num_relations counts direct and inverse relations and must be even, got ",
+                    num_relations);
+  const int64_t B = triples.size(0), K = num_negative, R = num_relations / 2;
+  at::Tensor out = at::empty({B, K + 1, 3}, triples.options());
+  const int64_t* in = triples.data_ptr<int64_t>();
+  int64_t* o = out.data_ptr<int64_t>();
+  const TripleIndexView ix = view_of(index);
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t h = in[b * 3], t = in[b * 3 + 1], r = in[b * 3 + 2];
+      const bool corrupt_tail = b < B / 2;
+      // Query (h, r, ?) for tails, (t, r + R, ?) for heads; rows out of range exclude nothing.
+      const bool valid = h >= 0 && h < num_nodes && t >= 0 && t < num_nodes && r >= 0 && r < R;
+      const int64_t pos = (strict && valid)
+                              ? find_key(ix.keys, ix.num_keys, corrupt_tail ? h * num_relations + r
+                                                                            : t * num_relations + r + R)
+                              : -1;
+      const int32_t* s = pos >= 0 ? ix.unique_values + ix.unique_ptr[pos] : nullptr;
+      const int64_t m = pos >= 0 ? ix.unique_ptr[pos + 1] - ix.unique_ptr[pos] : 0;
+      const int64_t positive = corrupt_tail ? t : h;
+      int64_t* row = o + b * (K + 1) * 3;
+      row[0] = h, row[1] = t, row[2] = r;
+      for (int64_t k = 0; k < K; ++k) {
+        const uint64_t random = random64(static_cast<uint64_t>(seed), static_cast<uint64_t>(b * K + k));
+        const int64_t x = strict ? sample_excluding(s, m, valid ? positive : -1, num_nodes, random)
+                                 : uniform_below(random, num_nodes);
+        int64_t* neg = row + (k + 1) * 3;
+        neg[0] = corrupt_tail ? h : x;
+        neg[1] = corrupt_tail ? x : t;
+        neg[2] = r;
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor easy_edge_mask_cpu(const at::Tensor& triples, at::TensorList index, int64_t num_edges,
+                              int64_t num_relations) {
+  check_index(triples, index, "easy_edge_mask");
+  TORCH_CHECK_VALUE(num_edges == index[5].size(0), "easy_edge_mask: num_edges = ", num_edges,
+                    " but the triple index holds ", index[5].size(0), " edges");
+  TORCH_CHECK_VALUE(num_relations > 0 && num_relations % 2 == 0,
+                    "easy_edge_mask: num_relations must be even and positive, got ", num_relations);
+  at::Tensor mask = at::zeros({num_edges}, triples.options().dtype(at::kBool));
+  bool* out = mask.data_ptr<bool>();
+  const int64_t* in = triples.data_ptr<int64_t>();
+  const TripleIndexView ix = view_of(index);
+  const int64_t R = num_relations / 2;
+  // Serial: a batch is a few thousand look-ups, and parallel copies would make threads write the
+  // same flags.
+  for (int64_t i = 0; i < triples.size(0); ++i) {
+    const int64_t h = in[i * 3], t = in[i * 3 + 1], r = in[i * 3 + 2];
+    if (r < 0 || r >= R || h < 0 || t < 0 || h > INT32_MAX || t > INT32_MAX) continue;  // matches nothing
+    for (int direction = 0; direction < 2; ++direction) {
+      const int64_t src = direction == 0 ? h : t, dst = direction == 0 ? t : h;
+      const int64_t pos = find_key(ix.keys, ix.num_keys, src * num_relations + r + direction * R);
+      if (pos < 0) continue;
+      const int64_t hi = ix.all_ptr[pos + 1];
+      for (int64_t j = lower_bound(ix.all_values, ix.all_ptr[pos], hi, dst); j < hi && ix.all_values[j] == dst; ++j) {
+        out[ix.all_eids[j]] = true;
+      }
+    }
+  }
+  return mask;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gfmrag_fast, CPU, m) {
+  m.impl("negative_sampling", &negative_sampling_cpu);
+  m.impl("easy_edge_mask", &easy_edge_mask_cpu);
+}
+
+}  // namespace gfmrag_fast

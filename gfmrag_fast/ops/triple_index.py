@@ -1,0 +1,188 @@
+"""Triple sampling for KG pre-training: strict negatives, easy-edge removal, filtered answers.
+
+All three read one :class:`TripleIndex` of the graph, built once: the graph's edges grouped by
+(source = ``edge_index[0]``, relation) with their ``edge_index[1]`` ends sorted. With GFM-RAG's
+inverse edges, key (h, r) lists every true tail of (h, r, ?) and key (t, r + R) every true head
+of (?, r, t).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _library
+from .graph import RelGraph
+
+_ops = torch.ops.gfmrag_fast
+
+
+class TripleIndex:
+    """Sorted (source, relation) -> neighbours index of a typed multigraph, on one device.
+
+    Args:
+        edge_index: [2, E] rows (source, target) — for GFM-RAG graphs (head, tail) plus inverses.
+        edge_type: [E] relation ids in [0, num_relations).
+        num_nodes, num_relations: graph sizes (num_relations counts inverse relations too).
+    """
+
+    def __init__(self, edge_index: torch.Tensor, edge_type: torch.Tensor, num_nodes: int, num_relations: int):
+        self.num_nodes, self.num_relations, self.num_edges = int(num_nodes), int(num_relations), edge_index.size(1)
+        if self.num_nodes >= 2**31 or self.num_relations >= 2**31:
+            raise ValueError("TripleIndex: num_nodes and num_relations must be below 2**31")
+        src, dst, rel = edge_index[0].long(), edge_index[1].long(), edge_type.long()
+        key = src * self.num_relations + rel
+        # Sort by (key, dst) with two stable sorts: key * N + dst could overflow int64.
+        order = torch.argsort(dst, stable=True)
+        order = order[torch.argsort(key[order], stable=True)]
+        key, dst = key[order], dst[order]
+        keys, counts = torch.unique_consecutive(key, return_counts=True)
+        first = torch.ones_like(key, dtype=torch.bool)
+        first[1:] = (key[1:] != key[:-1]) | (dst[1:] != dst[:-1])
+        unique_counts = torch.zeros_like(keys).index_add_(
+            0, torch.repeat_interleave(torch.arange(keys.numel(), device=keys.device), counts), first.long()
+        )
+        self.keys = keys.contiguous()  # [U] int64
+        self.unique_ptr = _pointer(unique_counts)  # [U + 1] int64
+        self.unique_values = dst[first].to(torch.int32).contiguous()  # [M] int32
+        self.all_ptr = _pointer(counts)  # [U + 1] int64
+        self.all_values = dst.to(torch.int32).contiguous()  # [E] int32
+        self.all_eids = order.to(torch.int32).contiguous()  # [E] int32
+
+    @classmethod
+    def of(cls, graph: RelGraph) -> "TripleIndex":
+        return cls(graph.edge_index, graph.edge_type, graph.num_nodes, graph.num_relations)
+
+    @property
+    def arrays(self):
+        return [self.keys, self.unique_ptr, self.unique_values, self.all_ptr, self.all_values, self.all_eids]
+
+    @property
+    def device(self) -> torch.device:
+        return self.keys.device
+
+    def answer_mask(self, sources: torch.Tensor, relations: torch.Tensor) -> torch.Tensor:
+        """[Q, N] bool: True at every node v with an edge (sources[q], relations[q], v).
+
+        The filter of filtered link prediction: build the index over train + valid + test
+        triples (with inverses) and pass heads with direct relations for tail prediction, tails
+        with inverse relations (r + R) for head prediction.
+        """
+        query = sources.long() * self.num_relations + relations.long()
+        mask = torch.zeros(query.numel(), self.num_nodes, dtype=torch.bool, device=query.device)
+        if self.keys.numel() == 0:
+            return mask
+        pos = torch.searchsorted(self.keys, query).clamp(max=self.keys.numel() - 1)
+        found = self.keys[pos] == query
+        lo = torch.where(found, self.unique_ptr[pos], 0)
+        counts = torch.where(found, self.unique_ptr[pos + 1] - lo, 0)
+        row = torch.repeat_interleave(torch.arange(query.numel(), device=query.device), counts)
+        offset = torch.arange(row.numel(), device=query.device) - torch.repeat_interleave(
+            torch.cumsum(counts, 0) - counts, counts
+        )
+        cols = self.unique_values[torch.repeat_interleave(lo, counts) + offset].long()
+        mask[row, cols] = True
+        return mask
+
+
+def _pointer(counts: torch.Tensor) -> torch.Tensor:
+    ptr = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=counts.device)
+    ptr[1:] = torch.cumsum(counts, 0)
+    return ptr
+
+
+def triple_index(graph: RelGraph) -> TripleIndex:
+    """The graph's TripleIndex, built on first use and cached on the graph."""
+    index = getattr(graph, "_triple_index", None)
+    if index is None:
+        index = TripleIndex.of(graph)
+        graph._triple_index = index
+    return index
+
+
+def _check_triples(graph, triples, name, *, dims, shape_text, check_values) -> torch.Tensor:
+    if not isinstance(graph, RelGraph):
+        raise TypeError(f"{name}: graph must be a RelGraph, got {type(graph).__name__}")
+    if not isinstance(triples, torch.Tensor) or triples.dtype.is_floating_point or triples.dtype == torch.bool:
+        raise TypeError(f"{name}: triples must be an integer tensor")
+    if triples.dim() not in dims or triples.size(-1) != 3:
+        raise ValueError(f"{name}: triples must have shape {shape_text}, got {tuple(triples.shape)}")
+    if triples.device != graph.device:
+        raise ValueError(f"{name}: triples are on {triples.device} but graph is on {graph.device}")
+    if graph.num_relations % 2:
+        raise ValueError(f"{name}: graph.num_relations = {graph.num_relations} must count direct and inverse relations")
+    _library.check_device_supported(triples.device)
+    if check_values and triples.numel():
+        flat = triples.reshape(-1, 3)
+        nodes, rels = flat[:, :2], flat[:, 2]
+        # One host read for all four bounds (a device sync on CUDA; skip with check_values=False).
+        lo_n, hi_n, lo_r, hi_r = torch.stack([nodes.min(), nodes.max(), rels.min(), rels.max()]).tolist()
+        if lo_n < 0 or hi_n >= graph.num_nodes:
+            raise ValueError(f"{name}: entity ids must be in [0, {graph.num_nodes}), found [{lo_n}, {hi_n}]")
+        if lo_r < 0 or hi_r >= graph.num_relations // 2:
+            raise ValueError(
+                f"{name}: relations must be direct ids in [0, {graph.num_relations // 2}), found [{lo_r}, {hi_r}]"
+            )
+    return triples.long().contiguous()
+
+
+def negative_sampling(
+    graph: RelGraph,
+    triples: torch.Tensor,  # [B, 3] rows (h, t, r), r a direct relation
+    num_negative: int,
+    strict: bool = True,
+    generator: Optional[torch.Generator] = None,
+    check_values: bool = True,
+) -> torch.Tensor:  # [B, 1 + K, 3]
+    """Corrupts each triple K times, as GFM-RAG/ULTRA's pre-training batches.
+
+    Row 0 of each triple is the positive. The first ``B // 2`` triples get corrupted tails
+    ``(h, t', r)``, the others corrupted heads ``(h', t, r)``. With ``strict`` each negative is
+    drawn exactly uniformly among the entities that are not a true answer of the query — for
+    tails: no edge (h, r, t'), for heads: no inverse edge (t, r + R, h') — and never the
+    positive; otherwise uniformly among all entities. When a query has no allowed entity (every
+    entity is a true answer), its negatives repeat the positive.
+
+    Randomness comes from a seed drawn from ``generator`` (a CPU generator; default torch's
+    global one), so ``torch.manual_seed`` makes samples reproducible on every device; no
+    [B, N] tensor, no ``nonzero``, no host synchronisation on CUDA (with ``check_values=False``,
+    which skips the range check of the triples).
+    """
+    if not isinstance(num_negative, int) or num_negative <= 0:
+        raise ValueError(f"negative_sampling: num_negative must be a positive int, got {num_negative!r}")
+    triples = _check_triples(graph, triples, "negative_sampling", dims=(2,), shape_text="[B, 3]",
+                             check_values=check_values)
+    if triples.size(0) == 0:
+        raise ValueError("negative_sampling: triples is empty (B = 0)")
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError("negative_sampling: generator must be a CPU torch.Generator (the seed is drawn on the host)")
+    seed = int(torch.randint(-(2**63), 2**63 - 1, (), generator=generator, dtype=torch.int64))
+    index = triple_index(graph)
+    return _ops.negative_sampling(
+        triples, index.arrays, graph.num_nodes, graph.num_relations, num_negative, bool(strict), seed
+    )
+
+
+def easy_edge_mask(
+    graph: RelGraph,
+    batch: torch.Tensor,  # [B, 3] or [B, 1 + K, 3] rows (h, t, r)
+    check_values: bool = True,
+) -> torch.Tensor:  # [E] bool
+    """The edges a pre-training step must not see: True for every edge (h, t, r) of the batch
+    and every inverse edge (t, h, r + R), parallel copies included. Pass it as ``edge_mask`` to
+    :func:`rel_aggregate`. Computed by lookup in the graph's TripleIndex: no graph copy, no sort."""
+    batch = _check_triples(graph, batch, "easy_edge_mask", dims=(2, 3), shape_text="[B, 3] or [B, 1 + K, 3]",
+                           check_values=check_values)
+    index = triple_index(graph)
+    return _ops.easy_edge_mask(batch.reshape(-1, 3), index.arrays, graph.num_edges, graph.num_relations)
+
+
+@torch.library.register_fake("gfmrag_fast::negative_sampling")
+def _negative_sampling_fake(triples, index, num_nodes, num_relations, num_negative, strict, seed):
+    return triples.new_empty((triples.shape[0], num_negative + 1, 3))
+
+
+@torch.library.register_fake("gfmrag_fast::easy_edge_mask")
+def _easy_edge_mask_fake(triples, index, num_edges, num_relations):
+    return triples.new_empty((num_edges,), dtype=torch.bool)

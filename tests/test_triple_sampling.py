@@ -1,0 +1,212 @@
+"""negative_sampling, easy_edge_mask and TripleIndex against brute-force sets."""
+
+import pytest
+import torch
+from torch.library import opcheck
+
+from gfmrag_fast.ops import (
+    RelGraph,
+    TripleIndex,
+    easy_edge_mask,
+    easy_edge_mask_reference,
+    negative_sampling,
+    negative_sampling_reference,
+    triple_index,
+)
+
+from conftest import CUDA, DEVICES
+
+
+def kg_graph(num_nodes=40, num_triples=300, num_direct=5, seed=0, device="cpu"):
+    """GFM-RAG-style graph with parallel edges and self-loops: triples (h, r, t) + inverses."""
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randint(0, num_nodes, (num_triples,), generator=gen)
+    t = torch.randint(0, num_nodes, (num_triples,), generator=gen)
+    r = torch.randint(0, num_direct, (num_triples,), generator=gen)
+    t[:10] = h[:10]  # self-loops
+    h[-20:], t[-20:], r[-20:] = h[:20], t[:20], r[:20]  # parallel copies
+    edge_index = torch.cat([torch.stack([h, t]), torch.stack([t, h])], 1)
+    edge_type = torch.cat([r, r + num_direct])
+    graph = RelGraph(edge_index, edge_type, num_nodes, 2 * num_direct).to(device)
+    return graph, torch.stack([h, t, r], 1).to(device)
+
+
+def true_answers(graph):
+    """{(source, relation): set of edge_index[1] ends}."""
+    answers = {}
+    for s, d, r in zip(graph.edge_index[0].tolist(), graph.edge_index[1].tolist(), graph.edge_type.tolist()):
+        answers.setdefault((s, r), set()).add(d)
+    return answers
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", [negative_sampling, negative_sampling_reference])
+def test_strict_negatives_are_never_true_answers(device, impl):
+    graph, triples = kg_graph(device=device)
+    answers = true_answers(graph)
+    half = graph.num_relations // 2
+    batch = triples[torch.randperm(len(triples), generator=torch.Generator().manual_seed(1))[:9].to(device)]
+    out = impl(graph, batch, 64)
+    assert out.shape == (9, 65, 3) and out.dtype == torch.long and out.device == batch.device
+    assert torch.equal(out[:, 0], batch)
+    for b, (h, t, r) in enumerate(batch.tolist()):
+        rows = out[b, 1:].tolist()
+        assert all(row[2] == r for row in rows)
+        if b < 9 // 2:  # tails corrupted
+            assert all(row[0] == h for row in rows)
+            assert not {row[1] for row in rows} & (answers[(h, r)] | {t})
+        else:  # heads corrupted, through the inverse relation
+            assert all(row[1] == t for row in rows)
+            assert not {row[0] for row in rows} & (answers[(t, r + half)] | {h})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_strict_is_uniform_over_all_entities(device):
+    graph, triples = kg_graph(num_nodes=6, device=device)
+    out = negative_sampling(graph, triples[:2], 6000, strict=False)
+    tails = out[0, 1:, 1].cpu()
+    counts = torch.bincount(tails, minlength=6)
+    assert counts.min() > 800  # true answers included: every entity drawn
+
+
+def test_strict_sampling_is_exactly_uniform_chi_square():
+    from scipy.stats import chisquare
+
+    # Node 0 has tails {1, 4, 5} under relation 0; 0, 2, 3, 6..9 are the allowed negatives of (0, 0, 1).
+    h = torch.tensor([0, 0, 0, 2])
+    t = torch.tensor([1, 4, 5, 7])
+    r = torch.tensor([0, 0, 0, 0])
+    graph = RelGraph(torch.cat([torch.stack([h, t]), torch.stack([t, h])], 1), torch.cat([r, r + 1]), 10, 2)
+    torch.manual_seed(0)
+    batch = torch.tensor([[0, 1, 0], [0, 7, 0]])  # row 0: tails of (0, 0, ?), row 1: heads of (?, 0, 7)
+    out = negative_sampling(graph, batch, 70_000)
+    tails = torch.bincount(out[0, 1:, 1], minlength=10)
+    assert tails[[1, 4, 5]].sum() == 0
+    allowed = tails[[0, 2, 3, 6, 7, 8, 9]]
+    assert chisquare(allowed.numpy()).pvalue > 1e-3
+    heads = torch.bincount(out[1, 1:, 0], minlength=10)
+    assert heads[[0, 2]].sum() == 0  # (2, 0, 7) is an edge; 0 is the positive
+    assert chisquare(heads[[1, 3, 4, 5, 6, 7, 8, 9]].numpy()).pvalue > 1e-3
+
+
+def test_sampling_is_seeded_and_reproducible():
+    graph, triples = kg_graph()
+    torch.manual_seed(3)
+    a = negative_sampling(graph, triples[:8], 32)
+    torch.manual_seed(3)
+    b = negative_sampling(graph, triples[:8], 32)
+    c = negative_sampling(graph, triples[:8], 32)
+    gen = torch.Generator().manual_seed(5)
+    d = negative_sampling(graph, triples[:8], 32, generator=gen)
+    e = negative_sampling(graph, triples[:8], 32, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and not torch.equal(b, c) and torch.equal(d, e)
+
+
+def test_query_without_allowed_entity_repeats_the_positive():
+    # 3 nodes, node 0 -> every node under relation 0: (0, 0, ?) has no negative at all.
+    h, t, r = torch.tensor([0, 0, 0]), torch.tensor([0, 1, 2]), torch.tensor([0, 0, 0])
+    graph = RelGraph(torch.cat([torch.stack([h, t]), torch.stack([t, h])], 1), torch.cat([r, r + 1]), 3, 2)
+    out = negative_sampling(graph, torch.tensor([[0, 1, 0], [0, 2, 0], [1, 0, 0]]), 5)
+    assert torch.equal(out[0, 1:], torch.tensor([[0, 1, 0]] * 5))
+    ref = negative_sampling_reference(graph, torch.tensor([[0, 1, 0], [0, 2, 0]]), 5)
+    assert torch.equal(ref[0, 1:], torch.tensor([[0, 1, 0]] * 5))
+
+
+def test_positive_outside_graph_is_still_excluded():
+    graph, _ = kg_graph(num_nodes=5, num_triples=4)
+    batch = torch.tensor([[0, 3, 4], [1, 2, 4]])  # triples that need not be edges
+    out = negative_sampling(graph, batch, 2000)
+    assert (out[0, 1:, 1] != 3).all() and (out[1, 1:, 0] != 1).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_easy_edge_mask_matches_brute_force(device, seed):
+    graph, triples = kg_graph(seed=seed, device=device)
+    batch = negative_sampling(graph, triples[torch.arange(0, 300, 17, device=device)], 8)
+    expected = torch.zeros(graph.num_edges, dtype=torch.bool)
+    edges = list(zip(graph.edge_index[0].tolist(), graph.edge_index[1].tolist(), graph.edge_type.tolist()))
+    wanted = set()
+    half = graph.num_relations // 2
+    for h, t, r in batch.reshape(-1, 3).tolist():
+        wanted |= {(h, t, r), (t, h, r + half)}
+    for e, edge in enumerate(edges):
+        expected[e] = edge in wanted
+    mask = easy_edge_mask(graph, batch)
+    assert mask.dtype == torch.bool and mask.shape == (graph.num_edges,)
+    assert torch.equal(mask.cpu(), expected)
+    assert torch.equal(easy_edge_mask(graph, batch[:, 0]).cpu(), easy_edge_mask_reference(graph, batch[:, 0]).cpu())
+    assert torch.equal(easy_edge_mask_reference(graph, batch).cpu(), expected)
+    # Every parallel copy of an edge and of its inverse is removed: edge 280 copies edge 0 (a
+    # self-loop), 300 and 580 are their inverses.
+    dup = torch.tensor([[*triples[0].tolist()]], device=device)
+    copies = easy_edge_mask(graph, dup)
+    assert copies[0] and copies[280] and copies[300] and copies[580]
+
+
+def test_answer_mask_matches_brute_force():
+    graph, triples = kg_graph(seed=4)
+    index = triple_index(graph)
+    assert triple_index(graph) is index  # built once per graph
+    answers = true_answers(graph)
+    sources = torch.arange(40).repeat(10)
+    relations = torch.arange(10).repeat_interleave(40)
+    mask = index.answer_mask(sources, relations)
+    for q, (s, r) in enumerate(zip(sources.tolist(), relations.tolist())):
+        assert set(mask[q].nonzero().flatten().tolist()) == answers.get((s, r), set())
+    empty = TripleIndex(torch.zeros(2, 0, dtype=torch.long), torch.zeros(0, dtype=torch.long), 4, 2)
+    assert not empty.answer_mask(torch.tensor([1]), torch.tensor([0])).any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    graph, triples = kg_graph(device=device)
+    index = triple_index(graph)
+    opcheck(torch.ops.gfmrag_fast.negative_sampling.default,
+            (triples[:6].contiguous(), index.arrays, graph.num_nodes, graph.num_relations, 4, True, 123))
+    opcheck(torch.ops.gfmrag_fast.easy_edge_mask.default,
+            (triples[:6].contiguous(), index.arrays, graph.num_edges, graph.num_relations))
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.cuda
+def test_cuda_samples_equal_cpu_samples():
+    graph, triples = kg_graph()
+    cuda_graph = graph.to("cuda")
+    for strict in (True, False):
+        torch.manual_seed(9)
+        cpu = negative_sampling(graph, triples[:10], 50, strict=strict)
+        torch.manual_seed(9)
+        gpu = negative_sampling(cuda_graph, triples[:10].cuda(), 50, strict=strict)
+        assert torch.equal(cpu, gpu.cpu())
+    assert torch.equal(easy_edge_mask(graph, cpu), easy_edge_mask(cuda_graph, cpu.cuda()).cpu())
+    with pytest.raises(ValueError, match="generator must be a CPU"):
+        negative_sampling(cuda_graph, triples[:4].cuda(), 4, generator=torch.Generator(device="cuda"))
+
+
+def test_bad_input_raises_clear_errors():
+    graph, triples = kg_graph()
+    with pytest.raises(ValueError, match="num_negative must be a positive int"):
+        negative_sampling(graph, triples[:4], 0)
+    with pytest.raises(ValueError, match="triples is empty"):
+        negative_sampling(graph, triples[:0], 4)
+    with pytest.raises(ValueError, match=r"entity ids must be in \[0, 40\), found \[0, 40\]"):
+        negative_sampling(graph, torch.tensor([[0, 40, 1]]), 4)
+    with pytest.raises(ValueError, match=r"relations must be direct ids in \[0, 5\)"):
+        negative_sampling(graph, torch.tensor([[0, 1, 5]]), 4)
+    with pytest.raises(ValueError, match=r"shape \[B, 3\]"):
+        negative_sampling(graph, triples[:4, :2], 4)
+    with pytest.raises(TypeError, match="triples must be an integer tensor"):
+        negative_sampling(graph, triples[:4].float(), 4)
+    with pytest.raises(TypeError, match="graph must be a RelGraph"):
+        easy_edge_mask(graph.edge_index, triples[:4])
+    with pytest.raises(ValueError, match=r"entity ids must be in \[0, 40\)"):
+        easy_edge_mask(graph, torch.tensor([[-1, 2, 0]]))
+    odd = RelGraph(graph.edge_index, graph.edge_type, 40, 11)
+    with pytest.raises(ValueError, match="must count direct and inverse relations"):
+        negative_sampling(odd, triples[:4], 4)
+    # Unchecked out-of-range rows never read outside the index: they match / exclude nothing.
+    unchecked = easy_edge_mask(graph, torch.tensor([[10**9, 2, 0], [0, 1, 99]]), check_values=False)
+    assert not unchecked.any()
+    out = negative_sampling(graph, torch.tensor([[0, 1, 99], [0, 10**9, 1]]), 8, check_values=False)
+    assert ((out[:, 1:, :2] >= 0) & (out[:, 1:, :2] < 10**9 + 1)).all()
