@@ -303,9 +303,9 @@ std::tuple<at::Tensor, at::Tensor> rel_aggregate_cuda(const at::Tensor& x, const
   if (a.aggregate == Aggregate::Max || a.aggregate == Aggregate::Min) {
     aux = at::empty(x.sizes(), x.options().dtype(at::kInt));
   } else if (a.aggregate == Aggregate::Mean) {
-    aux = at::zeros({a.num_nodes}, x.options().dtype(at::kInt));
-    // The CPU kernel writes the degrees from its batch loop, so with B == 0 they stay 0; match it.
-    if (a.batch > 0 && a.num_nodes > 0) {
+    // Its own kernel, so the degrees are written even when B * d == 0 and no forward thread runs.
+    aux = at::empty({a.num_nodes}, x.options().dtype(at::kInt));
+    if (a.num_nodes > 0) {
       in_degree_kernel<<<grid_for(a.num_nodes), kBlockThreads, 0, stream>>>(
           graph[kDstPtr].const_data_ptr<int32_t>(), graph[kDstEid].const_data_ptr<int32_t>(),
           edge_mask ? edge_mask->const_data_ptr<bool>() : nullptr, a.num_nodes,
