@@ -1,3 +1,11 @@
 """gfmrag_fast: fast training of GFM-RAG graph retrievers."""
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):  # lazy: `import gfmrag_fast` must not load torch or the models
+    if name == "load_pretrained":
+        from .models.checkpoint import load_pretrained
+
+        return load_pretrained
+    raise AttributeError(f"module 'gfmrag_fast' has no attribute {name!r}")

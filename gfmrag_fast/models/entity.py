@@ -1,0 +1,221 @@
+"""Entity models: ``EntityNBFNet`` (KG completion, pre-training) and ``QueryNBFNet`` (retrieval).
+
+Both stack :class:`GeneralizedRelationalConv` layers over the same graph with the same relation
+features, add the short cut, and score nodes with an MLP over ``cat[x, query]``. Module names and
+parameter shapes are GFM-RAG's (``layers.{l}.*``, ``mlp.{0,2}.*``), so its checkpoints load as they are.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Callable, List, Optional, Union
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .aggregation import PreparedGraph
+from .graph_cache import num_relations_of, rel_graph_of
+from .layer import GeneralizedRelationalConv
+
+# Accepted for compatibility with GFM-RAG/ULTRA configs; they change nothing here (see NBFNet).
+_IGNORED = ("num_relation", "dependent", "num_beam", "path_topk")
+
+
+class NBFNet(nn.Module):
+    """Shared body of the entity models.
+
+    Args (GFM-RAG/ULTRA ``BaseNBFNet`` names and defaults):
+        input_dim: d0, width of the boundary, the query and the relation features.
+        hidden_dims: output width of each layer (an int means one layer). Every layer but the last
+            must be d0 wide, since the relation features given to every layer are d0 wide.
+        message_func: "distmult" | "transe" | "rotate".
+        aggregate_func: "sum" | "mean" | "max" | "min" | "pna" (see ``models.aggregation``).
+        short_cut: add each layer's input to its output when the shapes match.
+        layer_norm: LayerNorm after each layer's linear.
+        activation: name of a ``torch.nn.functional`` function, a callable, or None.
+        concat_hidden: score from all layers' outputs instead of the last one.
+        num_mlp_layer: layers of the scoring MLP.
+        remove_one_hop: kept for configs; easy-edge removal is the caller's ``edge_mask``.
+        checkpoint_layers: recompute each layer in backward instead of storing its activations
+            (``torch.utils.checkpoint``, non-reentrant); gradients are unchanged.
+        num_relation, dependent, num_beam, path_topk: accepted and ignored (the original's
+            EntityNBFNet built every layer with dependent=False and projected relations; beam
+            search is for path visualisation, not implemented here).
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        hidden_dims: Union[int, Sequence],
+        message_func: str = "distmult",
+        aggregate_func: str = "sum",
+        short_cut: bool = False,
+        layer_norm: bool = False,
+        activation: Union[str, Callable, None] = "relu",
+        concat_hidden: bool = False,
+        num_mlp_layer: int = 2,
+        remove_one_hop: bool = False,
+        checkpoint_layers: bool = False,
+        **kwargs,
+    ):
+        super().__init__()
+        unknown = sorted(set(kwargs) - set(_IGNORED))
+        if unknown:
+            warnings.warn(f"{type(self).__name__}: ignoring unknown arguments {unknown}", stacklevel=2)
+        hidden_dims = [hidden_dims] if not isinstance(hidden_dims, Sequence) else list(hidden_dims)
+        self.dims = [input_dim] + hidden_dims
+        if any(dim != input_dim for dim in self.dims[:-1]):
+            raise ValueError(
+                f"every layer's input must be input_dim = {input_dim} wide (the relation features are), "
+                f"got dims {self.dims}"
+            )
+        if num_mlp_layer < 1:
+            raise ValueError(f"num_mlp_layer must be >= 1, got {num_mlp_layer}")
+        self.short_cut = short_cut
+        self.concat_hidden = concat_hidden
+        self.remove_one_hop = remove_one_hop
+        self.checkpoint_layers = checkpoint_layers
+        self.config = dict(
+            input_dim=input_dim, hidden_dims=hidden_dims, message_func=message_func,
+            aggregate_func=aggregate_func, short_cut=short_cut, layer_norm=layer_norm,
+            activation=activation, concat_hidden=concat_hidden, num_mlp_layer=num_mlp_layer,
+            remove_one_hop=remove_one_hop,
+        )
+        self.layers = nn.ModuleList(
+            GeneralizedRelationalConv(dim_in, dim_out, message_func, aggregate_func, layer_norm, activation)
+            for dim_in, dim_out in zip(self.dims[:-1], self.dims[1:])
+        )
+        self.feature_dims = (hidden_dims if concat_hidden else hidden_dims[-1:]) + [input_dim]
+        feature_dim = sum(self.feature_dims)
+        mlp: List[nn.Module] = []
+        for _ in range(num_mlp_layer - 1):
+            mlp += [nn.Linear(feature_dim, feature_dim), nn.ReLU()]
+        mlp.append(nn.Linear(feature_dim, 1))
+        self.mlp = nn.Sequential(*mlp)
+
+    def propagate(
+        self,
+        graph: PreparedGraph,
+        x: torch.Tensor,  # [B, N, d0], the first layer's input
+        boundary: torch.Tensor,  # [B, N, d0]
+        relation: torch.Tensor,  # [2R, d0] | [B, 2R, d0]
+    ) -> List[torch.Tensor]:  # one [B, N, d_l] per layer
+        """All layers with the short cut; returns every layer's output."""
+        hiddens = []
+        for layer in self.layers:
+            if self.checkpoint_layers and torch.is_grad_enabled():
+                hidden = checkpoint(layer, x, boundary, relation, graph, use_reentrant=False)
+            else:
+                hidden = layer(x, boundary, relation, graph)
+            if self.short_cut and hidden.shape == x.shape:
+                hidden = hidden + x
+            hiddens.append(hidden)
+            x = hidden
+        return hiddens
+
+    def score(
+        self,
+        hiddens: List[torch.Tensor],  # [B, N, d_l] per layer
+        query: torch.Tensor,  # [B, d0]
+        index: Optional[torch.Tensor] = None,  # [B, M] node ids, or None for all nodes
+    ) -> torch.Tensor:  # [B, M] or [B, N]
+        """``mlp(cat[features, query broadcast])`` without building the cat.
+
+        The first Linear's weight is split by input columns: the node-feature blocks multiply the
+        [B, M, d_l] features, the query block multiplies the [B, d0] query once per query and is
+        broadcast over the nodes.
+        """
+        features = hiddens if self.concat_hidden else hiddens[-1:]
+        if index is not None:
+            features = [f.gather(1, index.unsqueeze(-1).expand(-1, -1, f.shape[-1])) for f in features]
+        first = self.mlp[0]
+        blocks = first.weight.split(self.feature_dims, dim=1)
+        out = F.linear(query, blocks[-1], first.bias).unsqueeze(1)  # [B, 1, F]
+        for feature, block in zip(features, blocks[:-1]):
+            out = out + F.linear(feature, block)
+        for module in self.mlp[1:]:
+            out = module(out)
+        return out.squeeze(-1)
+
+    def prepare(self, graph, device, edge_mask=None, edge_weight=None) -> PreparedGraph:
+        """The graph's cached RelGraph on ``device`` with this call's mask [E] and weight [E]."""
+        return PreparedGraph(rel_graph_of(graph, device), edge_weight, edge_mask)
+
+
+class QueryNBFNet(NBFNet):
+    """GFM-RAG's retrieval entity model: scores every node for a batch of questions.
+
+    ``forward(graph, input [B, N, d0], relation_representations [2R, d0] | [B, 2R, d0],
+    query [B, d0], edge_mask=None, edge_weight=None) -> [B, N]``: ``input`` is both the first
+    layer's input and every layer's boundary; score = mlp(cat[x_L, query]).
+    """
+
+    def forward(
+        self,
+        graph,
+        input: torch.Tensor,  # [B, N, d0]
+        relation_representations: torch.Tensor,  # [2R, d0] | [B, 2R, d0]
+        query: torch.Tensor,  # [B, d0]
+        edge_mask: Optional[torch.Tensor] = None,  # [E] bool, True = removed
+        edge_weight: Optional[torch.Tensor] = None,  # [E]
+    ) -> torch.Tensor:  # [B, N]
+        prepared = self.prepare(graph, input.device, edge_mask, edge_weight)
+        hiddens = self.propagate(prepared, input, input, relation_representations)
+        return self.score(hiddens, query)
+
+
+class EntityNBFNet(NBFNet):
+    """GFM-RAG/ULTRA's KG-completion entity model: scores candidate tails of (h, r, ?) queries.
+
+    ``forward(graph, relation_representations [2R, d0] | [B, 2R, d0], batch [B, 1+K, 3],
+    edge_mask=None, edge_weight=None) -> [B, 1+K]``. Rows of ``batch`` are (h, t, r). A query
+    whose rows do not all share h (a head-corruption batch (h_i, t, r)) is turned into tail
+    prediction first, as the original does: rows become (t, h_i, r + R) with R = num_relations / 2.
+    After that every row of query b must share h_b and r_b (the first row's are used; not checked,
+    to avoid a host synchronisation). Then::
+
+        query    = relation_representations[r_b]                    # [B, d0]
+        boundary = query at node h_b, 0 elsewhere                   # [B, N, d0]
+        x_L      = layers(boundary), every layer's boundary being ``boundary``
+        score    = mlp(cat[x_L[b, t_i], query_b])                   # [B, 1+K]
+    """
+
+    def forward(
+        self,
+        graph,
+        relation_representations: torch.Tensor,  # [2R, d0] | [B, 2R, d0]
+        batch: torch.Tensor,  # [B, 1+K, 3] rows (h, t, r)
+        edge_mask: Optional[torch.Tensor] = None,  # [E] bool, True = removed
+        edge_weight: Optional[torch.Tensor] = None,  # [E]
+    ) -> torch.Tensor:  # [B, 1+K]
+        if batch.dim() != 3 or batch.shape[-1] != 3:
+            raise ValueError(f"batch must have shape [B, 1+K, 3] with rows (h, t, r), got {tuple(batch.shape)}")
+        h_index, t_index, r_index = to_tail_prediction(*batch.unbind(-1), num_relations_of(graph) // 2)
+        head, rel_index = h_index[:, 0], r_index[:, 0]
+        if relation_representations.dim() == 2:
+            query = relation_representations[rel_index]
+        else:
+            query = relation_representations[torch.arange(len(rel_index), device=rel_index.device), rel_index]
+        num_nodes = int(graph.num_nodes)
+        boundary = query.new_zeros(len(head), num_nodes, query.shape[-1]).index_put(
+            (torch.arange(len(head), device=head.device), head), query, accumulate=True
+        )
+        prepared = self.prepare(graph, boundary.device, edge_mask, edge_weight)
+        hiddens = self.propagate(prepared, boundary, boundary, relation_representations)
+        return self.score(hiddens, query, index=t_index)
+
+
+def to_tail_prediction(h_index, t_index, r_index, num_direct_relations: int):
+    """Rewrites head-corruption queries as tail prediction: p(h | t, r) = p(h' | t' = t, r + R).
+
+    Tensors [B, 1+K]. A query (row of the batch) is a tail batch when all its h are equal; the
+    others get (h, t, r) → (t, h, r + num_direct_relations). Returns (h, t, r) of the same shape.
+    """
+    is_tail_batch = (h_index == h_index[:, :1]).all(dim=-1, keepdim=True)
+    new_h = torch.where(is_tail_batch, h_index, t_index)
+    new_t = torch.where(is_tail_batch, t_index, h_index)
+    new_r = torch.where(is_tail_batch, r_index, r_index + num_direct_relations)
+    return new_h, new_t, new_r
