@@ -74,7 +74,7 @@ def _extension():
     with_cuda = _want_cuda()
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     opt = ["-O0", "-g"] if DEBUG else ["-O3"]
-    cxx_flags = opt + ["-fopenmp", "-DPy_LIMITED_API=0x030a0000"]
+    cxx_flags = opt + ["-fopenmp"]
     if not DEBUG:
         cxx_flags.append("-DNDEBUG")
     extra = {"cxx": cxx_flags}

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The GPU check (DESIGN §5): build for sm_90, CUDA tests, a compute-sanitizer memcheck, the
+# benchmarks, and a summary.json. Meant for the lent H100 machine; finishes in under 8 minutes.
+#
+#   bash benchmarks/gpu_check.sh [OUTPUT_DIR]      # default: $OUT, else ./gpu_check_out
+#
+# Python packages the GPU machine lacks (hydra-core, omegaconf, antlr4-python3-runtime) are taken
+# from ./.whl/*.whl when present (see README, "GPU check").
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT_DIR="${1:-${OUT:-gpu_check_out}}"
+mkdir -p "${OUT_DIR}"
+PY="${PYTHON:-python3}"
+status=0
+step() { echo "== $1 ($(date +%T))"; }
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  step "installing carried wheels"
+  "${PY}" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+
+step "building (TORCH_CUDA_ARCH_LIST=9.0)"
+start=$(date +%s)
+if ! FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="${MAX_JOBS:-16}" "${PY}" setup.py build_ext --inplace \
+    >"${OUT_DIR}/build.log" 2>&1; then
+  tail -30 "${OUT_DIR}/build.log"
+  echo "build failed" >&2
+  exit 1
+fi
+echo "built in $(( $(date +%s) - start )) s"
+export PYTHONPATH="${PWD}:${PYTHONPATH:-}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+
+step "tests (CUDA ones run here; full suite for regressions)"
+"${PY}" -m pytest tests -q -p no:cacheprovider -x --timeout=240 \
+  --junitxml="${OUT_DIR}/tests.xml" >"${OUT_DIR}/tests.log" 2>&1 || status=1
+tail -3 "${OUT_DIR}/tests.log"
+
+step "compute-sanitizer memcheck of a small case"
+if command -v compute-sanitizer >/dev/null; then
+  compute-sanitizer --tool memcheck --error-exitcode 1 "${PY}" benchmarks/memcheck_case.py \
+    >"${OUT_DIR}/memcheck.log" 2>&1 || status=1
+  tail -3 "${OUT_DIR}/memcheck.log"
+else
+  echo "compute-sanitizer not found" | tee "${OUT_DIR}/memcheck.log"
+fi
+
+step "benchmarks"
+GFMRAG_BENCH_JSON="${OUT_DIR}/bench.json" "${PY}" -m pytest benchmarks -q -p no:cacheprovider \
+  --benchmark-columns=median,min,rounds >"${OUT_DIR}/bench.log" 2>&1 || status=1
+grep -A100 "benchmark ratios" "${OUT_DIR}/bench.log" | head -60
+
+step "summary"
+"${PY}" benchmarks/summarize.py "${OUT_DIR}" || status=1
+exit ${status}
