@@ -101,3 +101,10 @@ class IDFWeightedTopKRanker(TopKRanker):
         self._check(ent_pred)
         ent2doc, idf = self._tensors(ent_pred)
         return self._top_k_weights(ent_pred, idf) @ ent2doc
+
+
+# Config names (GFM-RAG's ``_target_`` class names) -> classes.
+DOC_RANKERS = {
+    cls.__name__: cls for cls in (SimpleRanker, IDFWeightedRanker, TopKRanker, IDFWeightedTopKRanker)
+}
+DOC_RANKERS["IDFRanker"] = IDFWeightedRanker

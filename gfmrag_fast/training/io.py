@@ -1,0 +1,43 @@
+"""Atomic writes: a file is either its old version or its complete new one, never half-written."""
+
+import json
+import os
+import tempfile
+from typing import Any, Dict
+
+import torch
+
+
+def _atomic(path: str, write) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    _atomic(path, lambda f: torch.save(obj, f))
+
+
+def atomic_json(obj: Any, path: str) -> None:
+    _atomic(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+def append_jsonl(row: Dict[str, Any], path: str) -> None:
+    """Appends one JSON object as a line, rewriting the file atomically."""
+    old = open(path, "rb").read() if os.path.exists(path) else b""
+    _atomic(path, lambda f: f.write(old + (json.dumps(row) + "\n").encode()))
+
+
+def read_jsonl(path: str):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

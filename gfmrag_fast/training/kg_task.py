@@ -1,0 +1,186 @@
+"""KG-completion pre-training task: GFM-RAG's stage-2 pre-training of ``QueryGNN``.
+
+Training: batches of training triples (h, t, r) of every dataset, interleaved; each triple gets
+``num_negative`` strict negatives (half the batch corrupts tails, half heads), the batch's own edges
+and their inverses are masked out of message passing ("easy edges"), and the loss is BCE with
+self-adversarial negative weights.
+
+Evaluation: filtered link prediction over heads and tails, every entity scored, on the training
+graph with nothing removed; the filter holds every known triple (train + valid + test, with
+inverses). Held-out ``valid_triples`` / ``test_triples`` are evaluated when a dataset has them;
+otherwise a fixed seeded sample of training triples (split "train", as the original's
+``fast_test``: their own edges are then visible, so the numbers are optimistic).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..losses import adversarial_bce
+from ..metrics import link_prediction_ranks
+from ..models.checkpoint import save_pretrained
+from ..models.graph_cache import num_relations_of, rel_graph_of
+from ..ops import TripleIndex, easy_edge_mask, negative_sampling
+from .distributed import DistEnv
+from .tasks_common import interleaved_batches, shard
+
+HELD_OUT_SPLITS = ("valid", "test")
+
+
+def training_triples(graph) -> torch.Tensor:  # [T, 3] rows (h, t, r)
+    """The graph's training triples as (h, t, r) rows, from ``target_edge_index`` / ``target_edge_type``."""
+    return torch.cat([graph.target_edge_index.t(), graph.target_edge_type.unsqueeze(1)], dim=1).long().contiguous()
+
+
+def rank_metrics(ranks: torch.Tensor, names: Sequence[str]) -> Dict[str, float]:
+    """``mr``, ``mrr`` and ``hits@k`` (any k) of filtered ranks [Q]."""
+    ranks = ranks.double()
+    out = {}
+    for name in names:
+        if name == "mr":
+            out[name] = ranks.mean().item()
+        elif name == "mrr":
+            out[name] = ranks.reciprocal().mean().item()
+        elif name.startswith("hits@"):
+            out[name] = (ranks <= int(name[len("hits@"):])).double().mean().item()
+    return out
+
+
+def check_metric_names(names: Sequence[str]) -> List[str]:
+    names = [str(name) for name in names]
+    for name in names:
+        if not (name in ("mr", "mrr") or (name.startswith("hits@") and name[len("hits@"):].isdigit())):
+            raise ValueError(f"unknown link-prediction metric {name!r}: use mr, mrr or hits@k (e.g. hits@10)")
+    return names
+
+
+class KGCompletionTask:
+    """Pre-trains ``QueryGNN`` on the training triples of ``train_sets`` and evaluates filtered
+    link prediction on ``valid_sets`` (objects with ``data_name`` and a GFM-RAG ``graph``, e.g.
+    :class:`gfmrag_fast.data.KGDataset`).
+
+    Args:
+        num_negative, strict_negative: negatives per training triple and whether they avoid true
+            answers (see :func:`gfmrag_fast.ops.negative_sampling`).
+        adversarial_temperature: self-adversarial temperature of the BCE (0: uniform weights).
+        batch_size: training triples per step (per rank).
+        eval_batch_size: link-prediction queries per forward pass in evaluation; each scores all
+            N entities, so memory grows as ``eval_batch_size * N * hidden dim``.
+        metrics: names among ``mr``, ``mrr``, ``hits@k``.
+        fast_test: size of the sample of training triples evaluated for datasets without held-out
+            triples (None: all of them).
+        text_emb_conf: the text model config written into ``config.json`` by save_pretrained.
+        seed: shuffling of the training triples (the same on every rank) and the fast_test sample.
+    """
+
+    def __init__(
+        self,
+        train_sets: Sequence[Any],
+        valid_sets: Sequence[Any],
+        num_negative: int,
+        strict_negative: bool,
+        adversarial_temperature: float,
+        batch_size: int,
+        eval_batch_size: int,
+        metrics: Sequence[str],
+        fast_test: Optional[int],
+        text_emb_conf: Dict[str, Any],
+        device: torch.device,
+        seed: int = 0,
+    ):
+        if int(num_negative) <= 0:
+            raise ValueError(f"task.num_negative must be a positive integer, got {num_negative}")
+        if int(batch_size) <= 0 or int(eval_batch_size) <= 0:
+            raise ValueError(f"batch sizes must be positive, got batch_size={batch_size}, eval_batch_size={eval_batch_size}")
+        self.train_sets, self.valid_sets = list(train_sets), list(valid_sets)
+        self.num_negative, self.strict_negative = int(num_negative), bool(strict_negative)
+        self.adversarial_temperature = float(adversarial_temperature)
+        self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
+        self.metrics = check_metric_names(metrics)
+        self.fast_test = None if fast_test is None else int(fast_test)
+        self.text_emb_conf, self.device, self.seed = text_emb_conf, device, int(seed)
+        # One device copy of each graph, kept for the whole run: the model and the samplers then
+        # share its cached RelGraph and TripleIndex (keyed by the tensors' identity).
+        self._graphs: Dict[int, Any] = {}
+        self._triples = [training_triples(ds.graph) for ds in self.train_sets]  # CPU, [T, 3] each
+        self._eval_sets = [self._eval_set(ds) for ds in self.valid_sets]
+
+    def graph_of(self, ds) -> Any:
+        key = id(ds)
+        if key not in self._graphs:
+            self._graphs[key] = ds.graph.to(self.device)
+        return self._graphs[key]
+
+    # --- training ------------------------------------------------------------------------
+    def train_batches(self, epoch: int, env: DistEnv):
+        collate = [torch.stack] * len(self._triples)
+        yield from interleaved_batches(self._triples, self.batch_size, epoch, env, collate, self.seed)
+
+    def loss(self, model, item: Tuple[int, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, float]]:
+        index, triples = item  # triples [B, 3] (h, t, r)
+        graph = self.graph_of(self.train_sets[index])
+        rel_graph = rel_graph_of(graph)
+        triples = triples.to(rel_graph.device, non_blocking=True)
+        # Triples come from the graph itself: no range check (it would sync the device).
+        batch = negative_sampling(rel_graph, triples, self.num_negative, strict=self.strict_negative,
+                                  check_values=False)  # [B, 1 + K, 3]
+        edge_mask = easy_edge_mask(rel_graph, batch, check_values=False)  # [E]
+        pred = model(graph, batch, edge_mask=edge_mask)  # [B, 1 + K]
+        target = torch.zeros_like(pred)
+        target[:, 0] = 1
+        return adversarial_bce(pred, target, self.adversarial_temperature), {}
+
+    # --- evaluation ----------------------------------------------------------------------
+    def _eval_set(self, ds) -> Tuple[str, Any, TripleIndex, List[Tuple[str, torch.Tensor]]]:
+        """(name, graph, filter index, [(split, triples [n, 3])]) of one evaluation dataset."""
+        graph = ds.graph
+        train = training_triples(graph)
+        held_out = [(split, getattr(graph, f"{split}_triples", None)) for split in HELD_OUT_SPLITS]
+        splits = [(split, triples.long()) for split, triples in held_out if triples is not None and len(triples)]
+        if not splits:
+            sample = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed))
+            splits = [("train", train[sample[: self.fast_test] if self.fast_test is not None else sample])]
+        known = torch.cat([train] + [triples for split, triples in splits if split != "train"])
+        num_direct = num_relations_of(graph) // 2
+        edge_index = torch.cat([known[:, :2].t(), known[:, :2].t().flip(0)], dim=1)
+        edge_type = torch.cat([known[:, 2], known[:, 2] + num_direct])
+        filter_index = TripleIndex(edge_index.to(self.device), edge_type.to(self.device),
+                                   int(graph.num_nodes), 2 * num_direct)
+        return ds.data_name, ds, filter_index, splits
+
+    def evaluate(self, model, env: DistEnv) -> List[Dict[str, Any]]:
+        rows = []
+        for name, ds, filter_index, splits in self._eval_sets:
+            graph = self.graph_of(ds)
+            for split, triples in splits:
+                mine = shard(len(triples), env)
+                ranks = self._ranks(model, graph, filter_index, triples[mine.start:mine.stop].to(self.device))
+                ranks = torch.cat([part for part in env.gather_objects(ranks.cpu())])
+                rows.append({"dataset": name, "split": split, **rank_metrics(ranks, self.metrics)})
+        return rows
+
+    def _ranks(self, model, graph, filter_index: TripleIndex, triples: torch.Tensor) -> torch.Tensor:
+        """Filtered ranks [2n] of the tails, then the heads, of ``triples`` [n, 3] (h, t, r).
+
+        Head prediction (?, r, t) is asked as tail prediction (t, r + R, ?) over the inverse
+        edges, as the model would rewrite it anyway."""
+        num_nodes, num_direct = int(graph.num_nodes), num_relations_of(graph) // 2
+        h, t, r = triples.unbind(1)
+        sources, relations, answers = torch.cat([h, t]), torch.cat([r, r + num_direct]), torch.cat([t, h])
+        candidates = torch.arange(num_nodes, device=triples.device)
+        ranks = []
+        for start in range(0, len(sources), self.eval_batch_size):
+            src = sources[start:start + self.eval_batch_size]
+            rel = relations[start:start + self.eval_batch_size]
+            ans = answers[start:start + self.eval_batch_size]
+            q = len(src)
+            batch = torch.stack([src[:, None].expand(q, num_nodes), candidates.expand(q, num_nodes),
+                                 rel[:, None].expand(q, num_nodes)], dim=-1)  # [q, N, 3]
+            scores = model(graph, batch)  # [q, N]
+            ranks.append(link_prediction_ranks(scores, ans, filter_index.answer_mask(src, rel)))
+        return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long, device=triples.device)
+
+    def save_pretrained(self, model, folder: str) -> None:
+        save_pretrained(model, self.text_emb_conf, folder)

@@ -1,0 +1,218 @@
+"""The training loop, written once: both workflows plug a task into it.
+
+A task provides the batches, the loss and the evaluation; the trainer owns the epochs, mixed
+precision, DDP, logging, checkpoints and curves. Rank 0 alone writes; every write is atomic.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Optional, Protocol, Tuple
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from .distributed import DistEnv
+from .io import append_jsonl, atomic_torch_save
+
+log = logging.getLogger(__name__)
+
+
+class Task(Protocol):
+    def train_batches(self, epoch: int, env: DistEnv) -> Iterable[Any]:
+        """This rank's training batches of `epoch`."""
+
+    def loss(self, model: torch.nn.Module, batch: Any) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """(loss to minimise, numbers to log) of one batch."""
+
+    def evaluate(self, model: torch.nn.Module, env: DistEnv) -> List[Dict[str, Any]]:
+        """Rows {"dataset", "split", <metric>: value}, identical on every rank."""
+
+    def save_pretrained(self, model: torch.nn.Module, folder: str) -> None:
+        """Writes the model in GFM-RAG's release format."""
+
+
+@dataclass
+class TrainOptions:
+    num_epoch: int = 10
+    batch_per_epoch: Optional[int] = None  # cap on batches per epoch (per rank)
+    log_interval: int = 100
+    do_eval: bool = True
+    save_best_only: bool = True
+    save_pretrained: bool = True
+    metric: Optional[str] = None  # key averaged over evaluation rows to pick the best epoch
+    metric_split: Optional[str] = None  # average only rows of this split, when there are any
+    dtype: str = "float32"  # or "bfloat16": autocast for forward and loss
+    max_grad_norm: Optional[float] = None
+
+
+class Trainer:
+    def __init__(self, model, optimizer, task: Task, options: TrainOptions, output_dir: str, env: DistEnv):
+        self.raw_model = model.to(env.device)
+        self.model = (
+            DistributedDataParallel(self.raw_model, device_ids=[env.device] if env.device.type == "cuda" else None)
+            if env.distributed
+            else self.raw_model
+        )
+        self.optimizer, self.task, self.options, self.env = optimizer, task, options, env
+        self.output_dir = output_dir
+        self.start_epoch = 0
+        self.best_score = -math.inf
+        self.history: List[Dict[str, Any]] = []
+        if options.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"train.dtype must be float32 or bfloat16, got {options.dtype!r}")
+
+    # --- checkpoints -----------------------------------------------------------------------
+    def state(self, next_epoch: int) -> Dict[str, Any]:
+        return {
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": next_epoch,
+            "best_score": self.best_score,
+            "history": self.history,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+            },
+        }
+
+    def resume(self, state: Dict[str, Any]) -> None:
+        """Continues a run from a training checkpoint: model, optimizer, epoch, RNG state."""
+        self.raw_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.start_epoch = int(state["epoch"])
+        self.best_score = float(state.get("best_score", -math.inf))
+        self.history = list(state.get("history", []))
+        rng = state.get("rng") or {}
+        if rng.get("torch") is not None:
+            torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        if rng.get("python") is not None:
+            random.setstate(rng["python"])
+        if rng.get("numpy") is not None:
+            np.random.set_state(rng["numpy"])
+        if self.env.is_main:
+            log.info("resumed at epoch %d (best %s so far: %.4f)", self.start_epoch, self.options.metric, self.best_score)
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.output_dir, name)
+
+    # --- the loop --------------------------------------------------------------------------
+    def _autocast(self):
+        if self.options.dtype == "bfloat16":
+            return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
+        return torch.autocast(self.env.device.type, enabled=False)
+
+    def train_epoch(self, epoch: int) -> float:
+        self.model.train()
+        total, count = 0.0, 0
+        batches = self.task.train_batches(epoch, self.env)
+        progress = None
+        if self.env.is_main:
+            from tqdm import tqdm
+
+            # In a log file a progress bar is thousands of lines: only draw it on a terminal.
+            progress = tqdm(desc=f"epoch {epoch}", total=self.options.batch_per_epoch, leave=False,
+                            dynamic_ncols=True, disable=not sys.stderr.isatty())
+        start = time.time()
+        for step, batch in enumerate(batches):
+            if self.options.batch_per_epoch is not None and step >= self.options.batch_per_epoch:
+                break
+            with self._autocast():
+                loss, logs = self.task.loss(self.model, batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.options.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.options.max_grad_norm)
+            self.optimizer.step()
+            total += loss.item()
+            count += 1
+            if progress is not None:
+                progress.update(1)
+                if step % max(self.options.log_interval, 1) == 0:
+                    progress.set_postfix(loss=f"{loss.item():.4f}", **{k: f"{v:.4f}" for k, v in logs.items()})
+                    log.info("epoch %d step %d loss %.4f %s", epoch, step, loss.item(), logs)
+        if progress is not None:
+            progress.close()
+        mean_loss = self.env.mean(total / max(count, 1))
+        if self.env.is_main:
+            log.info("epoch %d: %d batches, mean loss %.4f, %.1f s", epoch, count, mean_loss, time.time() - start)
+        return mean_loss
+
+    def evaluate(self, epoch: int) -> List[Dict[str, Any]]:
+        self.model.eval()
+        with torch.no_grad(), self._autocast():
+            rows = self.task.evaluate(self.raw_model, self.env)
+        rows = [{"epoch": epoch, **row} for row in rows]
+        if self.env.is_main:
+            for row in rows:
+                append_jsonl(row, self._path("metrics.jsonl"))
+                log.info("evaluation %s", row)
+        return rows
+
+    def score(self, rows: List[Dict[str, Any]]) -> float:
+        split = self.options.metric_split
+        if split is not None and any(row.get("split") == split for row in rows):
+            rows = [row for row in rows if row.get("split") == split]
+        values = [row[self.options.metric] for row in rows if self.options.metric in row]
+        return float(np.mean(values)) if values else -math.inf
+
+    def fit(self) -> Dict[str, Any]:
+        for epoch in range(self.start_epoch, self.options.num_epoch):
+            loss = self.train_epoch(epoch)
+            rows = self.evaluate(epoch) if self.options.do_eval else []
+            score = self.score(rows)
+            improved = score > self.best_score or not rows
+            if improved:
+                self.best_score = max(score, self.best_score) if rows else self.best_score
+            self.history.append({"epoch": epoch, "loss": loss, **({self.options.metric: score} if rows else {})})
+            if self.env.is_main:
+                state = self.state(epoch + 1)
+                atomic_torch_save(state, self._path("model_last.pth"))
+                if not self.options.save_best_only:
+                    atomic_torch_save(state, self._path(f"model_epoch_{epoch}.pth"))
+                if improved:
+                    atomic_torch_save(state, self._path("model_best.pth"))
+                self.plot()
+            self.env.barrier()
+        if self.options.save_pretrained and self.env.is_main:
+            best = self._path("model_best.pth")
+            if os.path.exists(best):
+                self.raw_model.load_state_dict(torch.load(best, map_location=self.env.device, weights_only=False)["model"])
+            self.task.save_pretrained(self.raw_model, self._path("pretrained"))
+        self.env.barrier()
+        return {"best_score": self.best_score, "history": self.history}
+
+    def plot(self) -> None:
+        """training_curves.png: loss and the selection metric per epoch."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:  # plotting is optional
+            return
+        from .io import _atomic
+
+        epochs = [h["epoch"] for h in self.history]
+        fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+        ax[0].plot(epochs, [h["loss"] for h in self.history], marker="o")
+        ax[0].set(xlabel="epoch", ylabel="training loss")
+        metric = self.options.metric
+        points = [(h["epoch"], h[metric]) for h in self.history if metric in h and math.isfinite(h[metric])]
+        if points:
+            ax[1].plot(*zip(*points), marker="o", color="tab:green")
+        ax[1].set(xlabel="epoch", ylabel=f"{metric} (mean over evaluation sets)")
+        fig.tight_layout()
+        _atomic(self._path("training_curves.png"), lambda f: fig.savefig(f, format="png", dpi=90))
+        plt.close(fig)

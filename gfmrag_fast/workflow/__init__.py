@@ -1,0 +1,1 @@
+"""Hydra entry points: ``python -m gfmrag_fast.workflow.finetune`` and ``... .pretrain``."""

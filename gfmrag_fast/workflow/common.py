@@ -1,0 +1,98 @@
+"""What both workflows do the same way: process setup, datasets, optimizer, initial weights."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import random
+from typing import Any, Dict, List
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ..data import load_datasets
+from ..models.checkpoint import load_pretrained
+from ..training import DistEnv, Trainer, init_distributed
+
+log = logging.getLogger("gfmrag_fast")
+
+TEXT_EMB_TARGET = "gfmrag.text_emb_models.BaseTextEmbModel"
+
+
+def setup(cfg: DictConfig) -> tuple[DistEnv, str]:
+    """Distributed environment (torchrun or single process), seeds, and the run folder."""
+    from hydra.core.hydra_config import HydraConfig
+
+    env = init_distributed(str(cfg.train.get("device", "auto")), float(cfg.get("timeout", 60)))
+    seed = int(cfg.get("seed", 1024)) + env.rank
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if env.device.type == "cuda" and cfg.train.get("tf32", True):
+        # Documented default: TF32 matmuls for float32 training (DESIGN §4).
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    output_dir = HydraConfig.get().runtime.output_dir
+    if not env.is_main:
+        # Rank 0 alone logs: the other ranks keep warnings, on the console only.
+        root = logging.getLogger()
+        root.setLevel(logging.WARNING)
+        for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+            root.removeHandler(handler)
+    log.info("run folder %s; %d process(es) on %s", output_dir, env.world_size, env.device)
+    if env.is_main:
+        log.info("config:\n%s", OmegaConf.to_yaml(cfg))
+    return env, output_dir
+
+
+def text_emb_config(cfg: DictConfig) -> Dict[str, Any]:
+    conf = OmegaConf.to_container(cfg.text_emb_model, resolve=True)
+    conf.setdefault("_target_", TEXT_EMB_TARGET)
+    return conf
+
+
+def build_datasets(cfg: DictConfig, names: List[str], kind: str, env: DistEnv) -> list:
+    """Rank 0 builds (or loads) the stage-2 caches first; the other ranks then load them."""
+    if not names:
+        return []
+    kwargs = dict(root=cfg.datasets.root, names=list(names), kind=kind,
+                  text_emb_model={k: v for k, v in text_emb_config(cfg).items() if k != "_target_"},
+                  **OmegaConf.to_container(cfg.datasets.get("cfgs") or {}, resolve=True))
+    datasets = load_datasets(**kwargs) if env.is_main else None
+    env.barrier()
+    return datasets if env.is_main else load_datasets(**kwargs)
+
+
+def build_optimizer(spec: DictConfig, params) -> torch.optim.Optimizer:
+    spec = OmegaConf.to_container(spec, resolve=True)
+    target = spec.pop("_target_", "torch.optim.AdamW")
+    module, name = target.rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)(params, **spec)
+
+
+def apply_checkpoint(trainer: Trainer, spec: str | None, env: DistEnv) -> None:
+    """``train.checkpoint``: a training checkpoint (.pth with an optimizer: resume model,
+    optimizer, epoch and RNG state), a GFM-RAG pre-trained folder, or a Hugging Face repo id
+    (load the weights, strictly)."""
+    if not spec:
+        return
+    spec = str(spec)
+    if os.path.isfile(spec):
+        state = torch.load(spec, map_location=env.device, weights_only=False)
+        if isinstance(state, dict) and "optimizer" in state and "epoch" in state:
+            trainer.resume(state)
+            return
+        weights = state["model"] if isinstance(state, dict) and "model" in state else state
+    else:
+        pretrained, _ = load_pretrained(spec)
+        weights = pretrained.state_dict()
+    try:
+        trainer.raw_model.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"train.checkpoint={spec!r} does not fit the configured model (check model.* and the text "
+            f"embedding size): {exc}"
+        ) from exc
+    log.info("initialised the model from %s", spec)

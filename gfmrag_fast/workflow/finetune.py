@@ -1,0 +1,77 @@
+"""Fine-tune a GFM-RAG retriever: ``python -m gfmrag_fast.workflow.finetune [overrides]``.
+
+Multi-GPU: ``torchrun --nproc_per_node=8 -m gfmrag_fast.workflow.finetune``.
+"""
+
+import json
+import logging
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from ..models.checkpoint import build_model
+from ..models.doc_ranker import DOC_RANKERS
+from ..training import Trainer, TrainOptions
+from ..training.distributed import shutdown
+from ..training.qa_task import QAFinetuneTask
+from .common import apply_checkpoint, build_datasets, build_optimizer, setup, text_emb_config
+
+log = logging.getLogger("gfmrag_fast")
+
+
+def doc_ranker_factory(cfg: DictConfig):
+    spec = OmegaConf.to_container(cfg, resolve=True)
+    name = str(spec.pop("_target_")).rsplit(".", 1)[-1]
+    if name not in DOC_RANKERS:
+        raise ValueError(f"doc_ranker._target_ {name!r} is unknown; known: {sorted(DOC_RANKERS)}")
+    return lambda ent2doc: DOC_RANKERS[name](ent2doc, **spec)
+
+
+def run(cfg: DictConfig) -> dict:
+    env, output_dir = setup(cfg)
+    try:
+        # 1. data: stage-2 datasets (built once, cached)
+        train_sets = build_datasets(cfg, cfg.datasets.train_names, "qa", env)
+        valid_sets = build_datasets(cfg, cfg.datasets.valid_names, "qa", env)
+        feat_dim = (train_sets or valid_sets)[0].feat_dim
+
+        # 2. model: GFM-RAG's GNNRetriever
+        model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+        model_cfg["rel_emb_dim"] = model_cfg.get("rel_emb_dim") or feat_dim
+        model_cfg["entity_model"]["checkpoint_layers"] = bool(cfg.train.grad_checkpointing)
+        model = build_model(model_cfg)
+
+        # 3. task, optimizer, trainer (resuming or starting from pre-trained weights)
+        task = QAFinetuneTask(
+            train_sets, valid_sets, OmegaConf.to_container(cfg.task.losses, resolve=True),
+            doc_ranker_factory(cfg.doc_ranker), cfg.task.metric, cfg.train.batch_size,
+            cfg.train.get("eval_batch_size", cfg.train.batch_size), cfg.train.init_entities_weight,
+            cfg.train.fast_test, text_emb_config(cfg), env.device, seed=int(cfg.seed),
+        )
+        optimizer = build_optimizer(cfg.optimizer, model.parameters())
+        options = TrainOptions(
+            num_epoch=cfg.train.num_epoch, batch_per_epoch=cfg.train.batch_per_epoch,
+            log_interval=cfg.train.log_interval, do_eval=cfg.train.do_eval and bool(valid_sets),
+            save_best_only=cfg.train.save_best_only, save_pretrained=cfg.train.save_pretrained,
+            metric=cfg.task.best_metric, dtype=cfg.train.dtype,
+        )
+        trainer = Trainer(model, optimizer, task, options, output_dir, env)
+        apply_checkpoint(trainer, cfg.train.checkpoint, env)
+
+        # 4. train, evaluating every valid dataset's test questions after each epoch
+        result = trainer.fit()
+        if env.is_main:
+            log.info("best %s: %.4f; outputs in %s", cfg.task.best_metric, result["best_score"], output_dir)
+            print(json.dumps({"best": {cfg.task.best_metric: result["best_score"]}, "output_dir": output_dir}))
+        return result
+    finally:
+        shutdown(env)
+
+
+@hydra.main(config_path="config", config_name="finetune", version_base=None)
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

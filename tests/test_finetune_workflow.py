@@ -1,0 +1,99 @@
+"""End-to-end fine-tuning runs (subprocesses, CPU): outputs, resume, overrides, torchrun."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import gfmrag_fast
+from gfmrag_fast.training.io import read_jsonl
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SMALL = [
+    "datasets.train_names=[tiny_qa]",
+    "datasets.valid_names=[tiny_qa]",
+    "model.entity_model.input_dim=8",
+    "model.entity_model.hidden_dims=[8,8]",
+    "train.batch_size=2",
+    "train.log_interval=1",
+]
+
+
+def run(args, cwd, torchrun=0, timeout=600):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}"] if torchrun else [sys.executable]
+    result = subprocess.run([*launcher, "-m", "gfmrag_fast.workflow.finetune", *args], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    shutil.copytree(os.path.join(HERE, "data", "tiny_qa"), root / "tiny_qa")
+    return root
+
+
+@pytest.fixture(scope="module")
+def first_run(data_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    run([f"datasets.root={data_root}", f"hydra.run.dir={out}", *SMALL, "train.num_epoch=1",
+         "train.save_best_only=false"], cwd=out)
+    return out
+
+
+def test_run_writes_outputs(first_run):
+    for name in ("model_best.pth", "model_last.pth", "model_epoch_0.pth", "metrics.jsonl", "training_curves.png",
+                 "pretrained/config.json", "pretrained/model.pth"):
+        assert os.path.exists(first_run / name), name
+    rows = read_jsonl(first_run / "metrics.jsonl")
+    assert [(r["epoch"], r["dataset"], r["split"]) for r in rows] == [(0, "tiny_qa", "test")]
+    for key in ("ent_mrr", "ent_hits@10", "doc_recall@2", "doc_recall@5"):
+        assert 0.0 <= rows[0][key] <= 1.0
+    model, config = gfmrag_fast.load_pretrained(str(first_run / "pretrained"))
+    assert config["model_config"]["_target_"] == "gfmrag.models.GNNRetriever"
+    assert config["model_config"]["entity_model"]["hidden_dims"] == [8, 8]
+    assert config["text_emb_model_config"]["text_emb_model_name"] == "sentence-transformers/all-MiniLM-L6-v2"
+    state = torch.load(first_run / "model_last.pth", weights_only=False)
+    assert state["epoch"] == 1 and {"model", "optimizer", "rng"} <= set(state)
+    # No temporary files are left behind by the atomic writes.
+    assert not [f for f in os.listdir(first_run) if f.startswith(".tmp-")]
+
+
+def test_overrides_reach_the_run(first_run):
+    saved = (first_run / ".hydra" / "config.yaml").read_text()
+    assert "batch_size: 2" in saved and "hidden_dims:\n    - 8\n    - 8" in saved
+
+
+def test_resume_continues_from_checkpoint(first_run, data_root):
+    run([f"datasets.root={data_root}", f"hydra.run.dir={first_run}", *SMALL, "train.num_epoch=2",
+         f"train.checkpoint={first_run / 'model_last.pth'}"], cwd=first_run)
+    rows = read_jsonl(first_run / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert torch.load(first_run / "model_last.pth", weights_only=False)["epoch"] == 2
+
+
+def test_pretrained_folder_as_starting_point(first_run, data_root, tmp_path):
+    out = run([f"datasets.root={data_root}", f"hydra.run.dir={tmp_path}", *SMALL, "train.num_epoch=1",
+               "train.do_eval=false", f"train.checkpoint={first_run / 'pretrained'}"], cwd=tmp_path)
+    assert "initialised the model from" in out.stderr + out.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "gfmrag_fast.workflow.finetune", f"datasets.root={data_root}", f"hydra.run.dir={tmp_path}",
+         *SMALL, "model.entity_model.hidden_dims=[8,8,8]", f"train.checkpoint={first_run / 'pretrained'}"],
+        cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert bad.returncode != 0 and "does not fit the configured model" in bad.stderr
+
+
+def test_torchrun_two_processes_rank0_writes(data_root, tmp_path):
+    out = run([f"datasets.root={data_root}", f"hydra.run.dir={tmp_path}", *SMALL, "train.num_epoch=2",
+               "train.dtype=bfloat16"], cwd=tmp_path, torchrun=2)
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [0, 1]  # one row per evaluation, not one per rank
+    assert os.path.exists(tmp_path / "pretrained" / "model.pth")
+    assert "2 process(es)" in out.stderr + out.stdout
