@@ -1,6 +1,8 @@
 // Schemas of the rel_aggregate op family and the one input check every kernel shares.
 #include "rel_aggregate.h"
 
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -134,6 +136,8 @@ RelAggregateArgs check_rel_aggregate_inputs(const at::Tensor& x, const at::Tenso
   return args;
 }
 
+namespace {
+
 void check_grad_out(const at::Tensor& grad_out, const at::Tensor& x) {
   TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes(), "rel_aggregate backward: grad_out must have shape ",
                     x.sizes(), ", got ", grad_out.sizes());
@@ -158,6 +162,43 @@ void check_aux(const at::Tensor& aux, const RelAggregateArgs& args) {
                             aux.size(2) == args.dim,
                         "rel_aggregate backward: max/min need the arg aux of shape [B, N, d]");
       break;
+  }
+}
+
+}  // namespace
+
+RelAggregateArgs check_rel_aggregate_backward_inputs(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& relation, const at::Tensor& aux,
+    at::TensorList graph, const std::optional<at::Tensor>& edge_weight,
+    const std::optional<at::Tensor>& edge_mask, std::string_view message, std::string_view aggregate) {
+  const RelAggregateArgs args =
+      check_rel_aggregate_inputs(x, relation, graph, edge_weight, edge_mask, message, aggregate);
+  check_grad_out(grad_out, x);
+  check_aux(aux, args);
+  return args;
+}
+
+at::Tensor empty_aux(const at::Tensor& x, const RelAggregateArgs& args) {
+  const auto options = x.options().dtype(at::kInt);
+  switch (args.aggregate) {
+    case Aggregate::Max:
+    case Aggregate::Min:
+      return at::empty(x.sizes(), options);
+    case Aggregate::Mean:
+      return at::empty({args.num_nodes}, options);
+    default:
+      return at::empty({0}, options);
+  }
+}
+
+at::Tensor empty_grad(Grad which, const at::Tensor& x, const at::Tensor& relation, const RelAggregateArgs& args) {
+  switch (which) {
+    case Grad::X:
+      return at::empty_like(x);
+    case Grad::Relation:
+      return at::empty_like(relation);
+    default:
+      return at::empty({args.num_edges}, x.options());
   }
 }
 

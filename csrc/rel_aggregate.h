@@ -72,8 +72,18 @@ RelAggregateArgs check_rel_aggregate_inputs(const at::Tensor& x,                
                                             std::string_view message,
                                             std::string_view aggregate);
 
-void check_grad_out(const at::Tensor& grad_out, const at::Tensor& x);  // grad_out like x
-void check_aux(const at::Tensor& aux, const RelAggregateArgs& args);
+// The backward ops' checks: the forward's, plus grad_out (like x) and the saved aux.
+RelAggregateArgs check_rel_aggregate_backward_inputs(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& relation, const at::Tensor& aux,
+    at::TensorList graph, const std::optional<at::Tensor>& edge_weight,
+    const std::optional<at::Tensor>& edge_mask, std::string_view message, std::string_view aggregate);
+
+// The forward's aux output, uninitialised, shaped for the aggregation (see above).
+at::Tensor empty_aux(const at::Tensor& x, const RelAggregateArgs& args);
+
+// Which gradient a backward op computes, and its uninitialised output.
+enum class Grad { X, Relation, EdgeWeight };
+at::Tensor empty_grad(Grad which, const at::Tensor& x, const at::Tensor& relation, const RelAggregateArgs& args);
 
 }  // namespace gfmrag_fast
 

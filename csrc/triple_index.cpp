@@ -6,9 +6,14 @@
 
 namespace gfmrag_fast {
 
-void check_triple_index(const at::Tensor& keys, const at::Tensor& unique_ptr, const at::Tensor& unique_values,
-                        const at::Tensor& all_ptr, const at::Tensor& all_values, const at::Tensor& all_eids,
-                        const at::Tensor& triples, const char* op) {
+namespace {
+
+// index = [keys, unique_ptr, unique_values, all_ptr, all_values, all_eids]
+TripleIndexView check_index(const at::Tensor& triples, at::TensorList index, const char* op) {
+  TORCH_CHECK_VALUE(index.size() == 6, op, ": triple index must hold 6 arrays (use TripleIndex), got ",
+                    index.size());
+  const at::Tensor &keys = index[0], &unique_ptr = index[1], &unique_values = index[2], &all_ptr = index[3],
+                   &all_values = index[4], &all_eids = index[5];
   TORCH_CHECK_VALUE(triples.dim() == 2 && triples.size(1) == 3 && triples.scalar_type() == at::kLong,
                     op, ": triples must be an int64 tensor of shape [B, 3] (rows h, t, r), got ",
                     triples.scalar_type(), " ", triples.sizes());
@@ -31,6 +36,35 @@ void check_triple_index(const at::Tensor& keys, const at::Tensor& unique_ptr, co
                     ": triple index pointers must have one more entry than keys");
   TORCH_CHECK_VALUE(all_values.size(0) == all_eids.size(0), op,
                     ": triple index all_values and all_eids must have the same length");
+  return {keys.data_ptr<int64_t>(),    unique_ptr.data_ptr<int64_t>(), unique_values.data_ptr<int32_t>(),
+          all_ptr.data_ptr<int64_t>(), all_values.data_ptr<int32_t>(), all_eids.data_ptr<int32_t>(),
+          keys.size(0)};
+}
+
+void check_num_relations(int64_t num_relations, const char* op) {
+  TORCH_CHECK_VALUE(num_relations > 0 && num_relations % 2 == 0, op,
+                    ": num_relations counts direct and inverse relations and must be even and positive, got ",
+                    num_relations);
+}
+
+}  // namespace
+
+TripleIndexView check_negative_sampling_inputs(const at::Tensor& triples, at::TensorList index, int64_t num_nodes,
+                                               int64_t num_relations, int64_t num_negative) {
+  const TripleIndexView view = check_index(triples, index, "negative_sampling");
+  TORCH_CHECK_VALUE(num_negative > 0, "negative_sampling: num_negative must be positive, got ", num_negative);
+  TORCH_CHECK_VALUE(num_nodes > 0, "negative_sampling: num_nodes must be positive, got ", num_nodes);
+  check_num_relations(num_relations, "negative_sampling");
+  return view;
+}
+
+TripleIndexView check_easy_edge_mask_inputs(const at::Tensor& triples, at::TensorList index, int64_t num_edges,
+                                            int64_t num_relations) {
+  const TripleIndexView view = check_index(triples, index, "easy_edge_mask");
+  TORCH_CHECK_VALUE(num_edges == index[5].size(0), "easy_edge_mask: num_edges = ", num_edges,
+                    " but the triple index holds ", index[5].size(0), " edges");
+  check_num_relations(num_relations, "easy_edge_mask");
+  return view;
 }
 
 TORCH_LIBRARY_FRAGMENT(gfmrag_fast, m) {

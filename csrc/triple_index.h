@@ -96,8 +96,10 @@ struct TripleIndexView {
   int64_t num_keys;
 };
 
-void check_triple_index(const at::Tensor& keys, const at::Tensor& unique_ptr, const at::Tensor& unique_values,
-                        const at::Tensor& all_ptr, const at::Tensor& all_values, const at::Tensor& all_eids,
-                        const at::Tensor& triples, const char* op);
+// The ops' shared input checks; they return the index's raw view for the kernels.
+TripleIndexView check_negative_sampling_inputs(const at::Tensor& triples, at::TensorList index, int64_t num_nodes,
+                                               int64_t num_relations, int64_t num_negative);
+TripleIndexView check_easy_edge_mask_inputs(const at::Tensor& triples, at::TensorList index, int64_t num_edges,
+                                            int64_t num_relations);
 
 }  // namespace gfmrag_fast

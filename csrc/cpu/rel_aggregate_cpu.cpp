@@ -399,14 +399,7 @@ std::tuple<at::Tensor, at::Tensor> rel_aggregate_cpu(const at::Tensor& x, const 
   const RelAggregateArgs a =
       check_rel_aggregate_inputs(x, relation, graph, edge_weight, edge_mask, message, aggregate);
   at::Tensor out = at::empty_like(x);
-  at::Tensor aux;
-  if (a.aggregate == Aggregate::Max || a.aggregate == Aggregate::Min) {
-    aux = at::empty(x.sizes(), x.options().dtype(at::kInt));
-  } else if (a.aggregate == Aggregate::Mean) {
-    aux = at::zeros({a.num_nodes}, x.options().dtype(at::kInt));
-  } else {
-    aux = at::empty({0}, x.options().dtype(at::kInt));
-  }
+  at::Tensor aux = empty_aux(x, a);  // the forward writes every row of it
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rel_aggregate_cpu", [&] {
     const auto in = make_inputs<scalar_t>(x, relation, nullptr, graph, edge_weight, edge_mask, a);
     dispatch_message_aggregate(a.message, a.aggregate, [&](auto m, auto g) {
@@ -417,23 +410,16 @@ std::tuple<at::Tensor, at::Tensor> rel_aggregate_cpu(const at::Tensor& x, const 
   return {out, aux};
 }
 
-// The three gradients share their checks and dispatch; `which` picks the kernel.
-enum class Grad { X, Relation, EdgeWeight };
-
+// The three gradients share their checks and dispatch; G picks the kernel.
 template <Grad G>
 at::Tensor rel_aggregate_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
                                       const at::Tensor& relation, const at::Tensor& aux,
                                       at::TensorList graph, const std::optional<at::Tensor>& edge_weight,
                                       const std::optional<at::Tensor>& edge_mask,
                                       c10::string_view message, c10::string_view aggregate) {
-  const RelAggregateArgs a =
-      check_rel_aggregate_inputs(x, relation, graph, edge_weight, edge_mask, message, aggregate);
-  check_grad_out(grad_out, x);
-  check_aux(aux, a);
-  at::Tensor grad;
-  if constexpr (G == Grad::X) grad = at::empty_like(x);
-  else if constexpr (G == Grad::Relation) grad = at::empty_like(relation);
-  else grad = at::empty({a.num_edges}, x.options());
+  const RelAggregateArgs a = check_rel_aggregate_backward_inputs(grad_out, x, relation, aux, graph, edge_weight,
+                                                                 edge_mask, message, aggregate);
+  at::Tensor grad = empty_grad(G, x, relation, a);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rel_aggregate_backward_cpu", [&] {
     const auto in = make_inputs<scalar_t>(x, relation, &aux, graph, edge_weight, edge_mask, a);
     const scalar_t* g = grad_out.data_ptr<scalar_t>();

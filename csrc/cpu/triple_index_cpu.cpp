@@ -11,32 +11,14 @@
 namespace gfmrag_fast {
 namespace {
 
-TripleIndexView view_of(at::TensorList index) {
-  TORCH_CHECK_VALUE(index.size() == 6, "triple index must hold 6 arrays (use TripleIndex), got ", index.size());
-  return {index[0].data_ptr<int64_t>(), index[1].data_ptr<int64_t>(), index[2].data_ptr<int32_t>(),
-          index[3].data_ptr<int64_t>(), index[4].data_ptr<int32_t>(), index[5].data_ptr<int32_t>(),
-          index[0].size(0)};
-}
-
-void check_index(const at::Tensor& triples, at::TensorList index, const char* op) {
-  TORCH_CHECK_VALUE(index.size() == 6, op, ": triple index must hold 6 arrays (use TripleIndex), got ",
-                    index.size());
-  check_triple_index(index[0], index[1], index[2], index[3], index[4], index[5], triples, op);
-}
-
 at::Tensor negative_sampling_cpu(const at::Tensor& triples, at::TensorList index, int64_t num_nodes,
                                  int64_t num_relations, int64_t num_negative, bool strict, int64_t seed) {
-  check_index(triples, index, "negative_sampling");
-  TORCH_CHECK_VALUE(num_negative > 0, "negative_sampling: num_negative must be positive, got ", num_negative);
-  TORCH_CHECK_VALUE(num_nodes > 0, "negative_sampling: num_nodes must be positive, got ", num_nodes);
-  TORCH_CHECK_VALUE(num_relations > 0 && num_relations % 2 == 0,
-                    "negative_sampling: num_relations counts direct and inverse relations and must be even, got ",
-                    num_relations);
+  const TripleIndexView ix =
+      check_negative_sampling_inputs(triples, index, num_nodes, num_relations, num_negative);
   const int64_t B = triples.size(0), K = num_negative, R = num_relations / 2;
   at::Tensor out = at::empty({B, K + 1, 3}, triples.options());
   const int64_t* in = triples.data_ptr<int64_t>();
   int64_t* o = out.data_ptr<int64_t>();
-  const TripleIndexView ix = view_of(index);
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t h = in[b * 3], t = in[b * 3 + 1], r = in[b * 3 + 2];
@@ -68,15 +50,10 @@ at::Tensor negative_sampling_cpu(const at::Tensor& triples, at::TensorList index
 
 at::Tensor easy_edge_mask_cpu(const at::Tensor& triples, at::TensorList index, int64_t num_edges,
                               int64_t num_relations) {
-  check_index(triples, index, "easy_edge_mask");
-  TORCH_CHECK_VALUE(num_edges == index[5].size(0), "easy_edge_mask: num_edges = ", num_edges,
-                    " but the triple index holds ", index[5].size(0), " edges");
-  TORCH_CHECK_VALUE(num_relations > 0 && num_relations % 2 == 0,
-                    "easy_edge_mask: num_relations must be even and positive, got ", num_relations);
+  const TripleIndexView ix = check_easy_edge_mask_inputs(triples, index, num_edges, num_relations);
   at::Tensor mask = at::zeros({num_edges}, triples.options().dtype(at::kBool));
   bool* out = mask.data_ptr<bool>();
   const int64_t* in = triples.data_ptr<int64_t>();
-  const TripleIndexView ix = view_of(index);
   const int64_t R = num_relations / 2;
   // Serial: a batch is a few thousand look-ups, and parallel copies would make threads write the
   // same flags.

@@ -299,12 +299,9 @@ std::tuple<at::Tensor, at::Tensor> rel_aggregate_cuda(const at::Tensor& x, const
   const at::cuda::OptionalCUDAGuard guard(device_of(x));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   at::Tensor out = at::empty_like(x);
-  at::Tensor aux;
-  if (a.aggregate == Aggregate::Max || a.aggregate == Aggregate::Min) {
-    aux = at::empty(x.sizes(), x.options().dtype(at::kInt));
-  } else if (a.aggregate == Aggregate::Mean) {
+  at::Tensor aux = empty_aux(x, a);
+  if (a.aggregate == Aggregate::Mean) {
     // Its own kernel, so the degrees are written even when B * d == 0 and no forward thread runs.
-    aux = at::empty({a.num_nodes}, x.options().dtype(at::kInt));
     if (a.num_nodes > 0) {
       in_degree_kernel<<<grid_for(a.num_nodes), kBlockThreads, 0, stream>>>(
           graph[kDstPtr].const_data_ptr<int32_t>(), graph[kDstEid].const_data_ptr<int32_t>(),
@@ -312,8 +309,6 @@ std::tuple<at::Tensor, at::Tensor> rel_aggregate_cuda(const at::Tensor& x, const
           aux.mutable_data_ptr<int32_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-  } else {
-    aux = at::empty({0}, x.options().dtype(at::kInt));
   }
   const int64_t num_threads = x.numel();
   if (num_threads == 0) return {out, aux};
@@ -331,33 +326,20 @@ std::tuple<at::Tensor, at::Tensor> rel_aggregate_cuda(const at::Tensor& x, const
   return {out, aux};
 }
 
-enum class Grad { X, Relation, EdgeWeight };
-
 template <Grad G>
 at::Tensor rel_aggregate_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
                                        const at::Tensor& relation, const at::Tensor& aux,
                                        at::TensorList graph, const std::optional<at::Tensor>& edge_weight,
                                        const std::optional<at::Tensor>& edge_mask,
                                        c10::string_view message, c10::string_view aggregate) {
-  const RelAggregateArgs a =
-      check_rel_aggregate_inputs(x, relation, graph, edge_weight, edge_mask, message, aggregate);
-  check_grad_out(grad_out, x);
-  check_aux(aux, a);
+  const RelAggregateArgs a = check_rel_aggregate_backward_inputs(grad_out, x, relation, aux, graph, edge_weight,
+                                                                 edge_mask, message, aggregate);
   const at::cuda::OptionalCUDAGuard guard(device_of(x));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  at::Tensor grad;
-  int64_t num_threads;
-  if constexpr (G == Grad::X) {
-    grad = at::empty_like(x);
-    num_threads = grad.numel();
-  } else if constexpr (G == Grad::Relation) {
-    grad = at::empty_like(relation);
-    num_threads = grad.numel();
-  } else {
-    grad = at::empty({a.num_edges}, x.options());
-    // Every edge's entry must be written, even when B * d == 0.
-    num_threads = a.num_edges * kWarpSize;
-  }
+  at::Tensor grad = empty_grad(G, x, relation, a);
+  // One thread per output element; one warp per edge for the edge weights, so that every edge's
+  // entry is written even when B * d == 0.
+  const int64_t num_threads = G == Grad::EdgeWeight ? a.num_edges * kWarpSize : grad.numel();
   if (num_threads == 0) return grad;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rel_aggregate_backward_cuda", [&] {
     const auto in = make_inputs<scalar_t>(x, relation, &aux, graph, edge_weight, edge_mask, a);

@@ -16,18 +16,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-void check_index(const at::Tensor& triples, at::TensorList index, const char* op) {
-  TORCH_CHECK_VALUE(index.size() == 6, op, ": triple index must hold 6 arrays (use TripleIndex), got ",
-                    index.size());
-  check_triple_index(index[0], index[1], index[2], index[3], index[4], index[5], triples, op);
-}
-
-TripleIndexView view_of(at::TensorList index) {
-  return {index[0].data_ptr<int64_t>(), index[1].data_ptr<int64_t>(), index[2].data_ptr<int32_t>(),
-          index[3].data_ptr<int64_t>(), index[4].data_ptr<int32_t>(), index[5].data_ptr<int32_t>(),
-          index[0].size(0)};
-}
-
 // Thread i < B * (K + 1) writes row i of the output: k = 0 copies the positive.
 __global__ void negative_sampling_kernel(const int64_t* __restrict__ triples, TripleIndexView ix,
                                          int64_t* __restrict__ out, int64_t B, int64_t K, int64_t num_nodes,
@@ -79,19 +67,15 @@ int64_t blocks_for(int64_t n) { return (n + kThreads - 1) / kThreads; }
 
 at::Tensor negative_sampling_cuda(const at::Tensor& triples, at::TensorList index, int64_t num_nodes,
                                   int64_t num_relations, int64_t num_negative, bool strict, int64_t seed) {
-  check_index(triples, index, "negative_sampling");
-  TORCH_CHECK_VALUE(num_negative > 0, "negative_sampling: num_negative must be positive, got ", num_negative);
-  TORCH_CHECK_VALUE(num_nodes > 0, "negative_sampling: num_nodes must be positive, got ", num_nodes);
-  TORCH_CHECK_VALUE(num_relations > 0 && num_relations % 2 == 0,
-                    "negative_sampling: num_relations counts direct and inverse relations and must be even, got ",
-                    num_relations);
+  const TripleIndexView ix =
+      check_negative_sampling_inputs(triples, index, num_nodes, num_relations, num_negative);
   const c10::cuda::CUDAGuard guard(triples.device());
   const int64_t B = triples.size(0);
   at::Tensor out = at::empty({B, num_negative + 1, 3}, triples.options());
   const int64_t n = B * (num_negative + 1);
   if (n > 0) {
     negative_sampling_kernel<<<blocks_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        triples.data_ptr<int64_t>(), view_of(index), out.data_ptr<int64_t>(), B, num_negative, num_nodes,
+        triples.data_ptr<int64_t>(), ix, out.data_ptr<int64_t>(), B, num_negative, num_nodes,
         num_relations, strict, static_cast<uint64_t>(seed));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -100,17 +84,13 @@ at::Tensor negative_sampling_cuda(const at::Tensor& triples, at::TensorList inde
 
 at::Tensor easy_edge_mask_cuda(const at::Tensor& triples, at::TensorList index, int64_t num_edges,
                                int64_t num_relations) {
-  check_index(triples, index, "easy_edge_mask");
-  TORCH_CHECK_VALUE(num_edges == index[5].size(0), "easy_edge_mask: num_edges = ", num_edges,
-                    " but the triple index holds ", index[5].size(0), " edges");
-  TORCH_CHECK_VALUE(num_relations > 0 && num_relations % 2 == 0,
-                    "easy_edge_mask: num_relations must be even and positive, got ", num_relations);
+  const TripleIndexView ix = check_easy_edge_mask_inputs(triples, index, num_edges, num_relations);
   const c10::cuda::CUDAGuard guard(triples.device());
   at::Tensor mask = at::zeros({num_edges}, triples.options().dtype(at::kBool));
   const int64_t n = 2 * triples.size(0);
   if (n > 0 && num_edges > 0) {
     easy_edge_mask_kernel<<<blocks_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        triples.data_ptr<int64_t>(), view_of(index), mask.data_ptr<bool>(), triples.size(0), num_relations);
+        triples.data_ptr<int64_t>(), ix, mask.data_ptr<bool>(), triples.size(0), num_relations);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return mask;

@@ -38,6 +38,11 @@ def append_jsonl(row: Dict[str, Any], path: str) -> None:
     _atomic(path, lambda f: f.write(old + (json.dumps(row) + "\n").encode()))
 
 
+def atomic_jsonl(rows, path: str) -> None:
+    """Writes the rows as JSON lines, replacing the file atomically."""
+    _atomic(path, lambda f: f.write("".join(json.dumps(row) + "\n" for row in rows).encode()))
+
+
 def read_jsonl(path: str):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -93,7 +93,9 @@ class KGCompletionTask:
         if int(num_negative) <= 0:
             raise ValueError(f"task.num_negative must be a positive integer, got {num_negative}")
         if int(batch_size) <= 0 or int(eval_batch_size) <= 0:
-            raise ValueError(f"batch sizes must be positive, got batch_size={batch_size}, eval_batch_size={eval_batch_size}")
+            raise ValueError(
+                f"batch sizes must be positive, got batch_size={batch_size}, eval_batch_size={eval_batch_size}"
+            )
         self.train_sets, self.valid_sets = list(train_sets), list(valid_sets)
         self.num_negative, self.strict_negative = int(num_negative), bool(strict_negative)
         self.adversarial_temperature = float(adversarial_temperature)

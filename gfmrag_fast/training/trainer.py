@@ -20,7 +20,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .distributed import DistEnv
-from .io import append_jsonl, atomic_torch_save
+from .io import append_jsonl, atomic_jsonl, atomic_torch_save, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,16 @@ class Trainer:
         values = [row[self.options.metric] for row in rows if self.options.metric in row]
         return float(np.mean(values)) if values else -math.inf
 
+    def _drop_stale_metrics(self) -> None:
+        """Rows of epochs this run will redo (all of them on a fresh run into an old folder, the
+        ones after the checkpoint on a resume) would be duplicated: keep only earlier epochs."""
+        path = self._path("metrics.jsonl")
+        if self.env.is_main and os.path.exists(path):
+            keep = [row for row in read_jsonl(path) if row.get("epoch", -1) < self.start_epoch]
+            atomic_jsonl(keep, path)
+
     def fit(self) -> Dict[str, Any]:
+        self._drop_stale_metrics()
         for epoch in range(self.start_epoch, self.options.num_epoch):
             loss = self.train_epoch(epoch)
             rows = self.evaluate(epoch) if self.options.do_eval else []

@@ -5,6 +5,7 @@ Multi-GPU: ``torchrun --nproc_per_node=8 -m gfmrag_fast.workflow.pretrain``.
 
 import json
 import logging
+import math
 import os
 
 import hydra
@@ -32,7 +33,7 @@ def build_task(cfg: DictConfig, train_sets: list, valid_sets: list, device) -> K
 
 
 def final_metrics(output_dir: str, history: list, metric: str) -> list:
-    """The evaluation rows of the best epoch (the last one when nothing was evaluated)."""
+    """The evaluation rows of the best epoch, from metrics.jsonl ([] when nothing was evaluated)."""
     path = os.path.join(output_dir, "metrics.jsonl")
     if not history or not os.path.exists(path):
         return []
@@ -48,9 +49,9 @@ def run(cfg: DictConfig) -> dict:
     env, output_dir = setup(cfg)
     try:
         # 1. data: stage-2 KG datasets (built once, cached), each loaded once
-        names = list(dict.fromkeys([*cfg.datasets.train_names, *cfg.datasets.valid_names]))
         if not cfg.datasets.train_names:
             raise ValueError("datasets.train_names is empty: nothing to pre-train on")
+        names = list(dict.fromkeys([*cfg.datasets.train_names, *cfg.datasets.valid_names]))
         datasets = dict(zip(names, build_datasets(cfg, names, "kg", env)))
         train_sets = [datasets[name] for name in cfg.datasets.train_names]
         valid_sets = [datasets[name] for name in cfg.datasets.valid_names]
@@ -79,8 +80,8 @@ def run(cfg: DictConfig) -> dict:
             rows = final_metrics(output_dir, result["history"], cfg.task.best_metric)
             for row in rows:
                 log.info("final %s", row)
-            print(json.dumps({"best": {cfg.task.best_metric: result["best_score"]}, "metrics": rows,
-                              "output_dir": output_dir}))
+            best = result["best_score"] if math.isfinite(result["best_score"]) else None  # None: not evaluated
+            print(json.dumps({"best": {cfg.task.best_metric: best}, "metrics": rows, "output_dir": output_dir}))
         return result
     finally:
         shutdown(env)
