@@ -55,21 +55,30 @@ at::Tensor easy_edge_mask_cpu(const at::Tensor& triples, at::TensorList index, i
   bool* out = mask.data_ptr<bool>();
   const int64_t* in = triples.data_ptr<int64_t>();
   const int64_t R = num_relations / 2;
-  // Serial: a batch is a few thousand look-ups, and parallel copies would make threads write the
-  // same flags.
-  for (int64_t i = 0; i < triples.size(0); ++i) {
-    const int64_t h = in[i * 3], t = in[i * 3 + 1], r = in[i * 3 + 2];
-    if (r < 0 || r >= R || h < 0 || t < 0 || h > INT32_MAX || t > INT32_MAX) continue;  // matches nothing
-    for (int direction = 0; direction < 2; ++direction) {
-      const int64_t src = direction == 0 ? h : t, dst = direction == 0 ? t : h;
-      const int64_t pos = find_key(ix.keys, ix.num_keys, src * num_relations + r + direction * R);
-      if (pos < 0) continue;
-      const int64_t hi = ix.all_ptr[pos + 1];
-      for (int64_t j = lower_bound(ix.all_values, ix.all_ptr[pos], hi, dst); j < hi && ix.all_values[j] == dst; ++j) {
-        out[ix.all_eids[j]] = true;
+  // The rows of one corrupted triple share (h, r) or (t, r + R), so each chunk remembers the last
+  // key it found in each direction: half of the binary searches are saved. Parallel copies of an
+  // edge can be flagged by two threads: the flags are stored atomically (relaxed, same value).
+  at::parallel_for(0, triples.size(0), 512, [&](int64_t begin, int64_t end) {
+    int64_t last_key[2] = {-1, -1}, last_pos[2] = {-1, -1};
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t h = in[i * 3], t = in[i * 3 + 1], r = in[i * 3 + 2];
+      if (r < 0 || r >= R || h < 0 || t < 0 || h > INT32_MAX || t > INT32_MAX) continue;  // matches nothing
+      for (int direction = 0; direction < 2; ++direction) {
+        const int64_t src = direction == 0 ? h : t, dst = direction == 0 ? t : h;
+        const int64_t key = src * num_relations + r + direction * R;
+        if (key != last_key[direction]) {
+          last_key[direction] = key;
+          last_pos[direction] = find_key(ix.keys, ix.num_keys, key);
+        }
+        const int64_t pos = last_pos[direction];
+        if (pos < 0) continue;
+        const int64_t hi = ix.all_ptr[pos + 1];
+        for (int64_t j = lower_bound(ix.all_values, ix.all_ptr[pos], hi, dst); j < hi && ix.all_values[j] == dst; ++j) {
+          __atomic_store_n(out + ix.all_eids[j], true, __ATOMIC_RELAXED);
+        }
       }
     }
-  }
+  });
   return mask;
 }
 
