@@ -78,8 +78,10 @@ class PreparedGraph:
             if self.edge_mask is None:
                 self._in_degree = self.graph.in_degree.long()
             else:
-                dst = self.graph.edge_index[0][~self.edge_mask]
-                self._in_degree = torch.bincount(dst, minlength=self.num_nodes)
+                # Integer index_add: deterministic, and no boolean indexing (a host sync on CUDA).
+                removed = torch.zeros(self.num_nodes, dtype=torch.long, device=self.edge_mask.device)
+                removed.index_add_(0, self.graph.edge_index[0], self.edge_mask.long())
+                self._in_degree = self.graph.in_degree.long() - removed
         return self._in_degree
 
 
