@@ -52,7 +52,7 @@ def main(folder):
     memcheck = os.path.join(folder, "memcheck.log")
     if os.path.exists(memcheck):
         text = open(memcheck).read()
-        summary["memcheck"] = "ERROR SUMMARY: 0 errors" in text
+        summary["memcheck"] = None if "compute-sanitizer not found" in text else "ERROR SUMMARY: 0 errors" in text
     rows = json.load(open(os.path.join(folder, "bench.json"))) if os.path.exists(os.path.join(folder, "bench.json")) else []
     by_group = {(r["group"], r["impl"]): r for r in rows}
     for r in rows:
@@ -107,7 +107,8 @@ def _plot(rows, path):
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=f"{impl} {direction}")
     ax.set(xlabel="edges", ylabel="ms (median)", xscale="log", yscale="log", title="rel_aggregate, B = 8, d = 512")
-    ax.legend(fontsize=7)
+    if ax.lines:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

@@ -357,3 +357,29 @@ def test_bad_configuration_errors():
         model, _ = retriever()
         graph = make_graph()
         model(graph, make_batch(graph), edge_mask=torch.zeros(3, dtype=torch.bool))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("aggregate", ["sum", "mean", "max"])
+def test_models_on_cuda_match_cpu(aggregate):
+    model, _ = retriever(aggregate_func=aggregate, input_dim=16, hidden_dims=[16] * 3)
+    graph, batch = make_graph(), make_batch(make_graph())
+    expected = model(graph, batch)
+    cuda_model = model.cuda()
+    cuda_batch = {k: v.cuda() for k, v in batch.items()}
+    out = cuda_model(graph.to("cuda"), cuda_batch)
+    assert rel_err(out.cpu(), expected) < 1e-4
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        low = cuda_model(graph.to("cuda"), cuda_batch)
+    low.float().square().mean().backward()
+    assert rel_err(low.float().cpu(), expected) < 0.05
+
+    kg_model, _ = query_gnn(aggregate_func=aggregate)
+    kg = kg_graph()
+    triples = tail_batch(kg)
+    mask = torch.zeros(kg.num_edges, dtype=torch.bool)
+    mask[::3] = True
+    expected = kg_model(kg, triples, mask)
+    out = kg_model.cuda()(kg.to("cuda"), triples.cuda(), mask.cuda())
+    assert rel_err(out.cpu(), expected) < 1e-4
