@@ -97,3 +97,12 @@ def test_torchrun_two_processes_rank0_writes(data_root, tmp_path):
     assert [r["epoch"] for r in rows] == [0, 1]  # one row per evaluation, not one per rank
     assert os.path.exists(tmp_path / "pretrained" / "model.pth")
     assert "2 process(es)" in out.stderr + out.stdout
+
+
+def test_compiled_training_runs_and_saves_plain_keys(data_root, tmp_path):
+    run([f"datasets.root={data_root}", f"hydra.run.dir={tmp_path}", *SMALL, "train.num_epoch=1", "train.compile=true"],
+        cwd=tmp_path)
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [0]
+    state = torch.load(tmp_path / "model_last.pth", weights_only=False)
+    assert not any(k.startswith("_orig_mod") for k in state["model"])  # plain keys, loadable anywhere

@@ -51,6 +51,7 @@ class TrainOptions:
     metric_split: Optional[str] = None  # average only rows of this split, when there are any
     dtype: str = "float32"  # or "bfloat16": autocast for forward and loss
     max_grad_norm: Optional[float] = None
+    compile: bool = False  # torch.compile the training forward (fuses the dense per-node work)
 
 
 class Trainer:
@@ -61,6 +62,9 @@ class Trainer:
             if env.distributed
             else self.raw_model
         )
+        if options.compile:
+            # Training steps run compiled; evaluation and checkpoints use the plain module.
+            self.model = torch.compile(self.model)
         self.optimizer, self.task, self.options, self.env = optimizer, task, options, env
         self.output_dir = output_dir
         self.start_epoch = 0

@@ -70,6 +70,7 @@ def run(cfg: DictConfig) -> dict:
             log_interval=cfg.train.log_interval, do_eval=cfg.train.do_eval and bool(valid_sets),
             save_best_only=cfg.train.save_best_only, save_pretrained=cfg.train.save_pretrained,
             metric=cfg.task.best_metric, metric_split="valid", dtype=cfg.train.dtype,
+            compile=bool(cfg.train.get("compile", False)),
         )
         trainer = Trainer(model, optimizer, task, options, output_dir, env)
         apply_checkpoint(trainer, cfg.train.checkpoint, env)
