@@ -106,12 +106,11 @@ class NBFNet(nn.Module):
         """All layers with the short cut; returns every layer's output."""
         hiddens = []
         for layer in self.layers:
+            residual = self.short_cut and layer.output_dim == layer.input_dim
             if self.checkpoint_layers and torch.is_grad_enabled():
-                hidden = checkpoint(layer, x, boundary, relation, graph, use_reentrant=False)
+                hidden = checkpoint(layer, x, boundary, relation, graph, residual, use_reentrant=False)
             else:
-                hidden = layer(x, boundary, relation, graph)
-            if self.short_cut and hidden.shape == x.shape:
-                hidden = hidden + x
+                hidden = layer(x, boundary, relation, graph, residual)
             hiddens.append(hidden)
             x = hidden
         return hiddens

@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .aggregation import AGGREGATES, MESSAGES, PreparedGraph, neighbourhood_update
+from .dense import dense_update
 
 
 class GeneralizedRelationalConv(nn.Module):
@@ -22,7 +23,7 @@ class GeneralizedRelationalConv(nn.Module):
         h      = linear(cat[x, update])            # Linear(2 d_in, d_out); 13 d_in for pna
         out    = activation(layer_norm(h))         # each when enabled
 
-    The short cut (``out + x``) belongs to the entity model, as in the original. ``cat`` is never
+    With ``residual`` (the entity model's short cut) x is added to ``out``. ``cat`` is never
     built: linear's weight is split into its x half and its update half,
     ``h = x @ W[:, :d_in].T + update @ W[:, d_in:].T + b``, so the state-dict keys
     (``linear.{weight,bias}``, ``layer_norm.*``, ``relation_projection.{0,2}.*``) stay the original's.
@@ -56,6 +57,9 @@ class GeneralizedRelationalConv(nn.Module):
         self.relation_projection = nn.Sequential(
             nn.Linear(input_dim, input_dim), nn.ReLU(), nn.Linear(input_dim, input_dim)
         )
+        # The fused dense tail keeps three node-sized tensors per layer for the backward instead of
+        # four (models.dense); off only to compare against the unfused path.
+        self.fused_dense = True
 
     def forward(
         self,
@@ -63,11 +67,17 @@ class GeneralizedRelationalConv(nn.Module):
         boundary: torch.Tensor,  # [B, N, d_in]
         relation: torch.Tensor,  # [2R, d_in] | [B, 2R, d_in]
         graph: PreparedGraph,
+        residual: bool = False,  # add x to the output (the entity model's short cut)
     ) -> torch.Tensor:  # [B, N, d_out]
         relation = self.relation_projection(relation)
         update = neighbourhood_update(x, relation, boundary, graph, self.message_func, self.aggregate_func)
+        if residual and self.output_dim != self.input_dim:
+            raise ValueError(f"a short cut needs d_out == d_in, got {self.output_dim} and {self.input_dim}")
         weight = self.linear.weight
         d = self.input_dim
+        if self._fusable(x, update):
+            out = dense_update(x.flatten(0, -2), update.flatten(0, -2), weight, self.linear.bias, self.layer_norm, residual)
+            return out.view(*x.shape[:-1], self.output_dim)
         # addmm accumulates the x half into the update half inside the GEMM (no extra pass).
         h = F.linear(update, weight[:, d:], self.linear.bias).flatten(0, -2)
         h = torch.addmm(h, x.flatten(0, -2).to(h.dtype), weight[:, :d].t().to(h.dtype))
@@ -76,7 +86,18 @@ class GeneralizedRelationalConv(nn.Module):
             h = self.layer_norm(h)
         if self.activation is not None:
             h = self.activation(h)
-        return h
+        return h + x if residual else h
+
+    def _fusable(self, x: torch.Tensor, update: torch.Tensor) -> bool:
+        """GFM-RAG's configuration outside autocast: the fused dense tail applies (models.dense)."""
+        return (
+            self.fused_dense
+            and self.layer_norm is not None
+            and self.activation is F.relu
+            and x.dtype in (torch.float32, torch.float64)
+            and update.dtype == x.dtype == self.linear.weight.dtype
+            and not torch.is_autocast_enabled(x.device.type)
+        )
 
     def extra_repr(self) -> str:
         return (
