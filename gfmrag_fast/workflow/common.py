@@ -89,10 +89,17 @@ def apply_checkpoint(trainer: Trainer, spec: str | None, env: DistEnv) -> None:
         pretrained, _ = load_pretrained(spec)
         weights = pretrained.state_dict()
     try:
-        trainer.raw_model.load_state_dict(weights, strict=True)
+        missing, unexpected = trainer.raw_model.load_state_dict(weights, strict=False)
+        # A KG-completion model (QueryGNN) has everything a retriever needs but its question_mlp:
+        # GFM-RAG's recipe fine-tunes from it, the question encoder starting fresh.
+        if unexpected or any(not key.startswith("question_mlp.") for key in missing):
+            raise RuntimeError(f"missing keys {missing}, unexpected keys {unexpected}")
     except RuntimeError as exc:
         raise ValueError(
             f"train.checkpoint={spec!r} does not fit the configured model (check model.* and the text "
             f"embedding size): {exc}"
         ) from exc
-    log.info("initialised the model from %s", spec)
+    if missing:
+        log.info("initialised the model from %s (new: %s)", spec, ", ".join(missing))
+    else:
+        log.info("initialised the model from %s", spec)
