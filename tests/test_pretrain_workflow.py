@@ -234,7 +234,7 @@ def run(args, cwd, torchrun=0, check=True, timeout=600):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     launcher = [sys.executable]
     if torchrun:
-        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={torchrun}"]
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
     result = subprocess.run([*launcher, "-m", "gfmrag_fast.workflow.pretrain", *args], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=timeout)
     if check:
