@@ -95,7 +95,7 @@ def test_rel_aggregate(benchmark, record, case, device, direction, impl, dtype):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     try:
-        benchmark.pedantic(run, rounds=5 if device == "cpu" else 20, warmup_rounds=1)
+        benchmark.pedantic(run, rounds=5 if device == "cpu" else 10, warmup_rounds=1)
     except torch.OutOfMemoryError:
         pytest.skip(f"{impl} needs more GPU memory than this device has for {case}")
     info = dict(device=device, dtype=str(dtype), num_nodes=num_nodes, num_edges=2 * num_triples,

@@ -118,7 +118,7 @@ def test_train_step(benchmark, record, device, dtype, kind, impl):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         try:
-            benchmark.pedantic(step, rounds=3 if device == "cpu" else 10, warmup_rounds=1)
+            benchmark.pedantic(step, rounds=3 if device == "cpu" else 5, warmup_rounds=1)
         except torch.OutOfMemoryError:
             pytest.skip(f"{impl} {kind} step does not fit in GPU memory")
     info = {"device": device, "dtype": dtype}
