@@ -15,13 +15,12 @@ def record(benchmark):
     def _record(group, impl, **info):
         stats = benchmark.stats.stats
         RESULTS[(group, impl)] = {"median_ms": stats.median * 1e3, "min_ms": stats.min * 1e3, **info}
+        _write_json(_rows())  # after every case, so a run stopped by a time limit keeps its results
 
     return _record
 
 
-def pytest_terminal_summary(terminalreporter):
-    if not RESULTS:
-        return
+def _rows():
     rows = []
     for (group, impl), res in sorted(RESULTS.items()):
         base = RESULTS.get((group, BASELINE))
@@ -29,14 +28,28 @@ def pytest_terminal_summary(terminalreporter):
         if base is not None:
             res["speedup_vs_reference"] = base["median_ms"] / res["median_ms"]
         rows.append(res)
+    return rows
+
+
+def _write_json(rows):
+    path = os.environ.get("GFMRAG_BENCH_JSON")
+    if path:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(rows, f, indent=1)
+        os.replace(tmp, path)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not RESULTS:
+        return
+    rows = _rows()
     tr = terminalreporter
     tr.write_sep("=", "gfmrag_fast benchmark ratios (same run, same machine)")
     tr.write_line(f"{'group':58s} {'impl':12s} {'median ms':>10s} {'x reference':>12s}")
     for r in rows:
         ratio = f"{r['speedup_vs_reference']:.1f}x" if "speedup_vs_reference" in r else "-"
         tr.write_line(f"{r['group']:58s} {r['impl']:12s} {r['median_ms']:10.2f} {ratio:>12s}")
-    path = os.environ.get("GFMRAG_BENCH_JSON")
-    if path:
-        with open(path, "w") as f:
-            json.dump(rows, f, indent=1)
-        tr.write_line(f"wrote {path}")
+    if os.environ.get("GFMRAG_BENCH_JSON"):
+        _write_json(rows)
+        tr.write_line(f"wrote {os.environ['GFMRAG_BENCH_JSON']}")

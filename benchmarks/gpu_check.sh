@@ -36,14 +36,14 @@ step "tests of the ops and models (CPU and CUDA parametrisations)"
 # The data and workflow tests need the offline text model and Hydra, which this machine lacks.
 TIMEOUT_ARGS=()
 "${PY}" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_ARGS=(--timeout=240)
-"${PY}" -m pytest tests/test_rel_aggregate.py tests/test_triple_sampling.py tests/test_models.py \
+timeout 240 "${PY}" -m pytest tests/test_rel_aggregate.py tests/test_triple_sampling.py tests/test_models.py \
   tests/test_losses_metrics.py -q -p no:cacheprovider "${TIMEOUT_ARGS[@]}" \
   --junitxml="${OUT_DIR}/tests.xml" >"${OUT_DIR}/tests.log" 2>&1 || status=1
 tail -3 "${OUT_DIR}/tests.log"
 
 step "compute-sanitizer memcheck of a small case"
 if command -v compute-sanitizer >/dev/null; then
-  compute-sanitizer --tool memcheck --error-exitcode 1 "${PY}" benchmarks/memcheck_case.py \
+  timeout 150 compute-sanitizer --tool memcheck --error-exitcode 1 "${PY}" benchmarks/memcheck_case.py \
     >"${OUT_DIR}/memcheck.log" 2>&1 || status=1
   tail -3 "${OUT_DIR}/memcheck.log"
 else
@@ -52,7 +52,8 @@ fi
 
 step "benchmarks"
 # CUDA cases only: the CPU ones are measured on the development machines.
-GFMRAG_BENCH_JSON="${OUT_DIR}/bench.json" "${PY}" -m pytest benchmarks -q -p no:cacheprovider -k cuda \
+# Each case's result is in bench.json as soon as it is measured, so the time limit loses little.
+GFMRAG_BENCH_JSON="${OUT_DIR}/bench.json" timeout 300 "${PY}" -m pytest benchmarks -q -p no:cacheprovider -k cuda \
   --benchmark-columns=median,min,rounds >"${OUT_DIR}/bench.log" 2>&1 || status=1
 grep -A100 "benchmark ratios" "${OUT_DIR}/bench.log" | head -60
 
