@@ -58,11 +58,7 @@ dim3 grid_for(int64_t num_threads) {
 // power of two of threads >= its vectors up to a warp, else a whole number of warps up to
 // kMaxRowThreads; small rows are packed several to a block. Rows past the grid are reached by
 // a grid-stride loop, so any B * N fits.
-struct RowLaunch {
-  dim3 grid;
-  int block;
-  int threads_per_row;
-};
+struct RowLaunch { dim3 grid; int block; int threads_per_row; };
 
 RowLaunch row_launch(int64_t rows, int64_t vectors) {
   TORCH_INTERNAL_ASSERT(rows > 0 && vectors > 0);
@@ -85,10 +81,8 @@ constexpr int kVecWidth = 16 / static_cast<int>(sizeof(scalar_t));
 
 bool can_vectorize(int64_t dim, int vec, std::initializer_list<const void*> pointers) {
   if (dim % vec != 0) return false;
-  for (const void* p : pointers) {
-    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
-  }
-  return true;
+  return std::all_of(pointers.begin(), pointers.end(),
+                     [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; });
 }
 
 // Calls f(std::integral_constant<int, V>{}) with V = kVecWidth<scalar_t> or 1.
@@ -100,19 +94,12 @@ void with_vector_width(bool vectorize, F&& f) {
 
 // V consecutive elements, aligned so that one load moves them (two for 8 x int32).
 template <typename T, int V>
-struct alignas(sizeof(T) * V < 16 ? sizeof(T) * V : 16) Pack {
-  T v[V];
-};
+struct alignas(sizeof(T) * V < 16 ? sizeof(T) * V : 16) Pack { T v[V]; };
 
 template <int V, typename T>
-__device__ __forceinline__ Pack<T, V> load_pack(const T* p) {
-  return *reinterpret_cast<const Pack<T, V>*>(p);
-}
-
+__device__ __forceinline__ Pack<T, V> load_pack(const T* p) { return *reinterpret_cast<const Pack<T, V>*>(p); }
 template <int V, typename T>
-__device__ __forceinline__ void store_pack(T* p, const Pack<T, V>& value) {
-  *reinterpret_cast<Pack<T, V>*>(p) = value;
-}
+__device__ __forceinline__ void store_pack(T* p, const Pack<T, V>& value) { *reinterpret_cast<Pack<T, V>*>(p) = value; }
 
 // Calls f(row, c) for every row of this thread's group and every vector it owns in that row, c
 // being the vector's first channel. `threads_per_row` divides blockDim.x (see row_launch).
