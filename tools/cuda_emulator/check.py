@@ -145,4 +145,5 @@ for agg in ("sum", "mean", "max", "min"):
             edge_fails += not ok
             print("edge case", agg, B, mask is None, "ok" if ok else "FAIL", ac.tolist() if agg == "mean" else "")
 
+print(f"cuda emulator: {count} configurations, {fails} failed; all-masked and B = 0 cases: {edge_fails} failed")
 sys.exit(1 if fails or edge_fails else 0)
