@@ -138,6 +138,24 @@ __device__ __forceinline__ acc_t message_of(acc_t x, acc_t r) {
 
 // d out[b, v, c] / d message[b, e, c] for an unmasked edge e into v, without the selection of
 // max/min: 1 for sum and max/min, 1 / in-degree for mean.
+// acc[j] += s * g[j] (* other[j] for distmult): a message's derivative in x (other = the relation
+// row) or in the relation (other = the x row), only where edge e won for max/min.
+template <Message M, bool kExtremum, typename scalar_t, typename acc_t, int V>
+__device__ __forceinline__ void add_message_grads(acc_t (&acc)[V], const Pack<scalar_t, V>& g,
+                                                  const Pack<scalar_t, V>& other, const Pack<int32_t, V>& sel,
+                                                  int32_t e, acc_t s) {
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    acc_t t = static_cast<acc_t>(g.v[j]) * s;
+    if constexpr (M == Message::DistMult) t *= static_cast<acc_t>(other.v[j]);
+    if constexpr (kExtremum) {
+      if (sel.v[j] == e) acc[j] = add_rn(acc[j], t);
+    } else {
+      acc[j] = add_rn(acc[j], t);
+    }
+  }
+}
+
 template <Aggregate A, typename acc_t>
 __device__ __forceinline__ acc_t reduce_scale(const int32_t* aux, int32_t v) {
   if constexpr (A == Aggregate::Mean) return acc_t(1) / static_cast<acc_t>(aux[v]);
@@ -290,16 +308,7 @@ __global__ void backward_x_kernel(const Inputs<scalar_t> in, const scalar_t* gra
       if constexpr (M == Message::DistMult) rs = load_pack<V>(rb + static_cast<int64_t>(type[k]) * D);
       Pack<int32_t, V> sel;
       if constexpr (kExtremum) sel = load_pack<V>(sb + static_cast<int64_t>(v) * D);
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        acc_t t = static_cast<acc_t>(gs.v[j]) * scale;
-        if constexpr (M == Message::DistMult) t *= static_cast<acc_t>(rs.v[j]);
-        if constexpr (kExtremum) {
-          if (sel.v[j] == e) acc[j] = add_rn(acc[j], t);
-        } else {
-          acc[j] = add_rn(acc[j], t);
-        }
-      }
+      add_message_grads<M, kExtremum>(acc, gs, rs, sel, e, scale);
     }
     Pack<scalar_t, V> res;
 #pragma unroll
@@ -342,16 +351,7 @@ __global__ void backward_relation_kernel(const Inputs<scalar_t> in, const scalar
         if constexpr (M == Message::DistMult) xs = load_pack<V>(in.x + (b * N + u) * D + c);
         Pack<int32_t, V> sel;
         if constexpr (kExtremum) sel = load_pack<V>(in.aux + o);
-#pragma unroll
-        for (int j = 0; j < V; ++j) {
-          acc_t t = static_cast<acc_t>(gs.v[j]) * scale;
-          if constexpr (M == Message::DistMult) t *= static_cast<acc_t>(xs.v[j]);
-          if constexpr (kExtremum) {
-            if (sel.v[j] == e) acc[j] = add_rn(acc[j], t);
-          } else {
-            acc[j] = add_rn(acc[j], t);
-          }
-        }
+        add_message_grads<M, kExtremum>(acc, gs, xs, sel, e, scale);
       }
     }
     Pack<scalar_t, V> res;
