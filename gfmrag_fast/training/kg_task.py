@@ -120,7 +120,7 @@ class KGCompletionTask:
         collate = [torch.stack] * len(self._triples)
         yield from interleaved_batches(self._triples, self.batch_size, epoch, env, collate, self.seed)
 
-    def loss(self, model, item: Tuple[int, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, float]]:
+    def loss(self, model, item: Tuple[int, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         index, triples = item  # triples [B, 3] (h, t, r)
         graph = self.graph_of(self.train_sets[index])
         rel_graph = rel_graph_of(graph)

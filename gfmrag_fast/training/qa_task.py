@@ -76,7 +76,7 @@ class QAFinetuneTask:
         for i, batch in interleaved_batches(splits, self.batch_size, epoch, env, [s.collate_fn for s in splits], self.seed):
             yield self.train_sets[i], self._to_device(batch)
 
-    def loss(self, model, item) -> Tuple[torch.Tensor, Dict[str, float]]:
+    def loss(self, model, item) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         ds, batch = item
         graph, weight, ent2doc, _ = self._prepare(ds)
         pred = model(graph, batch, entities_weight=weight).float()  # [B, N]
@@ -89,7 +89,7 @@ class QAFinetuneTask:
             else:
                 value = term.fn(pred, batch["supporting_entities_masks"])
             total = total + term.weight * value
-            logs[term.name] = value.item()
+            logs[term.name] = value.detach()
         return total, logs
 
     # --- evaluation ----------------------------------------------------------------------

@@ -29,8 +29,9 @@ class Task(Protocol):
     def train_batches(self, epoch: int, env: DistEnv) -> Iterable[Any]:
         """This rank's training batches of `epoch`."""
 
-    def loss(self, model: torch.nn.Module, batch: Any) -> Tuple[torch.Tensor, Dict[str, float]]:
-        """(loss to minimise, numbers to log) of one batch."""
+    def loss(self, model: torch.nn.Module, batch: Any) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """(loss to minimise, detached scalars to log) of one batch; the trainer reads the logged
+        values only at log intervals, so a step needs no host synchronisation."""
 
     def evaluate(self, model: torch.nn.Module, env: DistEnv) -> List[Dict[str, Any]]:
         """Rows {"dataset", "split", <metric>: value}, identical on every rank."""
@@ -119,7 +120,7 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> float:
         self.model.train()
-        total, count = 0.0, 0
+        total, count = torch.zeros((), device=self.env.device), 0
         batches = self.task.train_batches(epoch, self.env)
         progress = None
         if self.env.is_main:
@@ -139,15 +140,18 @@ class Trainer:
             if self.options.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.options.max_grad_norm)
             self.optimizer.step()
-            total += loss.item()
+            total += loss.detach().float()
             count += 1
             if progress is not None:
                 progress.update(1)
-                if step % max(self.options.log_interval, 1) == 0:
-                    progress.set_postfix(loss=f"{loss.item():.4f}", **{k: f"{v:.4f}" for k, v in logs.items()})
-                    log.info("epoch %d step %d loss %.4f %s", epoch, step, loss.item(), logs)
+            if self.env.is_main and step % max(self.options.log_interval, 1) == 0:
+                values = {"loss": loss.item(), **{k: float(v) for k, v in logs.items()}}
+                if progress is not None:
+                    progress.set_postfix({k: f"{v:.4f}" for k, v in values.items()})
+                log.info("epoch %d step %d %s", epoch, step, " ".join(f"{k} {v:.4f}" for k, v in values.items()))
         if progress is not None:
             progress.close()
+        total = total.item()
         mean_loss = self.env.mean(total / max(count, 1))
         if self.env.is_main:
             log.info("epoch %d: %d batches, mean loss %.4f, %.1f s", epoch, count, mean_loss, time.time() - start)
