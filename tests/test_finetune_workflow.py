@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import gfmrag_fast
-from gfmrag_fast.training.io import read_jsonl
+from gfmrag_fast.atomic_io import read_jsonl
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SMALL = [

@@ -15,7 +15,7 @@ from torch_geometric.data import Data
 import gfmrag_fast
 from gfmrag_fast.models import build_model, to_tail_prediction
 from gfmrag_fast.training import DistEnv
-from gfmrag_fast.training.io import read_jsonl
+from gfmrag_fast.atomic_io import read_jsonl
 from gfmrag_fast.training.kg_task import KGCompletionTask
 
 CONFIG_DIR = os.path.join(os.path.dirname(gfmrag_fast.__file__), "workflow", "config")

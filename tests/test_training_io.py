@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from gfmrag_fast.training.io import append_jsonl, atomic_json, atomic_jsonl, atomic_torch_save, read_jsonl
+from gfmrag_fast.atomic_io import append_jsonl, atomic_json, atomic_jsonl, atomic_torch_save, read_jsonl
 
 
 class Unpicklable:
@@ -21,6 +21,7 @@ def test_failed_checkpoint_write_keeps_the_old_file(tmp_path):
     state = torch.load(path, weights_only=False)
     assert state["epoch"] == 1 and torch.equal(state["w"], torch.ones(3))
     assert os.listdir(tmp_path) == ["model_last.pth"]
+    assert os.stat(path).st_mode & 0o777 == 0o644  # not mkstemp's owner-only 0600
 
 
 def test_jsonl_and_json_round_trip(tmp_path):

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from ..atomic_io import atomic_json, atomic_torch_save
+
 __all__ = ["PROCESSING_VERSION", "file_digest", "fingerprint", "staged_dir", "save_json", "load_json", "is_complete"]
 
 # Bump when the stage-2 output for the same inputs changes (numbering, file layout, ...).
@@ -108,18 +110,11 @@ def staged_dir(final: str | os.PathLike) -> Iterator[str]:
 
 
 def save_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON through a temporary file and ``os.replace``: never a truncated file."""
-    tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fout:
-        json.dump(obj, fout, ensure_ascii=False)
-    os.replace(tmp, path)
+    atomic_json(obj, path, ensure_ascii=False, indent=None)
 
 
 def save_tensors(path: str | os.PathLike, obj: Any) -> None:
-    """``torch.save`` through a temporary file and ``os.replace``."""
-    tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_torch_save(obj, path)
 
 
 def load_json(path: str | os.PathLike) -> Any:

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any, Dict, Mapping, Tuple
 
 import torch
 from torch import nn
 
+from ..atomic_io import atomic_json, atomic_torch_save
 from .entity import EntityNBFNet, QueryNBFNet
 from .retriever import GNNRetriever, QueryGNN
 
@@ -115,8 +115,8 @@ def save_pretrained(model: nn.Module, text_emb_config: Mapping[str, Any], folder
     os.makedirs(folder, exist_ok=True)
     config = {"text_emb_model_config": _plain(text_emb_config), "model_config": model_config(model)}
     state = {"model": {key: value.detach().cpu() for key, value in model.state_dict().items()}}
-    _atomic_write(folder, CONFIG_NAME, lambda f: f.write(json.dumps(config, indent=2).encode("utf-8")))
-    _atomic_write(folder, WEIGHTS_NAME, lambda f: torch.save(state, f))
+    atomic_json(config, os.path.join(folder, CONFIG_NAME))
+    atomic_torch_save(state, os.path.join(folder, WEIGHTS_NAME))
 
 
 def _plain(config: Mapping[str, Any]) -> Dict[str, Any]:
@@ -125,21 +125,6 @@ def _plain(config: Mapping[str, Any]) -> Dict[str, Any]:
 
         return OmegaConf.to_container(config, resolve=True)
     return dict(config)
-
-
-def _atomic_write(folder: str, name: str, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
-        os.replace(tmp, os.path.join(folder, name))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _download(repo_id: str, revision) -> str:

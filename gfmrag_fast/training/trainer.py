@@ -20,7 +20,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .distributed import DistEnv
-from .io import append_jsonl, atomic_jsonl, atomic_torch_save, read_jsonl
+from ..atomic_io import append_jsonl, atomic_jsonl, atomic_torch_save, atomic_write, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -219,8 +219,6 @@ class Trainer:
             import matplotlib.pyplot as plt
         except ImportError:  # plotting is optional
             return
-        from .io import _atomic
-
         epochs = [h["epoch"] for h in self.history]
         fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
         ax[0].plot(epochs, [h["loss"] for h in self.history], marker="o")
@@ -231,5 +229,5 @@ class Trainer:
             ax[1].plot(*zip(*points), marker="o", color="tab:green")
         ax[1].set(xlabel="epoch", ylabel=f"{metric} (mean over evaluation sets)")
         fig.tight_layout()
-        _atomic(self._path("training_curves.png"), lambda f: fig.savefig(f, format="png", dpi=90))
+        atomic_write(self._path("training_curves.png"), lambda f: fig.savefig(f, format="png", dpi=90))
         plt.close(fig)

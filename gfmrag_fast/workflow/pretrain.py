@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..models.checkpoint import build_model
 from ..training import Trainer, TrainOptions
 from ..training.distributed import shutdown
-from ..training.io import read_jsonl
+from ..atomic_io import read_jsonl
 from ..training.kg_task import KGCompletionTask
 from .common import apply_checkpoint, build_datasets, build_optimizer, setup, text_emb_config
 
