@@ -1,6 +1,6 @@
 """Ranking metrics: multi-target retrieval (entities, documents) and filtered link prediction."""
 
-from typing import Dict, Iterable
+from typing import Dict, Iterable, List
 
 import torch
 
@@ -68,11 +68,27 @@ def link_prediction_ranks(
     return ((scores >= true_score) & competitors).sum(-1) + 1
 
 
-def link_prediction_metrics(ranks: torch.Tensor) -> Dict[str, float]:
-    """MR, MRR and Hits@1/3/10 of filtered ranks."""
-    ranks = ranks.float()
-    return {
-        "mr": ranks.mean().item(),
-        "mrr": (1.0 / ranks).mean().item(),
-        **{f"hits@{k}": (ranks <= k).float().mean().item() for k in (1, 3, 10)},
-    }
+LINK_PREDICTION_METRICS = ("mr", "mrr", "hits@1", "hits@3", "hits@10")
+
+
+def check_link_prediction_metrics(names: Iterable[str]) -> List[str]:
+    """The names as a list, or a ValueError naming the first one that is not mr, mrr or hits@k."""
+    names = [str(name) for name in names]
+    for name in names:
+        if not (name in ("mr", "mrr") or (name.startswith("hits@") and name[len("hits@"):].isdigit())):
+            raise ValueError(f"unknown link-prediction metric {name!r}: use mr, mrr or hits@k (e.g. hits@10)")
+    return names
+
+
+def link_prediction_metrics(ranks: torch.Tensor, names: Iterable[str] = LINK_PREDICTION_METRICS) -> Dict[str, float]:
+    """MR, MRR and Hits@k (any k) of filtered ranks [Q]."""
+    ranks = ranks.double()
+    out = {}
+    for name in check_link_prediction_metrics(names):
+        if name == "mr":
+            out[name] = ranks.mean().item()
+        elif name == "mrr":
+            out[name] = ranks.reciprocal().mean().item()
+        else:
+            out[name] = (ranks <= int(name[len("hits@"):])).double().mean().item()
+    return out

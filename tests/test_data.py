@@ -85,7 +85,7 @@ def test_read_triples_strips_and_skips_blank_lines():
 def test_malformed_line_names_file_and_line(tmp_path, bad):
     path = tmp_path / "kg.txt"
     path.write_text(f"x,r,y\n\n{bad}\nz,r,w\n")
-    with pytest.raises(ValueError, match=rf"kg\.txt:3: malformed"):
+    with pytest.raises(ValueError, match=r"kg\.txt:3: malformed"):
         read_triples(path)
 
 

@@ -1,6 +1,5 @@
 """End-to-end fine-tuning runs (subprocesses, CPU): outputs, resume, overrides, torchrun."""
 
-import json
 import os
 import shutil
 import subprocess

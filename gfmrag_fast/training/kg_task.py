@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..losses import adversarial_bce
-from ..metrics import link_prediction_ranks
+from ..metrics import check_link_prediction_metrics, link_prediction_metrics, link_prediction_ranks
 from ..models.checkpoint import save_pretrained
 from ..models.graph_cache import num_relations_of, rel_graph_of
 from ..ops import TripleIndex, easy_edge_mask, negative_sampling
@@ -32,28 +32,6 @@ HELD_OUT_SPLITS = ("valid", "test")
 def training_triples(graph) -> torch.Tensor:  # [T, 3] rows (h, t, r)
     """The graph's training triples as (h, t, r) rows, from ``target_edge_index`` / ``target_edge_type``."""
     return torch.cat([graph.target_edge_index.t(), graph.target_edge_type.unsqueeze(1)], dim=1).long().contiguous()
-
-
-def rank_metrics(ranks: torch.Tensor, names: Sequence[str]) -> Dict[str, float]:
-    """``mr``, ``mrr`` and ``hits@k`` (any k) of filtered ranks [Q]."""
-    ranks = ranks.double()
-    out = {}
-    for name in names:
-        if name == "mr":
-            out[name] = ranks.mean().item()
-        elif name == "mrr":
-            out[name] = ranks.reciprocal().mean().item()
-        elif name.startswith("hits@"):
-            out[name] = (ranks <= int(name[len("hits@"):])).double().mean().item()
-    return out
-
-
-def check_metric_names(names: Sequence[str]) -> List[str]:
-    names = [str(name) for name in names]
-    for name in names:
-        if not (name in ("mr", "mrr") or (name.startswith("hits@") and name[len("hits@"):].isdigit())):
-            raise ValueError(f"unknown link-prediction metric {name!r}: use mr, mrr or hits@k (e.g. hits@10)")
-    return names
 
 
 class KGCompletionTask:
@@ -100,7 +78,7 @@ class KGCompletionTask:
         self.num_negative, self.strict_negative = int(num_negative), bool(strict_negative)
         self.adversarial_temperature = float(adversarial_temperature)
         self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
-        self.metrics = check_metric_names(metrics)
+        self.metrics = check_link_prediction_metrics(metrics)
         self.fast_test = None if fast_test is None else int(fast_test)
         self.text_emb_conf, self.device, self.seed = text_emb_conf, device, int(seed)
         # One device copy of each graph, kept for the whole run: the model and the samplers then
@@ -160,7 +138,7 @@ class KGCompletionTask:
                 mine = shard(len(triples), env)
                 ranks = self._ranks(model, graph, filter_index, triples[mine.start:mine.stop].to(self.device))
                 ranks = torch.cat([part for part in env.gather_objects(ranks.cpu())])
-                rows.append({"dataset": name, "split": split, **rank_metrics(ranks, self.metrics)})
+                rows.append({"dataset": name, "split": split, **link_prediction_metrics(ranks, self.metrics)})
         return rows
 
     def _ranks(self, model, graph, filter_index: TripleIndex, triples: torch.Tensor) -> torch.Tensor:
