@@ -9,12 +9,24 @@ import torch
 _INT32_MAX = 2**31 - 1
 
 
+def offsets(counts: torch.Tensor) -> torch.Tensor:  # [n] -> [n + 1] int64
+    """Start of each run when runs of `counts` lengths are laid end to end, then the total."""
+    ptr = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=counts.device)
+    ptr[1:] = torch.cumsum(counts, 0)
+    return ptr
+
+
+def expand_ranges(starts: torch.Tensor, counts: torch.Tensor):
+    """(row [M], position [M]) for every position in the ranges [starts[i], starts[i] + counts[i]):
+    row i repeated counts[i] times, beside starts[i], starts[i] + 1, ... (M = counts.sum())."""
+    rows = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+    within = torch.arange(rows.numel(), device=counts.device) - offsets(counts)[:-1][rows]
+    return rows, starts[rows] + within
+
+
 def _row_pointer(keys: torch.Tensor, num_rows: int) -> torch.Tensor:
     """[num_rows + 1] int32 offsets of each key's run in `keys` sorted."""
-    counts = torch.bincount(keys, minlength=num_rows)
-    ptr = torch.zeros(num_rows + 1, dtype=torch.int64, device=keys.device)
-    ptr[1:] = torch.cumsum(counts, 0)
-    return ptr.to(torch.int32)
+    return offsets(torch.bincount(keys, minlength=num_rows)).to(torch.int32)
 
 
 class RelGraph:

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from .graph import RelGraph
+from .graph import RelGraph, expand_ranges, offsets
 
 
 def _edge_match(keys: torch.Tensor, query: torch.Tensor):
@@ -18,10 +18,8 @@ def _edge_match(keys: torch.Tensor, query: torch.Tensor):
     sorted_keys = keys[order]
     lo = torch.searchsorted(sorted_keys, query)
     hi = torch.searchsorted(sorted_keys, query, right=True)
-    counts = hi - lo
-    rows = torch.repeat_interleave(torch.arange(query.numel(), device=query.device), counts)
-    offset = torch.arange(rows.numel(), device=query.device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-    return rows, order[torch.repeat_interleave(lo, counts) + offset]
+    rows, positions = expand_ranges(lo, hi - lo)
+    return rows, order[positions]
 
 
 def negative_sampling_reference(
@@ -48,7 +46,7 @@ def negative_sampling_reference(
         allowed = torch.ones(batch, num_nodes, dtype=torch.bool, device=triples.device)
     candidates = allowed.nonzero()[:, 1]
     num_candidates = allowed.sum(-1)
-    start = torch.cumsum(num_candidates, 0) - num_candidates
+    start = offsets(num_candidates)[:-1]
     rand = torch.rand(batch, num_negative, generator=generator).to(triples.device)
     pick = (rand * num_candidates[:, None]).long().clamp(max=(num_candidates - 1).clamp(min=0)[:, None])
     if candidates.numel():

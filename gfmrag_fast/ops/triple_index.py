@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from . import _library
-from .graph import RelGraph
+from .graph import RelGraph, expand_ranges, offsets
 
 _ops = torch.ops.gfmrag_fast
 
@@ -40,13 +40,11 @@ class TripleIndex:
         keys, counts = torch.unique_consecutive(key, return_counts=True)
         first = torch.ones_like(key, dtype=torch.bool)
         first[1:] = (key[1:] != key[:-1]) | (dst[1:] != dst[:-1])
-        unique_counts = torch.zeros_like(keys).index_add_(
-            0, torch.repeat_interleave(torch.arange(keys.numel(), device=keys.device), counts), first.long()
-        )
+        _, unique_counts = torch.unique_consecutive(key[first], return_counts=True)  # every key has a first
         self.keys = keys.contiguous()  # [U] int64
-        self.unique_ptr = _pointer(unique_counts)  # [U + 1] int64
+        self.unique_ptr = offsets(unique_counts)  # [U + 1] int64
         self.unique_values = dst[first].to(torch.int32).contiguous()  # [M] int32
-        self.all_ptr = _pointer(counts)  # [U + 1] int64
+        self.all_ptr = offsets(counts)  # [U + 1] int64
         self.all_values = dst.to(torch.int32).contiguous()  # [E] int32
         self.all_eids = order.to(torch.int32).contiguous()  # [E] int32
 
@@ -77,19 +75,9 @@ class TripleIndex:
         found = self.keys[pos] == query
         lo = torch.where(found, self.unique_ptr[pos], 0)
         counts = torch.where(found, self.unique_ptr[pos + 1] - lo, 0)
-        row = torch.repeat_interleave(torch.arange(query.numel(), device=query.device), counts)
-        offset = torch.arange(row.numel(), device=query.device) - torch.repeat_interleave(
-            torch.cumsum(counts, 0) - counts, counts
-        )
-        cols = self.unique_values[torch.repeat_interleave(lo, counts) + offset].long()
-        mask[row, cols] = True
+        row, position = expand_ranges(lo, counts)
+        mask[row, self.unique_values[position].long()] = True
         return mask
-
-
-def _pointer(counts: torch.Tensor) -> torch.Tensor:
-    ptr = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=counts.device)
-    ptr[1:] = torch.cumsum(counts, 0)
-    return ptr
 
 
 def triple_index(graph: RelGraph) -> TripleIndex:
