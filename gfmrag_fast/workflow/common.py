@@ -13,8 +13,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..data import load_datasets
-from ..models.checkpoint import load_pretrained
-from ..training import DistEnv, Trainer, init_distributed
+from ..models.checkpoint import build_model, load_pretrained
+from ..training import DistEnv, Trainer, TrainOptions, init_distributed
 
 log = logging.getLogger("gfmrag_fast")
 
@@ -63,6 +63,26 @@ def build_datasets(cfg: DictConfig, names: List[str], kind: str, env: DistEnv) -
     datasets = load_datasets(**kwargs) if env.is_main else None
     env.barrier()
     return datasets if env.is_main else load_datasets(**kwargs)
+
+
+def build_model_from_config(cfg: DictConfig, text_dim: int) -> torch.nn.Module:
+    """``cfg.model`` (GFM-RAG's ``_target_`` form); ``rel_emb_dim`` null means the datasets'
+    text embedding size, and ``train.grad_checkpointing`` reaches the entity model."""
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg["rel_emb_dim"] = model_cfg.get("rel_emb_dim") or text_dim
+    model_cfg["entity_model"]["checkpoint_layers"] = bool(cfg.train.grad_checkpointing)
+    return build_model(model_cfg)
+
+
+def train_options(cfg: DictConfig, evaluate: bool, **overrides: Any) -> TrainOptions:
+    """The trainer's options from ``train.*`` and ``task.best_metric``."""
+    return TrainOptions(
+        num_epoch=cfg.train.num_epoch, batch_per_epoch=cfg.train.batch_per_epoch,
+        log_interval=cfg.train.log_interval, do_eval=bool(cfg.train.do_eval) and evaluate,
+        save_best_only=cfg.train.save_best_only, save_pretrained=cfg.train.save_pretrained,
+        metric=cfg.task.best_metric, dtype=cfg.train.dtype, compile=bool(cfg.train.get("compile", False)),
+        **overrides,
+    )
 
 
 def build_optimizer(spec: DictConfig, params) -> torch.optim.Optimizer:

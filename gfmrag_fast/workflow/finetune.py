@@ -9,12 +9,13 @@ import logging
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ..models.checkpoint import build_model
 from ..models.doc_ranker import DOC_RANKERS
-from ..training import Trainer, TrainOptions
+from ..training import Trainer
 from ..training.distributed import shutdown
 from ..training.qa_task import QAFinetuneTask
-from .common import apply_checkpoint, build_datasets, build_optimizer, setup, text_emb_config
+from .common import (
+    apply_checkpoint, build_datasets, build_model_from_config, build_optimizer, setup, text_emb_config, train_options,
+)
 
 log = logging.getLogger("gfmrag_fast")
 
@@ -36,10 +37,7 @@ def run(cfg: DictConfig) -> dict:
         feat_dim = (train_sets or valid_sets)[0].feat_dim
 
         # 2. model: GFM-RAG's GNNRetriever
-        model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-        model_cfg["rel_emb_dim"] = model_cfg.get("rel_emb_dim") or feat_dim
-        model_cfg["entity_model"]["checkpoint_layers"] = bool(cfg.train.grad_checkpointing)
-        model = build_model(model_cfg)
+        model = build_model_from_config(cfg, feat_dim)
 
         # 3. task, optimizer, trainer (resuming or starting from pre-trained weights)
         task = QAFinetuneTask(
@@ -49,13 +47,7 @@ def run(cfg: DictConfig) -> dict:
             cfg.train.fast_test, text_emb_config(cfg), env.device, seed=int(cfg.seed),
         )
         optimizer = build_optimizer(cfg.optimizer, model.parameters())
-        options = TrainOptions(
-            num_epoch=cfg.train.num_epoch, batch_per_epoch=cfg.train.batch_per_epoch,
-            log_interval=cfg.train.log_interval, do_eval=cfg.train.do_eval and bool(valid_sets),
-            save_best_only=cfg.train.save_best_only, save_pretrained=cfg.train.save_pretrained,
-            metric=cfg.task.best_metric, dtype=cfg.train.dtype, compile=bool(cfg.train.get("compile", False)),
-        )
-        trainer = Trainer(model, optimizer, task, options, output_dir, env)
+        trainer = Trainer(model, optimizer, task, train_options(cfg, bool(valid_sets)), output_dir, env)
         apply_checkpoint(trainer, cfg.train.checkpoint, env)
 
         # 4. train, evaluating every valid dataset's test questions after each epoch

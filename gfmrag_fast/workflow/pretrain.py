@@ -9,14 +9,15 @@ import math
 import os
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from ..models.checkpoint import build_model
-from ..training import Trainer, TrainOptions
+from ..training import Trainer
 from ..training.distributed import shutdown
 from ..atomic_io import read_jsonl
 from ..training.kg_task import KGCompletionTask
-from .common import apply_checkpoint, build_datasets, build_optimizer, setup, text_emb_config
+from .common import (
+    apply_checkpoint, build_datasets, build_model_from_config, build_optimizer, setup, text_emb_config, train_options,
+)
 
 log = logging.getLogger("gfmrag_fast")
 
@@ -57,21 +58,13 @@ def run(cfg: DictConfig) -> dict:
         valid_sets = [datasets[name] for name in cfg.datasets.valid_names]
 
         # 2. model: GFM-RAG's QueryGNN + EntityNBFNet over the relation-name embeddings
-        model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-        model_cfg["rel_emb_dim"] = model_cfg.get("rel_emb_dim") or train_sets[0].feat_dim
-        model_cfg["entity_model"]["checkpoint_layers"] = bool(cfg.train.grad_checkpointing)
-        model = build_model(model_cfg)
+        model = build_model_from_config(cfg, train_sets[0].feat_dim)
 
         # 3. task, optimizer, trainer (resuming or starting from pre-trained weights)
         task = build_task(cfg, train_sets, valid_sets, env.device)
         optimizer = build_optimizer(cfg.optimizer, model.parameters())
-        options = TrainOptions(
-            num_epoch=cfg.train.num_epoch, batch_per_epoch=cfg.train.batch_per_epoch,
-            log_interval=cfg.train.log_interval, do_eval=cfg.train.do_eval and bool(valid_sets),
-            save_best_only=cfg.train.save_best_only, save_pretrained=cfg.train.save_pretrained,
-            metric=cfg.task.best_metric, metric_split="valid", dtype=cfg.train.dtype,
-            compile=bool(cfg.train.get("compile", False)),
-        )
+        # The best epoch is picked on valid rows only, never on test.
+        options = train_options(cfg, bool(valid_sets), metric_split="valid")
         trainer = Trainer(model, optimizer, task, options, output_dir, env)
         apply_checkpoint(trainer, cfg.train.checkpoint, env)
 
