@@ -96,6 +96,44 @@ struct TripleIndexView {
   int64_t num_keys;
 };
 
+// What the negatives of triple (h, t, r) exclude: the true answers s[0, m) of its query, (h, r, ?)
+// when tails are corrupted and (t, r + R, ?) when heads are, and its positive answer. A row out
+// of range excludes nothing (positive -1).
+struct Exclusion {
+  const int32_t* s = nullptr;
+  int64_t m = 0;
+  int64_t positive = -1;
+};
+
+C10_HOST_DEVICE inline Exclusion exclusion_of(const TripleIndexView& ix, int64_t h, int64_t t, int64_t r,
+                                              bool corrupt_tail, int64_t num_nodes, int64_t num_relations) {
+  const int64_t R = num_relations / 2;
+  Exclusion ex;
+  if (!(h >= 0 && h < num_nodes && t >= 0 && t < num_nodes && r >= 0 && r < R)) return ex;
+  ex.positive = corrupt_tail ? t : h;
+  const int64_t pos =
+      find_key(ix.keys, ix.num_keys, corrupt_tail ? h * num_relations + r : t * num_relations + r + R);
+  if (pos >= 0) {
+    ex.s = ix.unique_values + ix.unique_ptr[pos];
+    ex.m = ix.unique_ptr[pos + 1] - ix.unique_ptr[pos];
+  }
+  return ex;
+}
+
+// One negative: uniform over the entities `ex` allows (strict) or over all of them.
+C10_HOST_DEVICE inline int64_t draw_negative(const Exclusion& ex, bool strict, int64_t num_nodes, uint64_t random) {
+  return strict ? sample_excluding(ex.s, ex.m, ex.positive, num_nodes, random) : uniform_below(random, num_nodes);
+}
+
+// Calls f(edge id) for every edge of index key `pos` whose other end is `dst` (parallel copies too).
+template <typename F>
+C10_HOST_DEVICE inline void for_each_matching_edge(const TripleIndexView& ix, int64_t pos, int64_t dst, F&& f) {
+  const int64_t hi = ix.all_ptr[pos + 1];
+  for (int64_t j = lower_bound(ix.all_values, ix.all_ptr[pos], hi, dst); j < hi && ix.all_values[j] == dst; ++j) {
+    f(ix.all_eids[j]);
+  }
+}
+
 // The ops' shared input checks; they return the index's raw view for the kernels.
 TripleIndexView check_negative_sampling_inputs(const at::Tensor& triples, at::TensorList index, int64_t num_nodes,
                                                int64_t num_relations, int64_t num_negative);

@@ -15,7 +15,7 @@ at::Tensor negative_sampling_cpu(const at::Tensor& triples, at::TensorList index
                                  int64_t num_relations, int64_t num_negative, bool strict, int64_t seed) {
   const TripleIndexView ix =
       check_negative_sampling_inputs(triples, index, num_nodes, num_relations, num_negative);
-  const int64_t B = triples.size(0), K = num_negative, R = num_relations / 2;
+  const int64_t B = triples.size(0), K = num_negative;
   at::Tensor out = at::empty({B, K + 1, 3}, triples.options());
   const int64_t* in = triples.data_ptr<int64_t>();
   int64_t* o = out.data_ptr<int64_t>();
@@ -23,21 +23,12 @@ at::Tensor negative_sampling_cpu(const at::Tensor& triples, at::TensorList index
     for (int64_t b = begin; b < end; ++b) {
       const int64_t h = in[b * 3], t = in[b * 3 + 1], r = in[b * 3 + 2];
       const bool corrupt_tail = b < B / 2;
-      // Query (h, r, ?) for tails, (t, r + R, ?) for heads; rows out of range exclude nothing.
-      const bool valid = h >= 0 && h < num_nodes && t >= 0 && t < num_nodes && r >= 0 && r < R;
-      const int64_t pos = (strict && valid)
-                              ? find_key(ix.keys, ix.num_keys, corrupt_tail ? h * num_relations + r
-                                                                            : t * num_relations + r + R)
-                              : -1;
-      const int32_t* s = pos >= 0 ? ix.unique_values + ix.unique_ptr[pos] : nullptr;
-      const int64_t m = pos >= 0 ? ix.unique_ptr[pos + 1] - ix.unique_ptr[pos] : 0;
-      const int64_t positive = corrupt_tail ? t : h;
+      const Exclusion ex = strict ? exclusion_of(ix, h, t, r, corrupt_tail, num_nodes, num_relations) : Exclusion{};
       int64_t* row = o + b * (K + 1) * 3;
       row[0] = h, row[1] = t, row[2] = r;
       for (int64_t k = 0; k < K; ++k) {
         const uint64_t random = random64(static_cast<uint64_t>(seed), static_cast<uint64_t>(b * K + k));
-        const int64_t x = strict ? sample_excluding(s, m, valid ? positive : -1, num_nodes, random)
-                                 : uniform_below(random, num_nodes);
+        const int64_t x = draw_negative(ex, strict, num_nodes, random);
         int64_t* neg = row + (k + 1) * 3;
         neg[0] = corrupt_tail ? h : x;
         neg[1] = corrupt_tail ? x : t;
@@ -70,12 +61,9 @@ at::Tensor easy_edge_mask_cpu(const at::Tensor& triples, at::TensorList index, i
           last_key[direction] = key;
           last_pos[direction] = find_key(ix.keys, ix.num_keys, key);
         }
-        const int64_t pos = last_pos[direction];
-        if (pos < 0) continue;
-        const int64_t hi = ix.all_ptr[pos + 1];
-        for (int64_t j = lower_bound(ix.all_values, ix.all_ptr[pos], hi, dst); j < hi && ix.all_values[j] == dst; ++j) {
-          __atomic_store_n(out + ix.all_eids[j], true, __ATOMIC_RELAXED);
-        }
+        if (last_pos[direction] < 0) continue;
+        for_each_matching_edge(ix, last_pos[direction], dst,
+                               [&](int32_t e) { __atomic_store_n(out + e, true, __ATOMIC_RELAXED); });
       }
     }
   });

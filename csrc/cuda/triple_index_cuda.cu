@@ -27,21 +27,9 @@ __global__ void negative_sampling_kernel(const int64_t* __restrict__ triples, Tr
   int64_t* row = out + i * 3;
   row[0] = h, row[1] = t, row[2] = r;
   if (k == 0) return;
-  const int64_t R = num_relations / 2;
   const bool corrupt_tail = b < B / 2;
-  const bool valid = h >= 0 && h < num_nodes && t >= 0 && t < num_nodes && r >= 0 && r < R;
-  const uint64_t random = random64(seed, static_cast<uint64_t>(b * K + k - 1));
-  int64_t x;
-  if (strict) {
-    const int64_t pos = valid ? find_key(ix.keys, ix.num_keys, corrupt_tail ? h * num_relations + r
-                                                                            : t * num_relations + r + R)
-                              : -1;
-    const int32_t* s = pos >= 0 ? ix.unique_values + ix.unique_ptr[pos] : nullptr;
-    const int64_t m = pos >= 0 ? ix.unique_ptr[pos + 1] - ix.unique_ptr[pos] : 0;
-    x = sample_excluding(s, m, valid ? (corrupt_tail ? t : h) : -1, num_nodes, random);
-  } else {
-    x = uniform_below(random, num_nodes);
-  }
+  const Exclusion ex = strict ? exclusion_of(ix, h, t, r, corrupt_tail, num_nodes, num_relations) : Exclusion{};
+  const int64_t x = draw_negative(ex, strict, num_nodes, random64(seed, static_cast<uint64_t>(b * K + k - 1)));
   row[corrupt_tail ? 1 : 0] = x;
 }
 
@@ -56,11 +44,8 @@ __global__ void easy_edge_mask_kernel(const int64_t* __restrict__ triples, Tripl
   const int64_t src = direction == 0 ? h : t, dst = direction == 0 ? t : h;
   const int64_t pos = find_key(ix.keys, ix.num_keys, src * num_relations + r + direction * R);
   if (pos < 0) return;
-  const int64_t hi = ix.all_ptr[pos + 1];
   // Several threads may flag the same edge: they all store true, so the races are benign.
-  for (int64_t j = lower_bound(ix.all_values, ix.all_ptr[pos], hi, dst); j < hi && ix.all_values[j] == dst; ++j) {
-    mask[ix.all_eids[j]] = true;
-  }
+  for_each_matching_edge(ix, pos, dst, [&](int32_t e) { mask[e] = true; });
 }
 
 int64_t blocks_for(int64_t n) { return (n + kThreads - 1) / kThreads; }
