@@ -61,16 +61,11 @@ def synthetic_graph(num_nodes, num_triples, num_relations, device):
     return synthetic_kg(num_nodes, num_triples, num_relations, seed=0, device=device)
 
 
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("direction", ["forward", "forward_backward"])
 @pytest.mark.parametrize("case,device", _cases())
 @pytest.mark.parametrize("dtype", [torch.float32], ids=["fp32"])
-def test_rel_aggregate(benchmark, record, case, device, direction, impl, dtype):
+def test_rel_aggregate(measure, case, device, direction, impl, dtype):
     num_nodes, num_triples, num_relations, batch, dim = {**CPU_CASES, **CUDA_CASES}[case]
     graph = synthetic_graph(num_nodes, num_triples, num_relations, device)
     gen = torch.Generator().manual_seed(1)
@@ -89,17 +84,7 @@ def test_rel_aggregate(benchmark, record, case, device, direction, impl, dtype):
         else:
             x.grad = relation.grad = None
             fn(x, relation, graph).backward(grad_out)
-        _sync(device)
 
-    if device == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        benchmark.pedantic(run, rounds=5 if device == "cpu" else 10, warmup_rounds=1)
-    except torch.OutOfMemoryError:
-        pytest.skip(f"{impl} needs more GPU memory than this device has for {case}")
-    info = dict(device=device, dtype=str(dtype), num_nodes=num_nodes, num_edges=2 * num_triples,
-                num_relations=num_relations, batch=batch, dim=dim)
-    if device == "cuda":
-        info["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    record(f"rel_aggregate/{case}/{device}/{direction}", impl, **info)
+    measure(run, f"rel_aggregate/{case}/{device}/{direction}", impl, device, rounds=5 if device == "cpu" else 10,
+            dtype=str(dtype), num_nodes=num_nodes, num_edges=2 * num_triples, num_relations=num_relations,
+            batch=batch, dim=dim)

@@ -102,8 +102,6 @@ def make_step(kind, device, dtype):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if device == "cuda":
-            torch.cuda.synchronize()
 
     return step
 
@@ -111,17 +109,8 @@ def make_step(kind, device, dtype):
 @pytest.mark.parametrize("impl", ["kernel", "reference"])
 @pytest.mark.parametrize("kind", ["finetune", "pretrain"])
 @pytest.mark.parametrize("device,dtype", _params())
-def test_train_step(benchmark, record, device, dtype, kind, impl):
+def test_train_step(measure, device, dtype, kind, impl):
     with aggregation_impl(impl):
         step = make_step(kind, device, dtype)
-        if device == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        try:
-            benchmark.pedantic(step, rounds=3 if device == "cpu" else 5, warmup_rounds=1)
-        except torch.OutOfMemoryError:
-            pytest.skip(f"{impl} {kind} step does not fit in GPU memory")
-    info = {"device": device, "dtype": dtype}
-    if device == "cuda":
-        info["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    record(f"train_step/{kind}/{CASES[device][0]}/{device}/{dtype}", impl, **info)
+        measure(step, f"train_step/{kind}/{CASES[device][0]}/{device}/{dtype}", impl, device,
+                rounds=3 if device == "cpu" else 5, dtype=dtype)

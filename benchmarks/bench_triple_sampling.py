@@ -34,35 +34,26 @@ def graph_and_batch(device):
     return graph, triples
 
 
-def _timed(benchmark, device, fn):
-    def run():
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    benchmark.pedantic(run, rounds=30, warmup_rounds=2)
-
-
 @pytest.mark.parametrize("impl", ["kernel", "reference"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_negative_sampling(benchmark, record, device, impl):
+def test_negative_sampling(measure, device, impl):
     graph, triples = graph_and_batch(device)
     if impl == "kernel":
         fn = lambda: negative_sampling(graph, triples, NUM_NEGATIVE, check_values=False)  # noqa: E731
     else:
         fn = lambda: negative_sampling_reference(graph, triples, NUM_NEGATIVE)  # noqa: E731
-    _timed(benchmark, device, fn)
-    record(f"negative_sampling/hotpotqa-B{BATCH}-K{NUM_NEGATIVE}/{device}", impl, device=device)
+    measure(fn, f"negative_sampling/hotpotqa-B{BATCH}-K{NUM_NEGATIVE}/{device}", impl, device, rounds=30,
+            warmup_rounds=2)
 
 
 @pytest.mark.parametrize("impl", ["kernel", "reference"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_easy_edge_mask(benchmark, record, device, impl):
+def test_easy_edge_mask(measure, device, impl):
     graph, triples = graph_and_batch(device)
     batch = negative_sampling(graph, triples, NUM_NEGATIVE)
     if impl == "kernel":
         fn = lambda: easy_edge_mask(graph, batch, check_values=False)  # noqa: E731
     else:
         fn = lambda: easy_edge_mask_reference(graph, batch)  # noqa: E731
-    _timed(benchmark, device, fn)
-    record(f"easy_edge_mask/hotpotqa-B{BATCH}x{NUM_NEGATIVE + 1}/{device}", impl, device=device)
+    measure(fn, f"easy_edge_mask/hotpotqa-B{BATCH}x{NUM_NEGATIVE + 1}/{device}", impl, device, rounds=30,
+            warmup_rounds=2)

@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+import torch
 
 RESULTS = {}  # (group, impl) -> {"median_ms": ..., ...}
 BASELINE = "reference"
@@ -18,6 +19,31 @@ def record(benchmark):
         _write_json(_rows())  # after every case, so a run stopped by a time limit keeps its results
 
     return _record
+
+
+@pytest.fixture
+def measure(benchmark, record):
+    """Times ``fn`` (waiting for the GPU after each call), then records its median, with the peak
+    GPU memory on CUDA; a case that runs out of GPU memory is skipped, not failed."""
+
+    def _measure(fn, group, impl, device, rounds, warmup_rounds=1, **info):
+        def run():
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            benchmark.pedantic(run, rounds=rounds, warmup_rounds=warmup_rounds)
+        except torch.OutOfMemoryError:
+            pytest.skip(f"{group} {impl}: does not fit in this GPU's memory")
+        if device == "cuda":
+            info["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        record(group, impl, device=device, **info)
+
+    return _measure
 
 
 def _rows():
