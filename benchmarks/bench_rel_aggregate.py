@@ -1,10 +1,14 @@
 """rel_aggregate (fused kernels) against the pure-PyTorch scatter reference and a PyG
 MessagePassing layer doing the same computation, in the same run.
 
-    pytest benchmarks/bench_rel_aggregate.py            # CPU case; CUDA cases too when a GPU is present
+    pytest benchmarks/bench_rel_aggregate.py            # CPU cases; CUDA cases too when a GPU is present
 
-Graphs are synthetic and seeded (gfmrag_fast.synthetic.synthetic_kg): T random triples plus their
-inverse edges, so E = 2T.
+Graphs are synthetic and seeded, T triples plus their inverse edges (E = 2T), in two shapes side by
+side: "uniform" (gfmrag_fast.synthetic.synthetic_kg) and "skewed", the shape of a real GFM-RAG
+index (gfmrag_fast.synthetic.real_shape_kg: one synonym relation with 45.6 % of the triples,
+Zipf-like hub degrees, fitted to the bundled MuSiQue KG). Relation tables are shared [2R, d] (as
+GFM-RAG uses them) or per query [B, 2R, d]. The reference and PyG run only for the shared float32
+table: they are the baselines.
 """
 
 import functools
@@ -14,7 +18,7 @@ import torch
 from torch_geometric.nn import MessagePassing
 
 from gfmrag_fast.ops import rel_aggregate, rel_aggregate_reference
-from gfmrag_fast.synthetic import synthetic_kg
+from gfmrag_fast.synthetic import real_shape_kg, synthetic_kg
 
 # name: (num_nodes N, triples T (E = 2T), relation types 2R, batch B, dim d)
 CPU_CASES = {"cpu-N20k-E200k": (20_000, 100_000, 400, 4, 64)}
@@ -22,7 +26,9 @@ CUDA_CASES = {
     "hotpotqa-B8": (82_157, 98_709, 35_046, 8, 512),
     "big-B8": (100_000, 500_000, 10_000, 8, 512),
     "hotpotqa-B1": (82_157, 98_709, 35_046, 1, 512),
+    "huge-B8": (1_000_000, 2_500_000, 10_000, 8, 512),
 }
+SHAPES = {"uniform": synthetic_kg, "skewed": real_shape_kg}
 
 
 class PyGRelationalConv(MessagePassing):
@@ -56,21 +62,32 @@ def _cases():
     return cases
 
 
-@functools.lru_cache(maxsize=None)
-def synthetic_graph(num_nodes, num_triples, num_relations, device):
-    return synthetic_kg(num_nodes, num_triples, num_relations, seed=0, device=device)
+@functools.lru_cache(maxsize=2)
+def synthetic_graph(shape, num_nodes, num_triples, num_relations, device):
+    return SHAPES[shape](num_nodes, num_triples, num_relations, seed=0, device=device)
+
+
+def case_name(case, shape, per_query, dtype):
+    return f"{case}-{shape}" + ("-perquery" if per_query else "") + ("" if dtype == torch.float32 else "-bf16")
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("direction", ["forward", "forward_backward"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("per_query", [False, True], ids=["shared", "perquery"])
+@pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("case,device", _cases())
-@pytest.mark.parametrize("dtype", [torch.float32], ids=["fp32"])
-def test_rel_aggregate(measure, case, device, direction, impl, dtype):
+def test_rel_aggregate(measure, case, device, shape, per_query, dtype, direction, impl):
+    if impl != "kernel" and (per_query or dtype != torch.float32):
+        pytest.skip("baselines run for the shared float32 table only")
+    if device == "cpu" and dtype != torch.float32:
+        pytest.skip("bf16 is a GPU format; the CPU suite measures float32")
     num_nodes, num_triples, num_relations, batch, dim = {**CPU_CASES, **CUDA_CASES}[case]
-    graph = synthetic_graph(num_nodes, num_triples, num_relations, device)
+    graph = synthetic_graph(shape, num_nodes, num_triples, num_relations, device)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, num_nodes, dim, generator=gen).to(device, dtype)
-    relation = torch.randn(num_relations, dim, generator=gen).to(device, dtype)
+    rel_shape = (batch, num_relations, dim) if per_query else (num_relations, dim)
+    relation = torch.randn(rel_shape, generator=gen).to(device, dtype)
     fn = IMPLS[impl]
     if direction == "forward_backward":
         x.requires_grad_(True)
@@ -85,6 +102,7 @@ def test_rel_aggregate(measure, case, device, direction, impl, dtype):
             x.grad = relation.grad = None
             fn(x, relation, graph).backward(grad_out)
 
-    measure(run, f"rel_aggregate/{case}/{device}/{direction}", impl, device, rounds=5 if device == "cpu" else 10,
-            dtype=str(dtype), num_nodes=num_nodes, num_edges=2 * num_triples, num_relations=num_relations,
-            batch=batch, dim=dim)
+    name = case_name(case, shape, per_query, dtype)
+    measure(run, f"rel_aggregate/{name}/{device}/{direction}", impl, device, rounds=5 if device == "cpu" else 10,
+            dtype=str(dtype), shape=shape, per_query=per_query, num_nodes=num_nodes, num_edges=2 * num_triples,
+            num_relations=num_relations, batch=batch, dim=dim)

@@ -13,12 +13,13 @@ import xml.etree.ElementTree as ET
 
 PEAK_BYTES_PER_S = 3.0e12
 # DESIGN §4 / issue targets, ms on one H100, fp32: group -> limit
+# The rel_aggregate targets hold for both graph shapes (bench_rel_aggregate.py: uniform, skewed).
+REL_AGG_FORWARD_TARGETS_MS = {"hotpotqa-B8": 1.35, "big-B8": 1.6, "hotpotqa-B1": 0.2}
 TARGETS_MS = {
-    "rel_aggregate/hotpotqa-B8/cuda/forward": 1.35,
-    "rel_aggregate/big-B8/cuda/forward": 1.6,
-    "rel_aggregate/hotpotqa-B1/cuda/forward": 0.2,
-    "negative_sampling/hotpotqa-B8-K256/cuda": 0.2,
-    "easy_edge_mask/hotpotqa-B8x257/cuda": 0.1,
+    **{f"rel_aggregate/{case}-{shape}/cuda/forward": ms
+       for case, ms in REL_AGG_FORWARD_TARGETS_MS.items() for shape in ("uniform", "skewed")},
+    **{f"negative_sampling/hotpotqa-{shape}-B8-K256/cuda": 0.2 for shape in ("uniform", "skewed")},
+    **{f"easy_edge_mask/hotpotqa-{shape}-B8x257/cuda": 0.1 for shape in ("uniform", "skewed")},
     "train_step/finetune/hotpotqa-B8-6x512/cuda/float32": 120.0,
     "train_step/finetune/hotpotqa-B8-6x512/cuda/bfloat16": 50.0,
     "train_step/pretrain/hotpotqa-B8-6x512/cuda/float32": 100.0,
@@ -35,7 +36,8 @@ def min_bytes(row, direction):
     """Bytes the op cannot avoid moving, fp32 (4 bytes) and int32 graph arrays."""
     b, n, d, r, e = row["batch"], row["num_nodes"], row["dim"], row["num_relations"], row["num_edges"]
     size = 2 if "bfloat16" in row["dtype"] or "float16" in row["dtype"] else 4
-    nodes, rel, graph = b * n * d * size, r * d * size, (n + 1 + 3 * e) * 4
+    nodes, graph = b * n * d * size, (n + 1 + 3 * e) * 4
+    rel = (b if row.get("per_query") else 1) * r * d * size
     forward = 2 * nodes + rel + graph  # read x, relation, CSR; write out
     # backward: read grad_out, x, relation, CSC + relation order; write grad_x, grad_relation
     backward = 3 * nodes + 2 * rel + 2 * graph
@@ -71,7 +73,7 @@ def main(folder):
         if row and "peak_memory_gib" in row:
             summary["targets"].append({"what": group + " peak GiB", "ms": row["peak_memory_gib"], "target_ms": limit,
                                        "met": row["peak_memory_gib"] <= limit})
-    for case, limit in BACKWARD_TARGETS_MS.items():
+    for case, limit in [(f"{c}-{shape}", ms) for c, ms in BACKWARD_TARGETS_MS.items() for shape in ("uniform", "skewed")]:
         fwd = by_group.get((f"rel_aggregate/{case}/cuda/forward", "kernel"))
         both = by_group.get((f"rel_aggregate/{case}/cuda/forward_backward", "kernel"))
         if fwd and both:
@@ -101,12 +103,14 @@ def _plot(rows, path):
     fig, ax = plt.subplots(figsize=(6, 4))
     for impl in sorted({r["impl"] for r in rows if r["group"].startswith("rel_aggregate/")}):
         for direction in ("forward", "forward_backward"):
-            pts = sorted((r["num_edges"], r["median_ms"]) for r in rows
-                         if r["impl"] == impl and r["group"].endswith(direction) and r.get("device") == "cuda"
-                         and r.get("batch") == 8)
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=f"{impl} {direction}")
-    ax.set(xlabel="edges", ylabel="ms (median)", xscale="log", yscale="log", title="rel_aggregate, B = 8, d = 512")
+            for shape in ("uniform", "skewed"):
+                pts = sorted((r["num_edges"], r["median_ms"]) for r in rows
+                             if r["impl"] == impl and r["group"].endswith(direction) and r.get("device") == "cuda"
+                             and r.get("batch") == 8 and r.get("shape") == shape and not r.get("per_query")
+                             and r.get("dtype") == "torch.float32")
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=f"{impl} {direction} {shape}")
+    ax.set(xlabel="edges", ylabel="ms (median)", xscale="log", yscale="log", title="rel_aggregate, B = 8, d = 512, fp32, shared table")
     if ax.lines:
         ax.legend(fontsize=7)
     fig.tight_layout()
