@@ -127,7 +127,7 @@ def test_invalid_json_names_file_and_line(root):
 
 def test_question_without_required_field(root):
     (stage1(root, "tiny_qa") / "test.json").write_text('[{"id": "t", "question": "?", "supporting_facts": []}]')
-    with pytest.raises(ValueError, match=r"test\.json: question 0 lacks field"):
+    with pytest.raises(ValueError, match=r"test\.json: question 0 \(id 't'\) lacks field\(s\) \['question_entities', "):
         QADataset(root, "tiny_qa", text_emb_model=StubEmb())
 
 
@@ -276,13 +276,14 @@ def test_force_rebuild_calls_model_again(root):
     KGDataset(root, "tiny_kg", text_emb_model=emb)
     ds = KGDataset(root, "tiny_kg", text_emb_model=emb, force_rebuild=True)
     assert len(emb.calls) == 2 and ds.num_nodes == 10
-    assert sorted(os.listdir(Path(ds.processed_dir).parent)) == [ds.fingerprint]
+    # the replaced folder is gone; the build lock file stays (deleting it would race with waiters)
+    assert sorted(os.listdir(Path(ds.processed_dir).parent)) == [f".lock-{ds.fingerprint}", ds.fingerprint]
 
 
 def test_failed_build_leaves_no_cache(root):
     with pytest.raises(AssertionError):
         KGDataset(root, "tiny_kg", text_emb_model=RaisingEmb())
-    assert os.listdir(root / "tiny_kg" / "processed" / "stage2") == []
+    assert [e for e in os.listdir(root / "tiny_kg" / "processed" / "stage2") if not e.startswith(".lock-")] == []
 
 
 def test_load_datasets_shares_one_model(root):

@@ -2,8 +2,8 @@
 
 Matches GFM-RAG's ``KGDataset``: entities and relations are numbered in order of first appearance
 in ``kg.txt`` (head before tail on each line), every triple (h, r, t) also gets the inverse edge
-(t, r + R, h) named ``"inverse_" + name``, and all 2R relation names are embedded with the text
-model. ``valid.txt`` / ``test.txt`` beside ``kg.txt`` become held-out link-prediction triples.
+(t, r + R, h) named ``"inverse_" + name`` (made unique where that is itself a relation of the
+KG: :func:`inverse_relation_names`), and all 2R relation names are embedded with the text model. ``valid.txt`` / ``test.txt`` beside ``kg.txt`` become held-out link-prediction triples.
 """
 
 from __future__ import annotations
@@ -18,21 +18,10 @@ import torch
 from torch_geometric.data import Data
 
 from ..text_emb import TextEmbModel
-from .cache import (
-    META_FILE,
-    PROCESSING_VERSION,
-    file_digest,
-    fingerprint,
-    is_complete,
-    load_json,
-    load_tensors,
-    save_json,
-    save_tensors,
-    staged_dir,
-)
+from .cache import PROCESSING_VERSION, CacheReader, file_digest, fingerprint, load_or_build, save_json, save_tensors
 from .readers import read_triples
 
-__all__ = ["KGDataset", "resolve_text_emb_model"]
+__all__ = ["KGDataset", "check_dataset_name", "inverse_relation_names", "resolve_text_emb_model"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +48,44 @@ def resolve_text_emb_model(text_emb_model: Any) -> Any:
     return text_emb_model
 
 
+def check_dataset_name(data_name: Any) -> str:
+    """``data_name`` if it names a folder inside ``datasets.root``; else ``ValueError``.
+
+    Relative sub-folders (``kg/umls``) are allowed; absolute paths, ``..`` components and empty
+    names are refused, since stage-2 output is written under the dataset's folder.
+    """
+    if not isinstance(data_name, str) or not data_name or "\0" in data_name:
+        raise ValueError(f"dataset name must be a non-empty folder name, got {data_name!r}")
+    parts = data_name.replace("\\", "/").split("/")
+    if os.path.isabs(data_name) or data_name.startswith(("/", "\\")) or ".." in parts or not any(
+        p not in ("", ".") for p in parts
+    ):
+        raise ValueError(
+            f"dataset name {data_name!r} must be a folder inside datasets.root (relative, without '..')"
+        )
+    return data_name
+
+
+def inverse_relation_names(names: list[str]) -> list[str]:
+    """Names of the R inverse relations of ``names`` (R unique direct names), in the same order.
+
+    GFM-RAG's ``"inverse_" + name`` wherever that is not itself one of the direct names (what
+    released checkpoints saw); where it is, ``"inverse_" + name + " (k)"`` with the smallest
+    k >= 2 that is still free, so all 2R names are unique whatever the input.
+    """
+    inverse = [INVERSE_PREFIX + name for name in names]
+    direct = set(names)
+    taken = direct | {name for name in inverse if name not in direct}
+    for i, name in enumerate(inverse):
+        if name in direct:
+            k = 2
+            while f"{name} ({k})" in taken:
+                k += 1
+            inverse[i] = f"{name} ({k})"
+            taken.add(inverse[i])
+    return inverse
+
+
 def _number(vocab: dict[str, int], name: str) -> int:
     """Id of ``name``, appending it to ``vocab`` when new (first-appearance numbering)."""
     idx = vocab.get(name)
@@ -80,10 +107,11 @@ class KGDataset:
 
     Args:
         root: folder holding one sub-folder per dataset.
-        data_name: the dataset's folder name.
+        data_name: the dataset's folder under ``root`` (a relative path without ``..``).
         text_emb_model: a :class:`TextEmbModel`, its config (dict / OmegaConf), or ``None`` for
             the default; only loaded when the cache has to be (re)built.
-        force_rebuild: rebuild even when a complete cache exists.
+        force_rebuild: rebuild even when a complete cache exists. Safe while other processes
+            load or build the same dataset (see :mod:`gfmrag_fast.data.cache`).
         on_error: ``"raise"`` on a malformed line (``ValueError`` naming file:line) or
             ``"skip"`` it (counted in ``stats``, logged).
 
@@ -96,7 +124,8 @@ class KGDataset:
             (h, t, r) column order when those files exist.
         ent2id: entity name → id (N entries). rel2id: relation name → id, all 2R names
             (inverses included, as GFM-RAG's ``rel2id.json``); ``rel_names`` lists them by id.
-        stats: counts from processing (triples, skipped lines, dropped held-out triples, ...).
+        stats: counts from processing (triples, duplicate triples, skipped lines, dropped held-out
+            triples, ...).
         fingerprint, processed_dir: the cache key and folder.
     """
 
@@ -114,7 +143,7 @@ class KGDataset:
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.root = os.fspath(root)
-        self.data_name = data_name
+        self.data_name = check_dataset_name(data_name)
         self.on_error = on_error
         self.text_emb_model = resolve_text_emb_model(text_emb_model)
         self.dataset_dir = os.path.join(self.root, data_name)
@@ -125,26 +154,20 @@ class KGDataset:
         self.fingerprint = fingerprint(self.kind, self.text_emb_model.config_dict(), digests, {"on_error": on_error})
         self.processed_dir = os.path.join(self.dataset_dir, "processed", "stage2", self.fingerprint)
 
-        if force_rebuild or not is_complete(self.processed_dir, self.fingerprint):
+        def build(out: str) -> dict[str, Any]:
             log.info("%s: building stage-2 data in %s", data_name, self.processed_dir)
-            with staged_dir(self.processed_dir) as tmp:
-                stats = self._build(inputs, tmp)
-                # meta.json last: its presence marks a complete build.
-                save_json(
-                    os.path.join(tmp, META_FILE),
-                    {
-                        "fingerprint": self.fingerprint,
-                        "version": PROCESSING_VERSION,
-                        "kind": self.kind,
-                        "data_name": data_name,
-                        "text_emb_model": self.text_emb_model.config_dict(),
-                        "inputs": digests,
-                        "stats": stats,
-                    },
-                )
-        else:
-            log.info("%s: loading cached stage-2 data from %s", data_name, self.processed_dir)
-        self._load(self.processed_dir)
+            return {
+                "fingerprint": self.fingerprint,
+                "version": PROCESSING_VERSION,
+                "kind": self.kind,
+                "data_name": data_name,
+                "text_emb_model": self.text_emb_model.config_dict(),
+                "inputs": digests,
+                "stats": self._build(inputs, out),
+            }
+
+        load_or_build(self.processed_dir, self.fingerprint, build, self._load, force_rebuild=force_rebuild)
+        log.info("%s: stage-2 data from %s", data_name, self.processed_dir)
 
     # ------------------------------------------------------------------ inputs
     def _stage1(self, name: str) -> str:
@@ -187,7 +210,12 @@ class KGDataset:
             triples.append((_number(ent2id, h), _number(ent2id, t), _number(rel2id, r)))
         num_kg_entities = len(ent2id)
         num_rel = len(rel2id)
-        stats: dict[str, Any] = {"triples": len(triples), "skipped_lines": skipped, "kg_entities": num_kg_entities}
+        # Kept, as GFM-RAG keeps them (parallel edges), but said: usually an OpenIE artefact.
+        duplicates = len(triples) - len(set(triples))
+        if duplicates:
+            log.warning("%s: %d duplicate triple(s) (kept as parallel edges)", kg_path, duplicates)
+        stats: dict[str, Any] = {"triples": len(triples), "skipped_lines": skipped, "kg_entities": num_kg_entities,
+                                 "duplicate_triples": duplicates}
 
         graph: dict[str, Any] = {}
         for split in ("valid", "test"):
@@ -211,7 +239,7 @@ class KGDataset:
         hrt = torch.tensor(triples, dtype=torch.long)  # [T, 3] as (h, t, r)
         target_edge_index = hrt[:, :2].t().contiguous()  # [2, T]
         target_edge_type = hrt[:, 2].contiguous()  # [T]
-        rel_names = list(rel2id) + [INVERSE_PREFIX + name for name in rel2id]
+        rel_names = list(rel2id) + inverse_relation_names(list(rel2id))
         rel_emb = self._embed(rel_names, is_query=False, what="relation names")
         graph.update(
             edge_index=torch.cat([target_edge_index, target_edge_index.flip(0)], dim=1),  # [2, 2T]
@@ -230,13 +258,12 @@ class KGDataset:
         return stats
 
     # ------------------------------------------------------------------ load
-    def _load(self, folder: str) -> None:
-        tensors = load_tensors(os.path.join(folder, self.GRAPH_FILE))
-        self.graph = Data(**tensors)
-        self.ent2id = load_json(os.path.join(folder, "ent2id.json"))
-        self.rel2id = load_json(os.path.join(folder, "rel2id.json"))
+    def _load(self, cache: CacheReader) -> None:
+        self.graph = Data(**cache.tensors(self.GRAPH_FILE))
+        self.ent2id = cache.json("ent2id.json")
+        self.rel2id = cache.json("rel2id.json")
         self.rel_names = list(self.rel2id)
-        self.stats = load_json(os.path.join(folder, META_FILE))["stats"]
+        self.stats = cache.meta["stats"]
 
     @property
     def num_nodes(self) -> int:

@@ -18,9 +18,9 @@ import torch
 from torch.utils.data import Dataset
 
 from .batch import QACollate, entities_weight
-from .cache import load_json, load_tensors, save_json, save_tensors
+from .cache import CacheReader, save_json, save_tensors
 from .kg_dataset import KGDataset
-from .readers import clean_name, read_json
+from .readers import clean_name, json_type, read_json
 
 __all__ = ["QADataset", "QASplit", "IndexLists"]
 
@@ -93,22 +93,39 @@ class QASplit(Dataset):
 
 
 def _check_questions(path: str, items: Any) -> None:
+    """Raise ``ValueError`` naming the file and the record for any record of the wrong shape.
+
+    A wrong type is a broken file, not a question to skip: ``"question": null`` embedded as
+    the text "None" would train on garbage without a word.
+    """
     if not isinstance(items, list):
-        raise ValueError(f"{path}: expected a JSON list of questions, got {type(items).__name__}")
+        raise ValueError(f"{path}: expected a JSON list of questions, got {json_type(items)}")
     for i, item in enumerate(items):
-        missing = [f for f in _REQUIRED if not isinstance(item, dict) or f not in item]
+        if not isinstance(item, dict):
+            raise ValueError(f"{path}: question {i}: expected an object, got {json_type(item)}")
+        qid = item.get("id", i)
+        if isinstance(qid, bool) or not isinstance(qid, (str, int)):
+            raise ValueError(f"{path}: question {i}: 'id' must be a string or an integer, got {json_type(qid)}")
+        where = f"{path}: question {i}" + (f" (id {qid!r})" if "id" in item else "")
+        missing = [f for f in _REQUIRED if f not in item]
         if missing:
-            raise ValueError(f"{path}: question {i} lacks field(s) {missing}")
+            raise ValueError(f"{where} lacks field(s) {missing}")
+        if not isinstance(item["question"], str):
+            raise ValueError(f"{where}: 'question' must be a string, got {json_type(item['question'])}")
         for field, *_ in _TARGETS:
-            if not isinstance(item[field], list):
-                raise ValueError(f"{path}: question {i}: {field!r} must be a list of names")
+            names = item[field]
+            if not isinstance(names, list):
+                raise ValueError(f"{where}: {field!r} must be a list of names, got {json_type(names)}")
+            for k, name in enumerate(names):
+                if not isinstance(name, str):
+                    raise ValueError(f"{where}: {field!r} must be a list of names, item {k} is {json_type(name)}")
 
 
 def _lookup(names: list[str], table: dict[str, int]) -> tuple[list[int], int]:
     """(ids of the known names, deduplicated in order, number of unknown names)."""
     ids, unknown = {}, 0
     for name in names:
-        idx = table.get(clean_name(str(name)))
+        idx = table.get(clean_name(name))
         if idx is None:
             unknown += 1
         else:
@@ -165,8 +182,16 @@ class QADataset(KGDataset):
         """Number the documents; write doc2id.json and ent2doc.pt (the [2, nnz] entity-document pairs)."""
         d2e_path = inputs["document2entities.json"]
         doc2entities = read_json(d2e_path)
-        if not isinstance(doc2entities, dict) or not all(isinstance(v, list) for v in doc2entities.values()):
-            raise ValueError(f"{d2e_path}: expected {{document title: [entity names]}}")
+        if not isinstance(doc2entities, dict):
+            raise ValueError(f"{d2e_path}: expected {{document title: [entity names]}}, got {json_type(doc2entities)}")
+        for title, entities in doc2entities.items():
+            if not isinstance(entities, list):
+                raise ValueError(f"{d2e_path}: document {title!r}: expected a list of entity names, "
+                                 f"got {json_type(entities)}")
+            for k, name in enumerate(entities):
+                if not isinstance(name, str):
+                    raise ValueError(f"{d2e_path}: document {title!r}: item {k} is {json_type(name)}, "
+                                     "expected an entity name")
         corpus_path = inputs["raw/dataset_corpus.json"]
         titles = read_json(corpus_path) if corpus_path else doc2entities
         if not isinstance(titles, dict):
@@ -215,7 +240,7 @@ class QADataset(KGDataset):
                 counts["skipped"] += 1
                 continue
             kept["ids"].append(str(item.get("id", i)))
-            kept["questions"].append(str(item["question"]))
+            kept["questions"].append(item["question"])
             kept["sample_index"].append(i)
             for key, ids in found.items():
                 targets[key].append(ids)
@@ -227,20 +252,19 @@ class QADataset(KGDataset):
         save_tensors(os.path.join(out, f"{split}.pt"), data)
         return counts
 
-    def _load(self, folder: str) -> None:
-        super()._load(folder)
-        self.doc2id = load_json(os.path.join(folder, "doc2id.json"))
+    def _load(self, cache: CacheReader) -> None:
+        super()._load(cache)
+        self.doc2id = cache.json("doc2id.json")
         self.doc_names = list(self.doc2id)
-        e2d = load_tensors(os.path.join(folder, "ent2doc.pt"))
+        e2d = cache.tensors("ent2doc.pt")
         values = torch.ones(e2d["index"].shape[1])
         self.ent2doc = torch.sparse_coo_tensor(
             e2d["index"], values, tuple(e2d["size"]), is_coalesced=True, check_invariants=True
         )
         self.splits = {}
         for split in SPLITS:
-            path = os.path.join(folder, f"{split}.pt")
-            if os.path.isfile(path):
-                self.splits[split] = QASplit(split, load_tensors(path), self.num_nodes, self.num_docs)
+            if cache.has(f"{split}.pt"):
+                self.splits[split] = QASplit(split, cache.tensors(f"{split}.pt"), self.num_nodes, self.num_docs)
                 self._report_skipped(split)
 
     def _report_skipped(self, split: str) -> None:

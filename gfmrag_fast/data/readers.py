@@ -13,7 +13,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-__all__ = ["KG_DELIMITER", "read_triples", "read_json", "clean_name"]
+__all__ = ["KG_DELIMITER", "read_triples", "read_json", "clean_name", "json_type"]
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,8 @@ def read_triples(
 
     Lines are split on ``delimiter`` (as GFM-RAG does: a name containing the delimiter makes the
     line malformed), fields are stripped, empty lines skipped. A line that does not have exactly
-    three non-empty fields, or is not UTF-8, is malformed: ``on_error="raise"`` raises
+    three non-empty fields, is not UTF-8 or holds a NUL byte, is malformed (a byte-order mark
+    at the start of a line is dropped): ``on_error="raise"`` raises
     ``ValueError("<path>:<line>: ...")``, ``on_error="skip"`` drops it and counts it.
 
     Returns:
@@ -65,10 +66,15 @@ def read_triples(
             bar.update(len(raw))
             problem = None
             try:
-                # utf-8-sig on the first line: editors on Windows prepend a byte-order mark.
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
                 line, problem = "", f"not UTF-8 ({err.reason} at byte {err.start})"
+            # Editors on Windows start a file with a byte-order mark; files joined with `cat`
+            # carry it to the start of a later line.
+            line = line.removeprefix("\ufeff")
+            nul = line.find("\0")
+            if nul >= 0:
+                problem = f"NUL byte at column {nul + 1} (binary data?)"
             if problem is None:
                 if not line.strip():
                     continue
@@ -98,3 +104,22 @@ def read_json(path: str | os.PathLike) -> Any:
         raise ValueError(f"{path}:{err.lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not UTF-8 ({err.reason} at byte {err.start})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply to read (Python's recursion limit)") from None
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type (``null``, ``array``, ...), for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
