@@ -85,6 +85,13 @@ class KGCompletionTask:
         # share its cached RelGraph and TripleIndex (keyed by the tensors' identity).
         self._graphs: Dict[int, Any] = {}
         self._triples = [training_triples(ds.graph) for ds in self.train_sets]  # CPU, [T, 3] each
+        for ds, triples in zip(self.train_sets, self._triples):
+            if not len(triples):
+                stats = getattr(ds, "stats", None) or {}
+                why = f" ({stats['skipped_lines']} line(s) of kg.txt skipped)" if stats.get("skipped_lines") else ""
+                raise ValueError(
+                    f"training dataset {ds.data_name!r} has no training triple{why}: nothing to pre-train on"
+                )
         self._eval_sets = [self._eval_set(ds) for ds in self.valid_sets]
 
     def graph_of(self, ds) -> Any:

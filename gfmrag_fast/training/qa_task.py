@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
@@ -21,6 +22,28 @@ class LossTerm:
         cfg = spec.get("cfg") or {}
         self.weight = float(cfg.get("weight", 1.0))
         self.is_doc_loss = bool(cfg.get("is_doc_loss", False))
+
+
+SKIP_REASONS = ("no_question_entities", "no_supporting_entities", "no_supporting_docs")
+
+
+def check_training_questions(ds) -> None:
+    """ValueError naming ``ds`` when it has no training question to learn from: no train split,
+    or every question of it skipped in stage-2 processing (the counts per reason say why)."""
+    train_file = os.path.join(ds.stage1_dir, "train.json") if hasattr(ds, "stage1_dir") else "its train.json"
+    if "train" not in ds.splits:
+        raise ValueError(f"training dataset {ds.data_name!r} has no train split ({train_file} does not exist)")
+    if len(ds.split("train")):
+        return
+    counts = (getattr(ds, "stats", None) or {}).get("train") or {}
+    total = counts.get("questions", 0)
+    reasons = ", ".join(f"{reason.replace('_', ' ')}: {counts.get('skipped_' + reason, 0)}" for reason in SKIP_REASONS)
+    why = f"all {total} questions were skipped ({reasons})" if total else "it holds no question"
+    raise ValueError(
+        f"training dataset {ds.data_name!r} has no usable training question: {why}; a question is kept when "
+        f"some of its question entities, supporting entities and supporting documents are in the KG and "
+        f"corpus (see {train_file})"
+    )
 
 
 class QAFinetuneTask:
@@ -47,6 +70,8 @@ class QAFinetuneTask:
         seed: int = 0,
     ):
         self.train_sets, self.valid_sets = list(train_sets), list(valid_sets)
+        for ds in self.train_sets:
+            check_training_questions(ds)
         self.losses = [LossTerm(spec) for spec in losses]
         if not self.losses:
             raise ValueError("task.losses is empty: nothing to train")

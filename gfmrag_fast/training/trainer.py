@@ -2,6 +2,12 @@
 
 A task provides the batches, the loss and the evaluation; the trainer owns the epochs, mixed
 precision, DDP, logging, checkpoints and curves. Rank 0 alone writes; every write is atomic.
+
+Checkpoints and a kill at any instant: after an epoch, ``model_last.pth`` is written first, then
+(when the epoch improved) ``model_best.pth`` with the same state. ``model_last.pth`` records the
+best epoch and the run it belongs to, so a resume checks that ``model_best.pth`` holds that epoch
+of that run; killed between the two writes, the best epoch *is* the last one, and the resume
+rewrites ``model_best.pth`` from it. The export to ``pretrained/`` checks the same before using it.
 """
 
 from __future__ import annotations
@@ -9,9 +15,9 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Protocol, Tuple
 
@@ -20,7 +26,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .distributed import DistEnv
-from ..atomic_io import append_jsonl, atomic_jsonl, atomic_torch_save, atomic_write, read_jsonl
+from .state import capture_rng, load_training_state, restore_rng
+from ..atomic_io import (
+    append_jsonl, atomic_jsonl, atomic_torch_save, atomic_write, read_jsonl, remove_stale_temporaries,
+)
+from ..models.checkpoint import CheckpointError
+
+LAST, BEST = "model_last.pth", "model_best.pth"
 
 log = logging.getLogger(__name__)
 
@@ -70,47 +82,88 @@ class Trainer:
         self.output_dir = output_dir
         self.start_epoch = 0
         self.best_score = -math.inf
+        self.best_epoch: Optional[int] = None  # the epoch whose model model_best.pth holds
+        self.run_id = uuid.uuid4().hex  # ties model_best.pth to the model_last.pth of the same run
         self.history: List[Dict[str, Any]] = []
         if options.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"train.dtype must be float32 or bfloat16, got {options.dtype!r}")
+        if int(options.num_epoch) < 1:
+            raise ValueError(f"train.num_epoch must be at least 1, got {options.num_epoch}")
+        if options.batch_per_epoch is not None and int(options.batch_per_epoch) < 1:
+            raise ValueError(
+                f"train.batch_per_epoch must be at least 1 (or null: no cap), got {options.batch_per_epoch}"
+            )
 
     # --- checkpoints -----------------------------------------------------------------------
     def state(self, next_epoch: int) -> Dict[str, Any]:
+        """The training checkpoint after epoch ``next_epoch - 1`` (see :mod:`.state`)."""
         return {
             "model": self.raw_model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "epoch": next_epoch,
             "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+            "run_id": self.run_id,
             "history": self.history,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "python": random.getstate(),
-                "numpy": np.random.get_state(),
-            },
+            "rng": capture_rng(),
         }
 
-    def resume(self, state: Dict[str, Any]) -> None:
-        """Continues a run from a training checkpoint: model, optimizer, epoch, RNG state."""
+    def resume(self, state: Dict[str, Any], source: Optional[str] = None) -> None:
+        """Continues a run from a training checkpoint (loaded from the file ``source``): model,
+        optimizer, epoch, RNG state, and the best epoch so far, whose model must be in
+        ``model_best.pth`` of the run folder or beside ``source`` (else the best is chosen anew)."""
         self.raw_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.start_epoch = int(state["epoch"])
         self.best_score = float(state.get("best_score", -math.inf))
+        best_epoch = state.get("best_epoch")
+        self.best_epoch = None if best_epoch is None else int(best_epoch)
+        self.run_id = str(state.get("run_id") or self.run_id)
         self.history = list(state.get("history", []))
-        rng = state.get("rng") or {}
-        if rng.get("torch") is not None:
-            torch.set_rng_state(rng["torch"])
-        if rng.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        if rng.get("python") is not None:
-            random.setstate(rng["python"])
-        if rng.get("numpy") is not None:
-            np.random.set_state(rng["numpy"])
+        restore_rng(state.get("rng") or {})
         if self.env.is_main:
-            log.info("resumed at epoch %d (best %s so far: %.4f)", self.start_epoch, self.options.metric, self.best_score)
+            self._restore_best(state, source)
+            log.info("resumed at epoch %d (best %s so far: %.4f)", self.start_epoch, self.options.metric,
+                     self.best_score)
 
     def _path(self, name: str) -> str:
         return os.path.join(self.output_dir, name)
+
+    def _holds_best(self, path: str) -> bool:
+        """Whether ``path`` is this run's checkpoint of epoch ``best_epoch``; CheckpointError
+        when it exists but is unsafe or unreadable."""
+        if not os.path.isfile(path):
+            return False
+        best = load_training_state(path, map_location="cpu")
+        return best.get("run_id") == self.run_id and int(best["epoch"]) - 1 == self.best_epoch
+
+    def _restore_best(self, state: Dict[str, Any], source: Optional[str]) -> None:
+        """Makes the run folder's model_best.pth hold the recorded best epoch."""
+        if self.best_epoch is None:
+            return
+        target = self._path(BEST)
+        if self._holds_best(target):
+            return
+        if int(state["epoch"]) - 1 == self.best_epoch:
+            # The checkpoint is the best itself: model_last.pth of a run killed before it wrote
+            # model_best.pth, or a model_best.pth resumed into a new folder.
+            log.info("%s: written from the resumed checkpoint (epoch %d, the best)", target, self.best_epoch)
+            atomic_torch_save(state, target)
+            return
+        folders = dict.fromkeys(os.path.abspath(folder) for folder in
+                                [self.output_dir, *([os.path.dirname(source)] if source else [])])
+        candidates = [os.path.join(folder, name) for folder in folders
+                      for name in (BEST, f"model_epoch_{self.best_epoch}.pth")]
+        for path in candidates:
+            if os.path.abspath(path) != os.path.abspath(target) and self._holds_best(path):
+                log.info("%s: copied from %s (epoch %d, the best)", target, path, self.best_epoch)
+                atomic_torch_save(load_training_state(path, map_location="cpu"), target)
+                return
+        log.warning(
+            "the best model so far (epoch %d, %s %.4f) is in none of %s: the best is chosen among the epochs "
+            "trained from now on", self.best_epoch, self.options.metric, self.best_score, ", ".join(candidates),
+        )
+        self.best_epoch, self.best_score = None, -math.inf
 
     # --- the loop --------------------------------------------------------------------------
     def _autocast(self):
@@ -151,6 +204,8 @@ class Trainer:
                 log.info("epoch %d step %d %s", epoch, step, " ".join(f"{k} {v:.4f}" for k, v in values.items()))
         if progress is not None:
             progress.close()
+        if count == 0:
+            raise RuntimeError(f"epoch {epoch}: the task gave no training batch; nothing would be trained")
         total = total.item()
         mean_loss = self.env.mean(total / max(count, 1))
         if self.env.is_main:
@@ -184,6 +239,9 @@ class Trainer:
             atomic_jsonl(keep, path)
 
     def fit(self) -> Dict[str, Any]:
+        if self.env.is_main:
+            for folder in (self.output_dir, self._path("pretrained")):
+                remove_stale_temporaries(folder)
         self._drop_stale_metrics()
         for epoch in range(self.start_epoch, self.options.num_epoch):
             loss = self.train_epoch(epoch)
@@ -192,23 +250,40 @@ class Trainer:
             improved = score > self.best_score or not rows
             if improved:
                 self.best_score = max(score, self.best_score) if rows else self.best_score
+                self.best_epoch = epoch
             self.history.append({"epoch": epoch, "loss": loss, **({self.options.metric: score} if rows else {})})
             if self.env.is_main:
                 state = self.state(epoch + 1)
-                atomic_torch_save(state, self._path("model_last.pth"))
+                # model_last.pth first: it names the best epoch, and when that is this epoch a
+                # resume can rebuild model_best.pth from it (see the module docstring).
+                atomic_torch_save(state, self._path(LAST))
+                if improved:
+                    atomic_torch_save(state, self._path(BEST))
                 if not self.options.save_best_only:
                     atomic_torch_save(state, self._path(f"model_epoch_{epoch}.pth"))
-                if improved:
-                    atomic_torch_save(state, self._path("model_best.pth"))
                 self.plot()
             self.env.barrier()
         if self.options.save_pretrained and self.env.is_main:
-            best = self._path("model_best.pth")
-            if os.path.exists(best):
-                self.raw_model.load_state_dict(torch.load(best, map_location=self.env.device, weights_only=False)["model"])
+            self._load_best()
             self.task.save_pretrained(self.raw_model, self._path("pretrained"))
         self.env.barrier()
         return {"best_score": self.best_score, "history": self.history}
+
+    def _load_best(self) -> None:
+        """Puts the best epoch's weights into the model, checking model_best.pth holds them."""
+        if self.best_epoch is None:
+            log.warning("no epoch scored on %s: exporting the model of the last epoch", self.options.metric)
+            return
+        path = self._path(BEST)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"checkpoint {path}: not found, but epoch {self.best_epoch} was the best")
+        best = load_training_state(path, map_location=self.env.device)
+        if best.get("run_id") != self.run_id or int(best["epoch"]) - 1 != self.best_epoch:
+            raise CheckpointError(
+                f"checkpoint {path}: holds epoch {int(best['epoch']) - 1} of run {best.get('run_id')}, but the best "
+                f"is epoch {self.best_epoch} of run {self.run_id}: another process wrote into this run folder?"
+            )
+        self.raw_model.load_state_dict(best["model"])
 
     def plot(self) -> None:
         """training_curves.png: loss and the selection metric per epoch."""

@@ -6,6 +6,7 @@ import importlib
 import logging
 import os
 import random
+from collections.abc import Mapping
 from typing import Any, Dict, List
 
 import numpy as np
@@ -13,8 +14,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..data import load_datasets
-from ..models.checkpoint import build_model, load_pretrained
+from ..models.checkpoint import (
+    CheckpointError, build_model, load_checkpoint_file, load_pretrained, looks_like_local_path,
+)
 from ..training import DistEnv, Trainer, TrainOptions, init_distributed
+from ..training.state import is_training_state
 
 log = logging.getLogger("gfmrag_fast")
 
@@ -95,16 +99,22 @@ def build_optimizer(spec: DictConfig, params) -> torch.optim.Optimizer:
 def apply_checkpoint(trainer: Trainer, spec: str | None, env: DistEnv) -> None:
     """``train.checkpoint``: a training checkpoint (.pth with an optimizer: resume model,
     optimizer, epoch and RNG state), a GFM-RAG pre-trained folder, or a Hugging Face repo id
-    (load the weights, strictly)."""
+    (load the weights, strictly). Files are loaded with ``weights_only=True``: one holding
+    anything but tensors and plain values is refused (CheckpointError naming it), never run; a
+    local-looking path that does not exist is FileNotFoundError, not a Hub lookup."""
     if not spec:
         return
-    spec = str(spec)
+    spec = os.path.expanduser(str(spec))
     if os.path.isfile(spec):
-        state = torch.load(spec, map_location=env.device, weights_only=False)
-        if isinstance(state, dict) and "optimizer" in state and "epoch" in state:
-            trainer.resume(state)
+        state = load_checkpoint_file(spec, map_location=env.device)
+        if is_training_state(state):
+            trainer.resume(state, source=spec)
             return
-        weights = state["model"] if isinstance(state, dict) and "model" in state else state
+        if not isinstance(state, Mapping):
+            raise CheckpointError(f"checkpoint {spec}: expected a state dict, got {type(state).__name__}")
+        weights = state["model"] if "model" in state else state
+    elif not os.path.isdir(spec) and looks_like_local_path(spec):
+        raise FileNotFoundError(f"train.checkpoint={spec!r}: not found (no such file or folder)")
     else:
         pretrained, _ = load_pretrained(spec)
         weights = pretrained.state_dict()

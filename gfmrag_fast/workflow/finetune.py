@@ -32,9 +32,11 @@ def run(cfg: DictConfig) -> dict:
     env, output_dir = setup(cfg)
     try:
         # 1. data: stage-2 datasets (built once, cached)
+        if not cfg.datasets.train_names:
+            raise ValueError("datasets.train_names is empty: nothing to fine-tune on")
         train_sets = build_datasets(cfg, cfg.datasets.train_names, "qa", env)
         valid_sets = build_datasets(cfg, cfg.datasets.valid_names, "qa", env)
-        feat_dim = (train_sets or valid_sets)[0].feat_dim
+        feat_dim = train_sets[0].feat_dim
 
         # 2. model: GFM-RAG's GNNRetriever
         model = build_model_from_config(cfg, feat_dim)
