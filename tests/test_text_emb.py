@@ -85,3 +85,52 @@ def test_instructions_are_prefixed(model):
 def test_similar_texts_are_closer(model):
     a, b, c = model.encode(["capital city of", "is the capital of", "won an award for"])
     assert a @ b > a @ c
+
+
+# --------------------------------------------------------------------------- remote code
+def write_model_with_code(folder):
+    """A model folder whose config points at Python files that leave a mark when imported."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "gfmrag_untrusted",
+        "auto_map": {"AutoConfig": "configuration_untrusted.Config", "AutoModel": "modeling_untrusted.Model"},
+    }))
+    marker = folder.parent / "CODE_RAN"  # an absolute path: transformers runs a copy of the files
+    for name in ("configuration_untrusted.py", "modeling_untrusted.py"):
+        (folder / name).write_text(f"open({str(marker)!r}, 'w').write('yes')\n")
+    return marker
+
+
+def test_model_code_is_not_run_by_default(tmp_path):
+    marker = write_model_with_code(tmp_path / "model")
+    for m in (TextEmbModel(str(tmp_path / "model"), device="cpu"),
+              TextEmbModel.from_config({"text_emb_model_name": str(tmp_path / "model")}, device="cpu"),
+              TextEmbModel.from_config({"text_emb_model_name": str(tmp_path / "model"), "trust_remote_code": None})):
+        with pytest.raises(ValueError, match=r"ships its own Python code.*trust_remote_code=true"):
+            m.encode(["x"])
+    assert not marker.exists()
+
+
+class RecordingSentenceTransformer:
+    calls = []
+
+    def __init__(self, path, **kwargs):
+        self.calls.append((path, kwargs))
+
+
+def test_trust_remote_code_only_when_the_config_asks(monkeypatch):
+    import sentence_transformers
+
+    monkeypatch.setattr(sentence_transformers, "SentenceTransformer", RecordingSentenceTransformer)
+    monkeypatch.setattr(text_emb, "_LOADED", {})
+    RecordingSentenceTransformer.calls.clear()
+    TextEmbModel.from_config(dict(ORIGINAL_CONFIG, text_emb_model_name="org/a")).model
+    TextEmbModel.from_config(dict(ORIGINAL_CONFIG, text_emb_model_name="org/b", trust_remote_code=True)).model
+    assert [(path, kw["trust_remote_code"]) for path, kw in RecordingSentenceTransformer.calls] == [
+        ("org/a", False), ("org/b", True)]
+    # a permission, not a setting of the vectors: not in fingerprints or saved configs
+    assert "trust_remote_code" not in TextEmbModel(trust_remote_code=True).config_dict()
+    with pytest.raises(ValueError, match="trust_remote_code must be true or false"):
+        TextEmbModel(trust_remote_code="yes")
+    with pytest.raises(ValueError, match="not inside model_kwargs"):
+        TextEmbModel(model_kwargs={"trust_remote_code": True})
