@@ -287,7 +287,7 @@ def test_run_writes_outputs(first_run):
     assert config["model_config"]["entity_model"]["hidden_dims"] == [8, 8]
     assert config["model_config"]["rel_emb_dim"] == 384  # from the MiniLM relation embeddings
     assert config["text_emb_model_config"]["text_emb_model_name"] == "sentence-transformers/all-MiniLM-L6-v2"
-    state = torch.load(out / "model_last.pth", weights_only=False)
+    state = torch.load(out / "model_last.pth", weights_only=True)
     assert state["epoch"] == 1 and {"model", "optimizer", "rng"} <= set(state)
     assert "final {'epoch': 0, 'dataset': 'tiny', 'split': 'test'" in result.stdout + result.stderr
     assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
@@ -306,7 +306,7 @@ def test_resume_continues_at_the_next_epoch(first_run, data_root):
          "train.save_best_only=false", "task.num_negative=5", f"train.checkpoint={out / 'model_last.pth'}"], cwd=out)
     rows = read_jsonl(out / "metrics.jsonl")
     assert [(r["epoch"], r["split"]) for r in rows] == [(0, "valid"), (0, "test"), (1, "valid"), (1, "test")]
-    assert torch.load(out / "model_last.pth", weights_only=False)["epoch"] == 2
+    assert torch.load(out / "model_last.pth", weights_only=True)["epoch"] == 2
     assert os.path.exists(out / "model_epoch_1.pth")
 
 
