@@ -440,3 +440,14 @@ def test_kg_training_set_without_triples_is_an_error():
         KGCompletionTask([ds], [], num_negative=2, strict_negative=True, adversarial_temperature=1.0, batch_size=2,
                          eval_batch_size=2, metrics=["mrr"], fast_test=None, text_emb_conf={},
                          device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("change", [{"epoch": "two"}, {"model": [1, 2]}, {"run_id": 7}])
+def test_malformed_training_checkpoint_names_its_path(tmp_path, reference, change):
+    folder, _ = reference
+    state = torch.load(folder / "model_last.pth", weights_only=True)
+    path = tmp_path / "model_last.pth"
+    torch.save({**state, **change}, path)
+    key = next(iter(change))
+    with pytest.raises(CheckpointError, match=rf"checkpoint {path}: malformed training checkpoint \({key} of the wrong"):
+        resume(make_trainer(tmp_path / "run", SCORES, 1), path)

@@ -24,6 +24,8 @@ import torch
 from ..models.checkpoint import CheckpointError, load_checkpoint_file
 
 TRAINING_KEYS = ("model", "optimizer", "epoch")
+_TYPES = {"model": Mapping, "optimizer": Mapping, "epoch": int, "best_score": (int, float),
+          "best_epoch": (int, type(None)), "run_id": str, "history": list, "rng": (Mapping, type(None))}
 
 
 def capture_rng() -> Dict[str, Any]:
@@ -60,12 +62,21 @@ def is_training_state(obj: Any) -> bool:
     return isinstance(obj, Mapping) and all(key in obj for key in TRAINING_KEYS)
 
 
-def load_training_state(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
-    """A training checkpoint, loaded safely (:func:`~gfmrag_fast.models.checkpoint.load_checkpoint_file`);
-    :class:`CheckpointError` naming ``path`` when it is unsafe, unreadable or not a training checkpoint."""
-    state = load_checkpoint_file(path, map_location)
+def check_training_state(state: Any, path: str) -> Dict[str, Any]:
+    """``state`` itself when it is a training checkpoint with the types the trainer reads;
+    :class:`CheckpointError` naming ``path`` otherwise."""
     if not is_training_state(state):
         found = sorted(map(str, state)) if isinstance(state, Mapping) else type(state).__name__
         raise CheckpointError(f"checkpoint {path}: not a training checkpoint (expected keys {list(TRAINING_KEYS)}, "
                               f"found {found})")
+    wrong = [key for key, types in _TYPES.items() if key in state and not isinstance(state[key], types)]
+    if wrong:
+        raise CheckpointError(f"checkpoint {path}: malformed training checkpoint ({', '.join(wrong)} of the wrong "
+                              f"type: {', '.join(type(state[key]).__name__ for key in wrong)})")
     return state
+
+
+def load_training_state(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
+    """A training checkpoint, loaded safely (:func:`~gfmrag_fast.models.checkpoint.load_checkpoint_file`);
+    :class:`CheckpointError` naming ``path`` when it is unsafe, unreadable or not a training checkpoint."""
+    return check_training_state(load_checkpoint_file(path, map_location), path)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 import uuid
@@ -157,7 +158,8 @@ class Trainer:
         for path in candidates:
             if os.path.abspath(path) != os.path.abspath(target) and self._holds_best(path):
                 log.info("%s: copied from %s (epoch %d, the best)", target, path, self.best_epoch)
-                atomic_torch_save(load_training_state(path, map_location="cpu"), target)
+                with open(path, "rb") as source_file:
+                    atomic_write(target, lambda f: shutil.copyfileobj(source_file, f))
                 return
         log.warning(
             "the best model so far (epoch %d, %s %.4f) is in none of %s: the best is chosen among the epochs "

@@ -18,7 +18,7 @@ from ..models.checkpoint import (
     CheckpointError, build_model, load_checkpoint_file, load_pretrained, looks_like_local_path,
 )
 from ..training import DistEnv, Trainer, TrainOptions, init_distributed
-from ..training.state import is_training_state
+from ..training.state import check_training_state, is_training_state
 
 log = logging.getLogger("gfmrag_fast")
 
@@ -108,7 +108,7 @@ def apply_checkpoint(trainer: Trainer, spec: str | None, env: DistEnv) -> None:
     if os.path.isfile(spec):
         state = load_checkpoint_file(spec, map_location=env.device)
         if is_training_state(state):
-            trainer.resume(state, source=spec)
+            trainer.resume(check_training_state(state, spec), source=spec)
             return
         if not isinstance(state, Mapping):
             raise CheckpointError(f"checkpoint {spec}: expected a state dict, got {type(state).__name__}")
