@@ -1,6 +1,8 @@
 // Schemas of the rel_aggregate op family and the one input check every kernel shares.
 #include "rel_aggregate.h"
 
+#include "array_checks.h"
+
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
@@ -50,13 +52,78 @@ void check_same_device(const at::Tensor& t, const at::Tensor& x, const char* nam
                     " but x is on ", x.device(), "; move both to the same device");
 }
 
+// What the prepared arrays describe: N = len(dst_ptr) - 1, R = len(rel_ptr) - 1, E = len(dst_src).
+struct GraphSizes {
+  int64_t num_nodes;
+  int64_t num_relations;
+  int64_t num_edges;
+};
+
+// Count, dtype, layout, device and lengths of the graph arrays; every array must be on `device`.
+GraphSizes check_graph_arrays(at::TensorList graph, const at::Device& device) {
+  TORCH_CHECK_VALUE(static_cast<int64_t>(graph.size()) == kNumGraphFields,
+                    "rel_aggregate: graph must hold ", static_cast<int>(kNumGraphFields),
+                    " prepared arrays (use RelGraph), got ", graph.size());
+  for (int i = 0; i < kNumGraphFields; ++i) {
+    const at::Tensor& t = graph[i];
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.scalar_type() == at::kInt && t.is_contiguous(),
+                      "rel_aggregate: graph array ", kGraphFieldNames[i],
+                      " must be a contiguous 1-D int32 tensor (use RelGraph)");
+    TORCH_CHECK_VALUE(t.device() == device, "rel_aggregate: graph array ", kGraphFieldNames[i], " is on ",
+                      t.device(), " but x is on ", device, "; use graph.to(x.device)");
+  }
+  for (int i : {kDstPtr, kSrcPtr, kRelPtr}) {
+    TORCH_CHECK_VALUE(graph[i].size(0) >= 1, "rel_aggregate: graph array ", kGraphFieldNames[i],
+                      " must hold at least one offset (use RelGraph)");
+  }
+  const GraphSizes sizes{graph[kDstPtr].size(0) - 1, graph[kRelPtr].size(0) - 1, graph[kDstSrc].size(0)};
+  TORCH_CHECK_VALUE(graph[kSrcPtr].size(0) == sizes.num_nodes + 1, "rel_aggregate: graph array src_ptr has ",
+                    graph[kSrcPtr].size(0), " entries but dst_ptr has ", sizes.num_nodes + 1,
+                    " (N + 1 each; use RelGraph)");
+  for (int i : {kDstType, kDstEid, kSrcDst, kSrcType, kSrcEid, kRelEid, kEdgeSrc, kEdgeDst, kEdgeType}) {
+    TORCH_CHECK_VALUE(graph[i].size(0) == sizes.num_edges, "rel_aggregate: graph array ", kGraphFieldNames[i],
+                      " has ", graph[i].size(0), " entries, expected E = ", sizes.num_edges,
+                      " (the length of dst_src; use RelGraph)");
+  }
+  return sizes;
+}
+
+// Offsets from 0 to E, never decreasing; node, relation and edge ids in range. Reads every entry.
+void check_graph_values(at::TensorList graph, const GraphSizes& s) {
+  const int64_t N = s.num_nodes, R = s.num_relations, E = s.num_edges;
+  const OffsetsCheck offsets[] = {{graph[kDstPtr], "dst_ptr", E, "E"},
+                                  {graph[kSrcPtr], "src_ptr", E, "E"},
+                                  {graph[kRelPtr], "rel_ptr", E, "E"}};
+  const IdsCheck ids[] = {{graph[kDstSrc], "dst_src", N, "node ids", "N"},
+                          {graph[kDstType], "dst_type", R, "relation ids", "R"},
+                          {graph[kDstEid], "dst_eid", E, "edge ids", "E"},
+                          {graph[kSrcDst], "src_dst", N, "node ids", "N"},
+                          {graph[kSrcType], "src_type", R, "relation ids", "R"},
+                          {graph[kSrcEid], "src_eid", E, "edge ids", "E"},
+                          {graph[kRelEid], "rel_eid", E, "edge ids", "E"},
+                          {graph[kEdgeSrc], "edge_src", N, "node ids", "N"},
+                          {graph[kEdgeDst], "edge_dst", N, "node ids", "N"},
+                          {graph[kEdgeType], "edge_type", R, "relation ids", "R"}};
+  check_array_values("rel_aggregate", "graph array", offsets, ids, " (build the graph with RelGraph)");
+}
+
+// Checks the arrays of a prepared graph and returns their mark (array_checks.h), which lets the
+// ops skip check_graph_values for them.
+int64_t rel_graph_mark(at::TensorList graph) {
+  TORCH_CHECK_VALUE(!graph.empty(), "rel_aggregate: graph must hold ", static_cast<int>(kNumGraphFields),
+                    " prepared arrays (use RelGraph), got 0");
+  check_graph_values(graph, check_graph_arrays(graph, graph[0].device()));
+  return mark_of(graph);
+}
+
 }  // namespace
 
 RelAggregateArgs check_rel_aggregate_inputs(const at::Tensor& x, const at::Tensor& relation,
                                             at::TensorList graph,
                                             const std::optional<at::Tensor>& edge_weight,
                                             const std::optional<at::Tensor>& edge_mask,
-                                            std::string_view message, std::string_view aggregate) {
+                                            std::string_view message, std::string_view aggregate,
+                                            int64_t graph_mark) {
   RelAggregateArgs args{};
   args.message = parse_message(message);
   args.aggregate = parse_aggregate(aggregate);
@@ -85,31 +152,14 @@ RelAggregateArgs check_rel_aggregate_inputs(const at::Tensor& x, const at::Tenso
   }
   args.num_relations = relation.size(-2);
 
-  TORCH_CHECK_VALUE(static_cast<int64_t>(graph.size()) == kNumGraphFields,
-                    "rel_aggregate: graph must hold ", static_cast<int>(kNumGraphFields),
-                    " prepared arrays (use RelGraph), got ", graph.size());
-  for (int i = 0; i < kNumGraphFields; ++i) {
-    const at::Tensor& t = graph[i];
-    TORCH_CHECK_VALUE(t.dim() == 1 && t.scalar_type() == at::kInt && t.is_contiguous(),
-                      "rel_aggregate: graph array ", kGraphFieldNames[i],
-                      " must be a contiguous 1-D int32 tensor (use RelGraph)");
-    check_same_device(t, x, "the graph");
-  }
-  args.num_edges = graph[kDstSrc].size(0);
-  TORCH_CHECK_VALUE(graph[kDstPtr].size(0) == args.num_nodes + 1,
-                    "rel_aggregate: x has N = ", args.num_nodes, " nodes but the graph has ",
-                    graph[kDstPtr].size(0) - 1);
-  TORCH_CHECK_VALUE(graph[kRelPtr].size(0) == args.num_relations + 1,
-                    "rel_aggregate: relation has R = ", args.num_relations,
-                    " rows but the graph has num_relations = ", graph[kRelPtr].size(0) - 1);
-  for (int i : {kDstType, kDstEid, kSrcDst, kSrcType, kSrcEid, kRelEid, kEdgeSrc, kEdgeDst,
-                kEdgeType}) {
-    TORCH_CHECK_VALUE(graph[i].size(0) == args.num_edges, "rel_aggregate: graph array ",
-                      kGraphFieldNames[i], " has ", graph[i].size(0), " entries, expected E = ",
-                      args.num_edges);
-  }
-  TORCH_CHECK_VALUE(graph[kSrcPtr].size(0) == args.num_nodes + 1,
-                    "rel_aggregate: graph array src_ptr must have N + 1 entries");
+  const GraphSizes sizes = check_graph_arrays(graph, x.device());
+  args.num_edges = sizes.num_edges;
+  TORCH_CHECK_VALUE(sizes.num_nodes == args.num_nodes, "rel_aggregate: x has N = ", args.num_nodes,
+                    " nodes but the graph has ", sizes.num_nodes, " (graph array dst_ptr has ",
+                    sizes.num_nodes + 1, " entries)");
+  TORCH_CHECK_VALUE(sizes.num_relations == args.num_relations, "rel_aggregate: relation has R = ",
+                    args.num_relations, " rows but the graph has num_relations = ", sizes.num_relations,
+                    " (graph array rel_ptr has ", sizes.num_relations + 1, " entries)");
 
   args.has_weight = edge_weight.has_value();
   if (args.has_weight) {
@@ -133,6 +183,8 @@ RelAggregateArgs check_rel_aggregate_inputs(const at::Tensor& x, const at::Tenso
                       m.scalar_type());
     TORCH_CHECK_VALUE(m.is_contiguous(), "rel_aggregate: edge_mask must be contiguous");
   }
+  // Last, so that the cheap checks above answer first.
+  if (!carries_mark(graph, graph_mark)) check_graph_values(graph, sizes);
   return args;
 }
 
@@ -170,9 +222,10 @@ void check_aux(const at::Tensor& aux, const RelAggregateArgs& args) {
 RelAggregateArgs check_rel_aggregate_backward_inputs(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& relation, const at::Tensor& aux,
     at::TensorList graph, const std::optional<at::Tensor>& edge_weight,
-    const std::optional<at::Tensor>& edge_mask, std::string_view message, std::string_view aggregate) {
+    const std::optional<at::Tensor>& edge_mask, std::string_view message, std::string_view aggregate,
+    int64_t graph_mark) {
   const RelAggregateArgs args =
-      check_rel_aggregate_inputs(x, relation, graph, edge_weight, edge_mask, message, aggregate);
+      check_rel_aggregate_inputs(x, relation, graph, edge_weight, edge_mask, message, aggregate, graph_mark);
   check_grad_out(grad_out, x);
   check_aux(aux, args);
   return args;
@@ -203,20 +256,27 @@ at::Tensor empty_grad(Grad which, const at::Tensor& x, const at::Tensor& relatio
 }
 
 TORCH_LIBRARY(gfmrag_fast, m) {
+  // graph_mark: the mark rel_graph_mark returned for these arrays; with 0, or a mark that no longer
+  // matches them, the ops check the arrays' values first.
   // Forward: returns (out [B, N, d], aux); see rel_aggregate.h for aux.
   m.def(
       "rel_aggregate(Tensor x, Tensor relation, Tensor[] graph, Tensor? edge_weight, "
-      "Tensor? edge_mask, str message, str aggregate) -> (Tensor, Tensor)");
+      "Tensor? edge_mask, str message, str aggregate, int graph_mark=0) -> (Tensor, Tensor)");
   // Gradients, one op each so autograd asks only for what it needs.
   m.def(
       "rel_aggregate_backward_x(Tensor grad_out, Tensor x, Tensor relation, Tensor aux, "
-      "Tensor[] graph, Tensor? edge_weight, Tensor? edge_mask, str message, str aggregate) -> Tensor");
+      "Tensor[] graph, Tensor? edge_weight, Tensor? edge_mask, str message, str aggregate, "
+      "int graph_mark=0) -> Tensor");
   m.def(
       "rel_aggregate_backward_relation(Tensor grad_out, Tensor x, Tensor relation, Tensor aux, "
-      "Tensor[] graph, Tensor? edge_weight, Tensor? edge_mask, str message, str aggregate) -> Tensor");
+      "Tensor[] graph, Tensor? edge_weight, Tensor? edge_mask, str message, str aggregate, "
+      "int graph_mark=0) -> Tensor");
   m.def(
       "rel_aggregate_backward_edge_weight(Tensor grad_out, Tensor x, Tensor relation, Tensor aux, "
-      "Tensor[] graph, Tensor? edge_weight, Tensor? edge_mask, str message, str aggregate) -> Tensor");
+      "Tensor[] graph, Tensor? edge_weight, Tensor? edge_mask, str message, str aggregate, "
+      "int graph_mark=0) -> Tensor");
+  // Checks every value of a RelGraph's arrays (on any device) and returns their mark.
+  m.def("rel_graph_mark(Tensor[] graph) -> int", &rel_graph_mark);
 }
 
 }  // namespace gfmrag_fast

@@ -1,6 +1,8 @@
 // Schemas of the triple-sampling ops and their shared input check.
 #include "triple_index.h"
 
+#include "array_checks.h"
+
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -9,36 +11,69 @@ namespace gfmrag_fast {
 namespace {
 
 // index = [keys, unique_ptr, unique_values, all_ptr, all_values, all_eids]
-TripleIndexView check_index(const at::Tensor& triples, at::TensorList index, const char* op) {
-  TORCH_CHECK_VALUE(index.size() == 6, op, ": triple index must hold 6 arrays (use TripleIndex), got ",
+enum IndexField : int { kKeys = 0, kUniquePtr, kUniqueValues, kAllPtr, kAllValues, kAllEids, kNumIndexFields };
+
+// Count, dtype, layout, device and lengths of the index arrays; every array must be on `device`.
+void check_index_arrays(at::TensorList index, const at::Device& device, const char* op) {
+  TORCH_CHECK_VALUE(index.size() == kNumIndexFields, op, ": triple index must hold 6 arrays (use TripleIndex), got ",
                     index.size());
-  const at::Tensor &keys = index[0], &unique_ptr = index[1], &unique_values = index[2], &all_ptr = index[3],
-                   &all_values = index[4], &all_eids = index[5];
+  const struct {
+    int field;
+    const char* name;
+    at::ScalarType dtype;
+  } arrays[] = {{kKeys, "keys", at::kLong},          {kUniquePtr, "unique_ptr", at::kLong},
+                {kUniqueValues, "unique_values", at::kInt}, {kAllPtr, "all_ptr", at::kLong},
+                {kAllValues, "all_values", at::kInt},  {kAllEids, "all_eids", at::kInt}};
+  for (const auto& a : arrays) {
+    const at::Tensor& t = index[a.field];
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.scalar_type() == a.dtype && t.is_contiguous(), op,
+                      ": triple index array ", a.name, " must be a contiguous 1-D ", a.dtype,
+                      " tensor (use TripleIndex)");
+    TORCH_CHECK_VALUE(t.device() == device, op, ": triple index array ", a.name, " is on ", t.device(),
+                      " but triples are on ", device);
+  }
+  const int64_t num_keys = index[kKeys].size(0);
+  TORCH_CHECK_VALUE(index[kUniquePtr].size(0) == num_keys + 1, op, ": triple index array unique_ptr has ",
+                    index[kUniquePtr].size(0), " entries, expected one more than keys (", num_keys + 1, ")");
+  TORCH_CHECK_VALUE(index[kAllPtr].size(0) == num_keys + 1, op, ": triple index array all_ptr has ",
+                    index[kAllPtr].size(0), " entries, expected one more than keys (", num_keys + 1, ")");
+  TORCH_CHECK_VALUE(index[kAllValues].size(0) == index[kAllEids].size(0), op,
+                    ": triple index arrays all_values and all_eids must have the same length, got ",
+                    index[kAllValues].size(0), " and ", index[kAllEids].size(0));
+}
+
+// Offsets from 0 to the length of the values they index, never decreasing; node ids >= 0; edge
+// ids in [0, E). Reads every entry. Keys need no check: they are only compared.
+void check_index_values(at::TensorList index, const char* op) {
+  const int64_t num_unique = index[kUniqueValues].size(0), num_edges = index[kAllEids].size(0);
+  constexpr int64_t kNodeBound = int64_t{1} << 31;
+  const OffsetsCheck offsets[] = {{index[kUniquePtr], "unique_ptr", num_unique, "len(unique_values)"},
+                                  {index[kAllPtr], "all_ptr", num_edges, "len(all_values)"}};
+  const IdsCheck ids[] = {{index[kUniqueValues], "unique_values", kNodeBound, "node ids", "2**31"},
+                          {index[kAllValues], "all_values", kNodeBound, "node ids", "2**31"},
+                          {index[kAllEids], "all_eids", num_edges, "edge ids", "E"}};
+  check_array_values(op, "triple index array", offsets, ids, " (build the index with TripleIndex)");
+}
+
+TripleIndexView check_index(const at::Tensor& triples, at::TensorList index, int64_t index_mark, const char* op) {
   TORCH_CHECK_VALUE(triples.dim() == 2 && triples.size(1) == 3 && triples.scalar_type() == at::kLong,
                     op, ": triples must be an int64 tensor of shape [B, 3] (rows h, t, r), got ",
                     triples.scalar_type(), " ", triples.sizes());
   TORCH_CHECK_VALUE(triples.is_contiguous(), op, ": triples must be contiguous");
-  const struct {
-    const at::Tensor& t;
-    const char* name;
-    at::ScalarType dtype;
-  } arrays[] = {{keys, "keys", at::kLong},          {unique_ptr, "unique_ptr", at::kLong},
-                {unique_values, "unique_values", at::kInt}, {all_ptr, "all_ptr", at::kLong},
-                {all_values, "all_values", at::kInt},  {all_eids, "all_eids", at::kInt}};
-  for (const auto& a : arrays) {
-    TORCH_CHECK_VALUE(a.t.dim() == 1 && a.t.scalar_type() == a.dtype && a.t.is_contiguous(), op,
-                      ": triple index array ", a.name, " must be a contiguous 1-D ", a.dtype,
-                      " tensor (use TripleIndex)");
-    TORCH_CHECK_VALUE(a.t.device() == triples.device(), op, ": triple index array ", a.name, " is on ",
-                      a.t.device(), " but triples are on ", triples.device());
-  }
-  TORCH_CHECK_VALUE(unique_ptr.size(0) == keys.size(0) + 1 && all_ptr.size(0) == keys.size(0) + 1, op,
-                    ": triple index pointers must have one more entry than keys");
-  TORCH_CHECK_VALUE(all_values.size(0) == all_eids.size(0), op,
-                    ": triple index all_values and all_eids must have the same length");
-  return {keys.data_ptr<int64_t>(),    unique_ptr.data_ptr<int64_t>(), unique_values.data_ptr<int32_t>(),
-          all_ptr.data_ptr<int64_t>(), all_values.data_ptr<int32_t>(), all_eids.data_ptr<int32_t>(),
-          keys.size(0)};
+  check_index_arrays(index, triples.device(), op);
+  if (!carries_mark(index, index_mark)) check_index_values(index, op);
+  return {index[kKeys].data_ptr<int64_t>(),    index[kUniquePtr].data_ptr<int64_t>(),
+          index[kUniqueValues].data_ptr<int32_t>(), index[kAllPtr].data_ptr<int64_t>(),
+          index[kAllValues].data_ptr<int32_t>(), index[kAllEids].data_ptr<int32_t>(),
+          index[kKeys].size(0)};
+}
+
+// Checks every value of a TripleIndex's arrays (on any device) and returns their mark.
+int64_t triple_index_mark(at::TensorList index) {
+  TORCH_CHECK_VALUE(!index.empty(), "triple_index: triple index must hold 6 arrays (use TripleIndex), got 0");
+  check_index_arrays(index, index[0].device(), "triple_index");
+  check_index_values(index, "triple_index");
+  return mark_of(index);
 }
 
 void check_num_relations(int64_t num_relations, const char* op) {
@@ -50,8 +85,8 @@ void check_num_relations(int64_t num_relations, const char* op) {
 }  // namespace
 
 TripleIndexView check_negative_sampling_inputs(const at::Tensor& triples, at::TensorList index, int64_t num_nodes,
-                                               int64_t num_relations, int64_t num_negative) {
-  const TripleIndexView view = check_index(triples, index, "negative_sampling");
+                                               int64_t num_relations, int64_t num_negative, int64_t index_mark) {
+  const TripleIndexView view = check_index(triples, index, index_mark, "negative_sampling");
   TORCH_CHECK_VALUE(num_negative > 0, "negative_sampling: num_negative must be positive, got ", num_negative);
   TORCH_CHECK_VALUE(num_nodes > 0, "negative_sampling: num_nodes must be positive, got ", num_nodes);
   check_num_relations(num_relations, "negative_sampling");
@@ -59,10 +94,10 @@ TripleIndexView check_negative_sampling_inputs(const at::Tensor& triples, at::Te
 }
 
 TripleIndexView check_easy_edge_mask_inputs(const at::Tensor& triples, at::TensorList index, int64_t num_edges,
-                                            int64_t num_relations) {
-  const TripleIndexView view = check_index(triples, index, "easy_edge_mask");
-  TORCH_CHECK_VALUE(num_edges == index[5].size(0), "easy_edge_mask: num_edges = ", num_edges,
-                    " but the triple index holds ", index[5].size(0), " edges");
+                                            int64_t num_relations, int64_t index_mark) {
+  const TripleIndexView view = check_index(triples, index, index_mark, "easy_edge_mask");
+  TORCH_CHECK_VALUE(num_edges == index[kAllEids].size(0), "easy_edge_mask: num_edges = ", num_edges,
+                    " but the triple index holds ", index[kAllEids].size(0), " edges");
   check_num_relations(num_relations, "easy_edge_mask");
   return view;
 }
@@ -71,11 +106,16 @@ TORCH_LIBRARY_FRAGMENT(gfmrag_fast, m) {
   // index = [keys, unique_ptr, unique_values, all_ptr, all_values, all_eids] (see triple_index.h).
   // Returns [B, 1 + K, 3] int64: row 0 the positive; the first B // 2 triples get corrupted tails,
   // the others corrupted heads.
+  // index_mark: the mark triple_index_mark returned for the index arrays; with 0, or a mark that
+  // no longer matches them, the ops check the arrays' values first.
   m.def(
       "negative_sampling(Tensor triples, Tensor[] index, int num_nodes, int num_relations, "
-      "int num_negative, bool strict, int seed) -> Tensor");
+      "int num_negative, bool strict, int seed, int index_mark=0) -> Tensor");
   // [num_edges] bool: True for every edge (h, t, r) and (t, h, r + num_relations / 2) of the rows.
-  m.def("easy_edge_mask(Tensor triples, Tensor[] index, int num_edges, int num_relations) -> Tensor");
+  m.def(
+      "easy_edge_mask(Tensor triples, Tensor[] index, int num_edges, int num_relations, "
+      "int index_mark=0) -> Tensor");
+  m.def("triple_index_mark(Tensor[] index) -> int", &triple_index_mark);
 }
 
 }  // namespace gfmrag_fast

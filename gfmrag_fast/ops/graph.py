@@ -6,6 +6,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from . import _library  # noqa: F401  (the rel_graph_mark op)
+
 _INT32_MAX = 2**31 - 1
 
 
@@ -39,6 +41,11 @@ class RelGraph:
     Preparation builds, in int32: the CSR by destination (forward), the CSC by source (input
     gradient), edges grouped by relation (relation gradient), and the in-degrees. Nothing is
     re-sorted afterwards; ``to(device)`` copies the arrays once and caches the copy.
+
+    The graph owns its tensors: ``edge_index`` and ``edge_type`` are copied, so later changes to
+    the caller's tensors do not reach it. Its prepared arrays carry a mark (see
+    ``csrc/array_checks.h``) that lets the ops skip re-checking them; writing to them in place
+    voids the mark, and the ops then check every value again on each call.
 
     Args:
         edge_index: [2, E] integer tensor, rows (destination, source).
@@ -78,8 +85,12 @@ class RelGraph:
         num_nodes = int(num_nodes)
         if num_nodes < 0 or num_nodes > _INT32_MAX or num_edges > _INT32_MAX:
             raise ValueError(f"RelGraph: num_nodes ({num_nodes}) and E ({num_edges}) must be in [0, 2**31)")
-        edge_index = edge_index.long()
-        edge_type = edge_type.long()
+        # Copies, never views of the caller's tensors (`.long()` of an int64 tensor is the tensor
+        # itself): the prepared arrays must describe the same graph as edge_index for good.
+        # Normal tensors even under inference mode, so that the arrays can be marked.
+        with torch.inference_mode(False):
+            edge_index = edge_index.to(torch.long, memory_format=torch.contiguous_format, copy=True)
+            edge_type = edge_type.to(torch.long, memory_format=torch.contiguous_format, copy=True)
         if num_edges > 0:
             lo, hi = int(edge_index.min()), int(edge_index.max())
             if lo < 0 or hi >= num_nodes:
@@ -102,10 +113,17 @@ class RelGraph:
         self.num_nodes = num_nodes
         self.num_edges = num_edges
         self.num_relations = num_relations
-        self.edge_index = edge_index  # [2, E] int64, as given
-        self.edge_type = edge_type  # [E] int64, as given
-        self._arrays = self._prepare(edge_index, edge_type)
+        self.edge_index = edge_index  # [2, E] int64, a copy of the argument
+        self.edge_type = edge_type  # [E] int64, a copy of the argument
+        with torch.inference_mode(False):
+            self._set_arrays(self._prepare(edge_index, edge_type))
         self._copies: Dict[torch.device, "RelGraph"] = {}
+
+    def _set_arrays(self, arrays: List[torch.Tensor]) -> None:
+        # The op checks every value once more (O(E), one device->host copy on CUDA) and marks the
+        # arrays, so that the kernels can skip that check on every call.
+        self._arrays = arrays
+        self._mark = int(torch.ops.gfmrag_fast.rel_graph_mark(arrays))
 
     def _prepare(self, edge_index: torch.Tensor, edge_type: torch.Tensor) -> List[torch.Tensor]:
         dst, src = edge_index[0], edge_index[1]
@@ -127,6 +145,11 @@ class RelGraph:
         return self._arrays
 
     @property
+    def mark(self) -> int:
+        """The mark the ops recognise :attr:`arrays` by (``graph_mark`` of the raw ops)."""
+        return self._mark
+
+    @property
     def device(self) -> torch.device:
         return self.edge_index.device
 
@@ -146,9 +169,10 @@ class RelGraph:
         if device not in self._copies:
             copy = RelGraph.__new__(RelGraph)
             copy.num_nodes, copy.num_edges, copy.num_relations = self.num_nodes, self.num_edges, self.num_relations
-            copy.edge_index = self.edge_index.to(device)
-            copy.edge_type = self.edge_type.to(device)
-            copy._arrays = [a.to(device) for a in self._arrays]
+            with torch.inference_mode(False):
+                copy.edge_index = self.edge_index.to(device)
+                copy.edge_type = self.edge_type.to(device)
+                copy._set_arrays([a.to(device) for a in self._arrays])
             copy._copies = {self.device: self}
             self._copies[device] = copy
         return self._copies[device]

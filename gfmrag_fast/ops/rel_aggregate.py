@@ -12,6 +12,10 @@ readable specification the kernels are tested against.
 
 max/min send the gradient to one edge per (b, v, c): the first in edge order among those that
 reach the extremum (ties only arise between identical messages, e.g. parallel edges).
+
+First derivatives only: differentiating a gradient of rel_aggregate again (``create_graph=True``
+followed by another backward, ``gradgradcheck``, Hessians) raises NotImplementedError rather
+than returning a wrong or partial second derivative.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ def rel_aggregate(
         None if edge_mask is None else edge_mask.contiguous(),
         message,
         aggregate,
+        graph.mark,
     )
     return out
 
@@ -78,7 +83,7 @@ def _check_call(x, relation, graph, edge_weight, edge_mask, message, aggregate) 
 
 
 @torch.library.register_fake("gfmrag_fast::rel_aggregate")
-def _rel_aggregate_fake(x, relation, graph, edge_weight, edge_mask, message, aggregate):
+def _rel_aggregate_fake(x, relation, graph, edge_weight, edge_mask, message, aggregate, graph_mark=0):
     torch._check(x.dim() == 3, lambda: f"rel_aggregate: x must have shape [B, N, d], got {x.shape}")
     torch._check(relation.dim() in (2, 3), lambda: "rel_aggregate: relation must be [R, d] or [B, R, d]")
     if aggregate in ("max", "min"):
@@ -92,7 +97,7 @@ def _rel_aggregate_fake(x, relation, graph, edge_weight, edge_mask, message, agg
 
 def _register_backward_fake(name: str, like):
     @torch.library.register_fake(f"gfmrag_fast::{name}")
-    def _fake(grad_out, x, relation, aux, graph, edge_weight, edge_mask, message, aggregate):
+    def _fake(grad_out, x, relation, aux, graph, edge_weight, edge_mask, message, aggregate, graph_mark=0):
         return like(x, relation, graph)
 
 
@@ -104,9 +109,9 @@ _register_backward_fake(
 
 
 def _setup_context(ctx, inputs, output):
-    x, relation, graph, edge_weight, edge_mask, message, aggregate = inputs
+    x, relation, graph, edge_weight, edge_mask, message, aggregate, graph_mark = inputs
     _, aux = output
-    ctx.message, ctx.aggregate = message, aggregate
+    ctx.message, ctx.aggregate, ctx.graph_mark = message, aggregate, graph_mark
     ctx.num_graph = len(graph)
     ctx.has_weight = edge_weight is not None
     ctx.save_for_backward(x, relation, aux, edge_weight, edge_mask, *graph)
@@ -115,16 +120,33 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_aux):
     x, relation, aux, edge_weight, edge_mask, *graph = ctx.saved_tensors
     grad_out = grad_out.contiguous()
-    args = (grad_out, x, relation, aux, graph, edge_weight, edge_mask, ctx.message, ctx.aggregate)
+    args = (grad_out, x, relation, aux, graph, edge_weight, edge_mask, ctx.message, ctx.aggregate, ctx.graph_mark)
     grad_x = _ops.rel_aggregate_backward_x(*args) if ctx.needs_input_grad[0] else None
     grad_relation = _ops.rel_aggregate_backward_relation(*args) if ctx.needs_input_grad[1] else None
     grad_weight = None
     if ctx.has_weight and ctx.needs_input_grad[3]:
         grad_weight = _ops.rel_aggregate_backward_edge_weight(*args)
-    return grad_x, grad_relation, [None] * ctx.num_graph, grad_weight, None, None, None
+    return grad_x, grad_relation, [None] * ctx.num_graph, grad_weight, None, None, None, None
 
 
 torch.library.register_autograd("gfmrag_fast::rel_aggregate", _backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "rel_aggregate: double backward is not supported: a gradient of rel_aggregate (taken with "
+        "create_graph=True) cannot be differentiated again, with respect to x, relation or "
+        "edge_weight. GFM-RAG training needs first derivatives only; for second derivatives use "
+        "rel_aggregate_reference (pure PyTorch)."
+    )
+
+
+# Without these, autograd would treat the backward ops as constants (or warn and return None),
+# and a second derivative through rel_aggregate would come back silently wrong or partial. With
+# them, every path through a first gradient raises. No cost for first derivatives: grad mode is
+# off inside a backward without create_graph, so no node is recorded.
+for _name in ("rel_aggregate_backward_x", "rel_aggregate_backward_relation", "rel_aggregate_backward_edge_weight"):
+    torch.library.register_autograd(f"gfmrag_fast::{_name}", _no_double_backward)
 
 
 def rel_aggregate_reference(

@@ -8,6 +8,7 @@ of (?, r, t).
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -28,9 +29,28 @@ class TripleIndex:
     """
 
     def __init__(self, edge_index: torch.Tensor, edge_type: torch.Tensor, num_nodes: int, num_relations: int):
+        _check_int_tensor(edge_index, "TripleIndex", "edge_index")
+        if edge_index.dim() != 2 or edge_index.size(0) != 2:
+            raise ValueError(f"TripleIndex: edge_index must have shape [2, E], got {tuple(edge_index.shape)}")
+        _check_int_tensor(edge_type, "TripleIndex", "edge_type")
+        if edge_type.shape != (edge_index.size(1),):
+            raise ValueError(
+                f"TripleIndex: edge_type must have shape [E] = [{edge_index.size(1)}], got {tuple(edge_type.shape)}"
+            )
+        if edge_type.device != edge_index.device:
+            raise ValueError(f"TripleIndex: edge_type is on {edge_type.device} but edge_index is on {edge_index.device}")
         self.num_nodes, self.num_relations, self.num_edges = int(num_nodes), int(num_relations), edge_index.size(1)
-        if self.num_nodes >= 2**31 or self.num_relations >= 2**31:
-            raise ValueError("TripleIndex: num_nodes and num_relations must be below 2**31")
+        if not (0 <= self.num_nodes < 2**31 and 0 < self.num_relations < 2**31 and self.num_edges < 2**31):
+            raise ValueError(
+                f"TripleIndex: num_nodes ({self.num_nodes}), num_relations ({self.num_relations}) and "
+                f"E ({self.num_edges}) must be below 2**31, num_relations positive"
+            )
+        _check_range(edge_index, self.num_nodes, "TripleIndex", "edge_index", "node ids")
+        _check_range(edge_type, self.num_relations, "TripleIndex", "edge_type", "relation ids")
+        with torch.inference_mode(False):  # normal tensors, so that the arrays can be marked
+            self._build(edge_index, edge_type)
+
+    def _build(self, edge_index: torch.Tensor, edge_type: torch.Tensor) -> None:
         src, dst, rel = edge_index[0].long(), edge_index[1].long(), edge_type.long()
         key = src * self.num_relations + rel
         # Sort by (key, dst) with two stable sorts: key * N + dst could overflow int64.
@@ -47,6 +67,9 @@ class TripleIndex:
         self.all_ptr = offsets(counts)  # [U + 1] int64
         self.all_values = dst.to(torch.int32).contiguous()  # [E] int32
         self.all_eids = order.to(torch.int32).contiguous()  # [E] int32
+        # The op checks every value once more (one device->host copy on CUDA) and marks the arrays,
+        # so that the kernels can skip that check on every call.
+        self._mark = int(_ops.triple_index_mark(self.arrays))
 
     @classmethod
     def of(cls, graph: RelGraph) -> "TripleIndex":
@@ -57,16 +80,48 @@ class TripleIndex:
         return [self.keys, self.unique_ptr, self.unique_values, self.all_ptr, self.all_values, self.all_eids]
 
     @property
+    def mark(self) -> int:
+        """The mark the ops recognise :attr:`arrays` by (``index_mark`` of the raw ops)."""
+        return self._mark
+
+    @property
     def device(self) -> torch.device:
         return self.keys.device
 
-    def answer_mask(self, sources: torch.Tensor, relations: torch.Tensor) -> torch.Tensor:
+    def answer_mask(
+        self,
+        sources: torch.Tensor,  # [Q] node ids in [0, num_nodes)
+        relations: torch.Tensor,  # [Q] relation ids in [0, num_relations), inverses included
+        check_values: bool = True,
+    ) -> torch.Tensor:  # [Q, N] bool
         """[Q, N] bool: True at every node v with an edge (sources[q], relations[q], v).
 
         The filter of filtered link prediction: build the index over train + valid + test
         triples (with inverses) and pass heads with direct relations for tail prediction, tails
-        with inverse relations (r + R) for head prediction.
+        with inverse relations (r + R) for head prediction. Ids out of range raise ValueError
+        (one host read; with ``check_values=False`` they are not checked and the rows of such
+        queries are meaningless).
         """
+        for name, ids in (("sources", sources), ("relations", relations)):
+            _check_int_tensor(ids, "answer_mask", name)
+            if ids.dim() != 1:
+                raise ValueError(f"answer_mask: {name} must have shape [Q], got {tuple(ids.shape)}")
+            if ids.device != self.device:
+                raise ValueError(f"answer_mask: {name} are on {ids.device} but the index is on {self.device}")
+        if sources.shape != relations.shape:
+            raise ValueError(
+                f"answer_mask: sources and relations must have the same length, got {len(sources)} and {len(relations)}"
+            )
+        if check_values and sources.numel():
+            lo_s, hi_s, lo_r, hi_r = torch.stack(
+                [sources.min().long(), sources.max().long(), relations.min().long(), relations.max().long()]
+            ).tolist()
+            if lo_s < 0 or hi_s >= self.num_nodes:
+                raise ValueError(f"answer_mask: sources must be node ids in [0, {self.num_nodes}), found [{lo_s}, {hi_s}]")
+            if lo_r < 0 or hi_r >= self.num_relations:
+                raise ValueError(
+                    f"answer_mask: relations must be ids in [0, {self.num_relations}), found [{lo_r}, {hi_r}]"
+                )
         query = sources.long() * self.num_relations + relations.long()
         mask = torch.zeros(query.numel(), self.num_nodes, dtype=torch.bool, device=query.device)
         if self.keys.numel() == 0:
@@ -87,6 +142,20 @@ def triple_index(graph: RelGraph) -> TripleIndex:
         index = TripleIndex.of(graph)
         graph._triple_index = index
     return index
+
+
+def _check_int_tensor(t, name: str, arg: str) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
+        got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+        raise TypeError(f"{name}: {arg} must be an integer tensor, got {got}")
+
+
+def _check_range(t: torch.Tensor, bound: int, name: str, arg: str, what: str) -> None:
+    """Values of `t` in [0, bound) (one host read)."""
+    if t.numel():
+        lo, hi = torch.stack([t.min().long(), t.max().long()]).tolist()
+        if lo < 0 or hi >= bound:
+            raise ValueError(f"{name}: {arg} must hold {what} in [0, {bound}), found [{lo}, {hi}]")
 
 
 def _check_triples(graph, triples, name, *, dims, shape_text, check_values) -> torch.Tensor:
@@ -137,8 +206,12 @@ def negative_sampling(
     [B, N] tensor, no ``nonzero``, no host synchronisation on CUDA (with ``check_values=False``,
     which skips the range check of the triples).
     """
-    if not isinstance(num_negative, int) or num_negative <= 0:
-        raise ValueError(f"negative_sampling: num_negative must be a positive int, got {num_negative!r}")
+    # bool is an int to Python: True would silently mean one negative.
+    if isinstance(num_negative, bool) or not isinstance(num_negative, numbers.Integral):
+        raise TypeError(f"negative_sampling: num_negative must be an int, got {type(num_negative).__name__} {num_negative!r}")
+    num_negative = int(num_negative)
+    if num_negative <= 0:
+        raise ValueError(f"negative_sampling: num_negative must be a positive int, got {num_negative}")
     triples = _check_triples(graph, triples, "negative_sampling", dims=(2,), shape_text="[B, 3]",
                              check_values=check_values)
     if triples.size(0) == 0:
@@ -148,7 +221,7 @@ def negative_sampling(
     seed = int(torch.randint(-(2**63), 2**63 - 1, (), generator=generator, dtype=torch.int64))
     index = triple_index(graph)
     return _ops.negative_sampling(
-        triples, index.arrays, graph.num_nodes, graph.num_relations, num_negative, bool(strict), seed
+        triples, index.arrays, graph.num_nodes, graph.num_relations, num_negative, bool(strict), seed, index.mark
     )
 
 
@@ -163,14 +236,14 @@ def easy_edge_mask(
     batch = _check_triples(graph, batch, "easy_edge_mask", dims=(2, 3), shape_text="[B, 3] or [B, 1 + K, 3]",
                            check_values=check_values)
     index = triple_index(graph)
-    return _ops.easy_edge_mask(batch.reshape(-1, 3), index.arrays, graph.num_edges, graph.num_relations)
+    return _ops.easy_edge_mask(batch.reshape(-1, 3), index.arrays, graph.num_edges, graph.num_relations, index.mark)
 
 
 @torch.library.register_fake("gfmrag_fast::negative_sampling")
-def _negative_sampling_fake(triples, index, num_nodes, num_relations, num_negative, strict, seed):
+def _negative_sampling_fake(triples, index, num_nodes, num_relations, num_negative, strict, seed, index_mark=0):
     return triples.new_empty((triples.shape[0], num_negative + 1, 3))
 
 
 @torch.library.register_fake("gfmrag_fast::easy_edge_mask")
-def _easy_edge_mask_fake(triples, index, num_edges, num_relations):
+def _easy_edge_mask_fake(triples, index, num_edges, num_relations, index_mark=0):
     return triples.new_empty((num_edges,), dtype=torch.bool)

@@ -1,0 +1,314 @@
+"""Hostile input to the ops: crafted graph and index arrays (never a crash), marks that cannot
+go stale, graphs that own their tensors, second derivatives that fail loudly, id checks."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from gfmrag_fast.ops import (
+    AGGREGATES,
+    MESSAGES,
+    RelGraph,
+    TripleIndex,
+    easy_edge_mask,
+    negative_sampling,
+    rel_aggregate,
+    rel_aggregate_reference,
+    triple_index,
+)
+
+from conftest import DEVICES, random_graph
+
+ops = torch.ops.gfmrag_fast
+N, E, R = 40, 300, 10  # graph of the crafted cases (R even: the triple ops need direct + inverse)
+FIELDS = RelGraph.FIELDS
+INDEX_FIELDS = ("keys", "unique_ptr", "unique_values", "all_ptr", "all_values", "all_eids")
+
+
+def _graph(device="cpu"):
+    edge_index, edge_type = random_graph(N, E, R, seed=3)
+    return RelGraph(edge_index, edge_type, N, R).to(device)
+
+
+def _decrease(ptr):
+    ptr[3] = ptr[-1]  # ptr[3] > ptr[4]: offsets that go back
+
+
+# (case, op, array, change, message) for crafted arrays; `array` names the field changed in a
+# copy of a valid graph's (or triple index's) arrays, `change` changes it in place or returns a
+# replacement. The error must be a ValueError whose message names the array.
+GRAPH_CASES = [
+    ("source id 10**9", "forward", "dst_src", lambda a: a.__setitem__(5, 10**9), "dst_src"),
+    ("offset past E", "forward", "dst_ptr", lambda a: a.__setitem__(-1, E + 5), "dst_ptr"),
+    ("offsets decrease", "forward", "dst_ptr", _decrease, "dst_ptr"),
+    ("negative first offset", "forward", "dst_ptr", lambda a: a.__setitem__(0, -1), "dst_ptr"),
+    ("relation id R", "forward", "dst_type", lambda a: a.__setitem__(0, R), "dst_type"),
+    ("edge id E", "forward_max", "dst_eid", lambda a: a.__setitem__(0, E), "dst_eid"),
+    ("negative destination", "backward_x", "src_dst", lambda a: a.__setitem__(0, -1), "src_dst"),
+    ("CSC offset past E", "backward_x", "src_ptr", lambda a: a.__setitem__(-1, 10**6), "src_ptr"),
+    ("CSC relation 10**9", "backward_x", "src_type", lambda a: a.__setitem__(0, 10**9), "src_type"),
+    ("CSC edge id -7", "backward_x", "src_eid", lambda a: a.__setitem__(0, -7), "src_eid"),
+    ("relation offsets decrease", "backward_relation", "rel_ptr", _decrease, "rel_ptr"),
+    ("relation-order edge id", "backward_relation", "rel_eid", lambda a: a.__setitem__(0, 10**9), "rel_eid"),
+    ("edge source 10**9", "backward_edge_weight", "edge_src", lambda a: a.__setitem__(0, 10**9), "edge_src"),
+    ("edge destination -1", "backward_edge_weight", "edge_dst", lambda a: a.__setitem__(0, -1), "edge_dst"),
+    ("edge relation R", "backward_edge_weight", "edge_type32", lambda a: a.__setitem__(0, R), "edge_type"),
+    ("short dst_type", "forward", "dst_type", lambda a: a[:-1].clone(), "dst_type"),
+    ("short dst_ptr", "forward", "dst_ptr", lambda a: a[:-1].clone(), "dst_ptr"),
+    ("short src_ptr", "backward_x", "src_ptr", lambda a: a[:-1].clone(), "src_ptr"),
+    ("forged mark", "forward_forged", "dst_src", lambda a: a.__setitem__(5, 10**9), "dst_src"),
+    ("another graph's mark", "forward_other_mark", "dst_src", lambda a: a.__setitem__(5, 10**9), "dst_src"),
+    ("stale mark (in-place write)", "wrapper_stale", "dst_src", lambda a: a.__setitem__(5, 10**9), "dst_src"),
+]
+INDEX_CASES = [
+    ("edge id 10**9", "easy_edge_mask", "all_eids", lambda a: a.__setitem__(0, 10**9), "all_eids"),
+    ("negative edge id", "easy_edge_mask", "all_eids", lambda a: a.__setitem__(0, -1), "all_eids"),
+    ("offset past the edges", "easy_edge_mask", "all_ptr", lambda a: a.__setitem__(-1, 10**9), "all_ptr"),
+    ("edge offsets decrease", "easy_edge_mask", "all_ptr", _decrease, "all_ptr"),
+    ("short all_values", "easy_edge_mask", "all_values", lambda a: a[:-1].clone(), "all_values"),
+    ("offset 10**9", "negative_sampling", "unique_ptr", lambda a: a.__setitem__(1, 10**9), "unique_ptr"),
+    ("offsets decrease", "negative_sampling", "unique_ptr", _decrease, "unique_ptr"),
+    ("short unique_values", "negative_sampling", "unique_values", lambda a: a[:-1].clone(), "unique_ptr"),
+    ("negative node id", "negative_sampling", "unique_values", lambda a: a.__setitem__(0, -5), "unique_values"),
+    ("stale mark (in-place write)", "wrapper_stale", "all_eids", lambda a: a.__setitem__(0, 10**9), "all_eids"),
+]
+
+
+def _run_graph_case(op, field, change):
+    graph = _graph()
+    gen = torch.Generator().manual_seed(0)
+    x, relation, weight = torch.randn(2, N, 4, generator=gen), torch.randn(R, 4, generator=gen), torch.rand(E)
+    mask = torch.rand(E, generator=gen) < 0.2
+    aggregate = "max" if op == "forward_max" else "mean"
+    _, aux = ops.rel_aggregate(x, relation, graph.arrays, weight, mask, "distmult", aggregate)
+    i = FIELDS.index(field)
+    if op == "wrapper_stale":
+        change(graph.arrays[i])  # in place, on the graph's own array
+        return rel_aggregate(x, relation, graph, weight, mask, aggregate=aggregate)
+    arrays = [a.clone() for a in graph.arrays]
+    replaced = change(arrays[i])
+    arrays[i] = arrays[i] if replaced is None else replaced
+    mark = {"forward_forged": 0x5EED_1234_5678, "forward_other_mark": graph.mark}.get(op, 0)
+    if op.startswith("forward"):
+        return ops.rel_aggregate(x, relation, arrays, weight, mask, "distmult", aggregate, mark)
+    grad_out = torch.randn(2, N, 4, generator=gen)
+    return getattr(ops, f"rel_aggregate_{op}")(grad_out, x, relation, aux, arrays, weight, mask, "transe",
+                                               aggregate, 0)
+
+
+def _run_index_case(op, field, change):
+    graph = _graph()
+    index = triple_index(graph)
+    triples = torch.stack([graph.edge_index[0, :8], graph.edge_index[1, :8], graph.edge_type[:8] % (R // 2)], 1)
+    i = INDEX_FIELDS.index(field)
+    if op == "wrapper_stale":
+        change(index.arrays[i])
+        return easy_edge_mask(graph, triples)
+    arrays = [a.clone() for a in index.arrays]
+    replaced = change(arrays[i])
+    arrays[i] = arrays[i] if replaced is None else replaced
+    if op == "easy_edge_mask":
+        return ops.easy_edge_mask(triples, arrays, E, R)
+    return ops.negative_sampling(triples, arrays, N, R, 16, True, 1)
+
+
+def _crafted_main():
+    """Runs every crafted case in this process; one line per case: name, error type, message."""
+    for kind, cases, run in (("graph", GRAPH_CASES, _run_graph_case), ("index", INDEX_CASES, _run_index_case)):
+        for name, op, field, change, _ in cases:
+            print(f"{kind}:{name}", end="\t", flush=True)
+            try:
+                run(op, field, change)
+                print("no error", flush=True)
+            except Exception as exc:  # noqa: BLE001  (the type is what the test checks)
+                print(type(exc).__name__, str(exc).splitlines()[0], sep="\t", flush=True)
+
+
+@pytest.fixture(scope="module")
+def crafted_results():
+    # A crafted array used to crash the process (SIGSEGV): run the cases in a child process, so a
+    # crash fails the tests instead of killing the test run.
+    proc = subprocess.run([sys.executable, __file__, "crafted"], capture_output=True, text=True, timeout=600)
+    results = dict(line.split("\t", 1) for line in proc.stdout.splitlines() if "\t" in line)
+    return proc, results
+
+
+@pytest.mark.parametrize("kind,case", [("graph", c) for c in GRAPH_CASES] + [("index", c) for c in INDEX_CASES],
+                         ids=lambda c: c if isinstance(c, str) else f"{c[1]}-{c[0]}")
+def test_crafted_arrays_raise_value_error_naming_the_array(crafted_results, kind, case):
+    proc, results = crafted_results
+    name, op, _, _, expected = case
+    key = f"{kind}:{name}"
+    assert proc.returncode == 0, (
+        f"the child process died (return code {proc.returncode}) after {list(results)[-1:]}:\n{proc.stderr[-2000:]}"
+    )
+    assert key in results, f"{key} did not run:\n{proc.stdout[-2000:]}"
+    error, _, message = results[key].partition("\t")
+    assert error == "ValueError", f"{key} ({op}): {results[key]}"
+    assert expected in message, f"{key} ({op}): {message}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_valid_arrays_pass_with_and_without_the_mark(device):
+    graph = _graph(device)
+    x, relation = torch.randn(2, N, 4, device=device), torch.randn(R, 4, device=device)
+    marked, _ = ops.rel_aggregate(x, relation, graph.arrays, None, None, "distmult", "sum", graph.mark)
+    checked, _ = ops.rel_aggregate(x, relation, graph.arrays, None, None, "distmult", "sum")
+    assert torch.equal(marked, checked)
+    assert graph.mark != 0 and ops.rel_graph_mark(graph.arrays) == graph.mark
+    index = triple_index(graph)
+    assert index.mark != 0 and ops.triple_index_mark(index.arrays) == index.mark
+    # The mark follows the arrays' versions: written in place, re-marked, different.
+    before = index.mark
+    index.all_eids[0] = index.all_eids[0].clone()
+    assert ops.triple_index_mark(index.arrays) != before
+
+
+def test_marked_arrays_skip_the_value_check():
+    # A write through .data bypasses the version counter, so the mark still matches: the op must
+    # then trust the arrays (that is the point of the mark), while an unmarked call checks them.
+    # The change is harmless to the kernels: node N - 1 has no in-edge, and its empty row
+    # [dst_ptr[N - 1], dst_ptr[N]) stays empty when dst_ptr[N] decreases.
+    graph = _graph()
+    x, relation = torch.randn(2, N, 4), torch.randn(R, 4)
+    dst_ptr = graph.arrays[0]
+    assert dst_ptr[-2] == dst_ptr[-1] == E
+    dst_ptr.data[-1] -= 1
+    rel_aggregate(x, relation, graph)  # marked: no check
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def compiled(x, relation):
+        return rel_aggregate(x, relation, graph).sum()
+
+    compiled(x, relation)  # the mark reaches the op under torch.compile too
+    with pytest.raises(ValueError, match=r"graph array dst_ptr holds offsets that decrease"):
+        ops.rel_aggregate(x, relation, graph.arrays, None, None, "distmult", "sum")
+
+
+def test_graph_built_under_inference_mode_is_marked():
+    edge_index, edge_type = random_graph(N, E, R, seed=3)
+    with torch.inference_mode():
+        graph = RelGraph(edge_index, edge_type, N, R)
+        index = triple_index(graph)
+    assert not any(a.is_inference() for a in graph.arrays + index.arrays)
+    assert ops.rel_graph_mark(graph.arrays) == graph.mark
+    x, relation = torch.randn(2, N, 4), torch.randn(R, 4)
+    torch.testing.assert_close(rel_aggregate(x, relation, graph), rel_aggregate_reference(x, relation, graph))
+    # Inference tensors have no version counter: never marked, always checked.
+    with torch.inference_mode():
+        frozen = [a.clone() for a in graph.arrays]
+    assert ops.rel_graph_mark(frozen) == 0
+
+
+# --- RelGraph owns its tensors ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_relgraph_copies_the_callers_tensors(dtype):
+    edge_index, edge_type = random_graph(N, E, R, seed=5)
+    edge_index, edge_type = edge_index.to(dtype), edge_type.to(dtype)
+    graph = RelGraph(edge_index, edge_type, N, R)
+    kept_index, kept_type = edge_index.long().clone(), edge_type.long().clone()
+    x, relation = torch.randn(2, N, 4), torch.randn(R, 4)
+    expected = rel_aggregate(x, relation, graph)
+    answers = TripleIndex.of(graph).answer_mask(torch.arange(N), torch.zeros(N, dtype=torch.long))
+
+    edge_index[0].fill_(1)  # every edge now points at node 1, with relation 0
+    edge_index[1] = torch.arange(E) % N
+    edge_type.zero_()
+
+    assert torch.equal(graph.edge_index, kept_index) and torch.equal(graph.edge_type, kept_type)
+    torch.testing.assert_close(rel_aggregate_reference(x, relation, graph), expected)
+    assert torch.equal(rel_aggregate(x, relation, graph), expected)
+    assert torch.equal(TripleIndex.of(graph).answer_mask(torch.arange(N), torch.zeros(N, dtype=torch.long)), answers)
+
+
+# --- second derivatives -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("message", MESSAGES)
+@pytest.mark.parametrize("aggregate", AGGREGATES)
+@pytest.mark.parametrize("per_query", [False, True])
+def test_double_backward_raises_on_every_path(message, aggregate, per_query):
+    edge_index, edge_type = random_graph(12, 60, 4, seed=1, duplicates=False)
+    graph = RelGraph(edge_index, edge_type, 12, 4)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 12, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    relation = torch.randn(*((2,) if per_query else ()), 4, 3, generator=gen, dtype=torch.float64,
+                           requires_grad=True)
+    weight = (torch.rand(60, generator=gen, dtype=torch.float64) + 0.5).requires_grad_(True)
+    mask = torch.rand(60, generator=gen) < 0.2
+    leaves = (x, relation, weight)
+    out = rel_aggregate(x, relation, graph, weight, mask, message, aggregate)
+    first = torch.autograd.grad(out.square().sum(), leaves, create_graph=True)
+
+    # create_graph=True still gives the right first derivatives ...
+    expected = torch.autograd.grad(
+        rel_aggregate_reference(x, relation, graph, weight, mask, message, aggregate).square().sum(), leaves
+    )
+    for got, want in zip(first, expected):
+        torch.testing.assert_close(got, want)
+    # ... and any derivative of them, in any direction, is refused rather than wrong.
+    pattern = "rel_aggregate: double backward is not supported"
+    for grad in first:
+        for leaf in leaves:
+            with pytest.raises(NotImplementedError, match=pattern):
+                torch.autograd.grad(grad.sum(), leaf, retain_graph=True)
+    fn = lambda x, r, w: rel_aggregate(x, r, graph, w, mask, message, aggregate)  # noqa: E731
+    with pytest.raises(NotImplementedError, match=pattern):
+        torch.autograd.gradgradcheck(fn, leaves, fast_mode=True)
+
+
+# --- ids and counts of the triple ops -----------------------------------------------------------
+
+
+def test_answer_mask_rejects_ids_out_of_range():
+    graph = _graph()
+    index = triple_index(graph)
+    src, rel = torch.tensor([0, 1]), torch.tensor([0, 1])
+    cases = [
+        (dict(relations=torch.tensor([0, -3])), ValueError, r"relations must be ids in \[0, 10\), found \[-3, 0\]"),
+        (dict(relations=torch.tensor([10, 0])), ValueError, r"relations must be ids in \[0, 10\), found \[0, 10\]"),
+        (dict(sources=torch.tensor([-1, 0])), ValueError, r"sources must be node ids in \[0, 40\), found \[-1, 0\]"),
+        (dict(sources=torch.tensor([0, 40])), ValueError, r"sources must be node ids in \[0, 40\)"),
+        (dict(sources=torch.tensor([0.0, 1.0])), TypeError, "sources must be an integer tensor"),
+        (dict(relations=torch.tensor([True, False])), TypeError, "relations must be an integer tensor"),
+        (dict(relations=torch.tensor([0])), ValueError, "sources and relations must have the same length"),
+        (dict(sources=torch.tensor([[0, 1]])), ValueError, r"sources must have shape \[Q\]"),
+    ]
+    for change, error, pattern in cases:
+        args = {"sources": src, "relations": rel, **change}
+        with pytest.raises(error, match=pattern):
+            index.answer_mask(**args)
+    assert index.answer_mask(src, rel).shape == (2, N)
+
+
+def test_triple_index_rejects_ids_out_of_range():
+    edge_index, edge_type = random_graph(N, E, R, seed=3)
+    with pytest.raises(ValueError, match=r"TripleIndex: edge_index must hold node ids in \[0, 38\)"):
+        TripleIndex(edge_index, edge_type, N - 2, R)
+    with pytest.raises(ValueError, match=r"TripleIndex: edge_type must hold relation ids in \[0, 9\)"):
+        TripleIndex(edge_index, edge_type, N, R - 1)
+    with pytest.raises(TypeError, match="TripleIndex: edge_index must be an integer tensor"):
+        TripleIndex(edge_index.float(), edge_type, N, R)
+    with pytest.raises(ValueError, match=r"TripleIndex: edge_type must have shape \[E\] = \[300\]"):
+        TripleIndex(edge_index, edge_type[:-1], N, R)
+
+
+def test_num_negative_must_be_a_positive_int():
+    graph = _graph()
+    triples = torch.tensor([[0, 1, 0], [2, 3, 1]])
+    for bad in (True, False, 2.0, "4", None):
+        with pytest.raises(TypeError, match="negative_sampling: num_negative must be an int"):
+            negative_sampling(graph, triples, bad)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="negative_sampling: num_negative must be a positive int"):
+            negative_sampling(graph, triples, bad)
+    assert negative_sampling(graph, triples, np.int64(3)).shape == (2, 4, 3)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["crafted"]:
+    _crafted_main()
