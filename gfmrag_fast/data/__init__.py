@@ -13,7 +13,8 @@
 
 Layout read: ``<root>/<name>/processed/stage1/{kg.txt, valid.txt, test.txt,
 document2entities.json, train.json, test.json}`` and ``<root>/<name>/raw/dataset_corpus.json``;
-written: ``<root>/<name>/processed/stage2/<fingerprint>/``.
+written: ``<root>/<name>/processed/stage2/<fingerprint>/`` (safe to build and load from several
+processes at once; files verified on load: see :mod:`gfmrag_fast.data.cache`).
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from .batch import QACollate, collate_qa, entities_weight, index_mask
-from .cache import PROCESSING_VERSION
+from .cache import PROCESSING_VERSION, CacheError
 from .kg_dataset import KGDataset, resolve_text_emb_model
 from .qa_dataset import IndexLists, QADataset, QASplit
 from .readers import read_json, read_triples
 
 __all__ = [
     "PROCESSING_VERSION",
+    "CacheError",
     "IndexLists",
     "KGDataset",
     "QACollate",

@@ -12,7 +12,8 @@ loading the same dataset at once:
   ``.tmp-<fingerprint>-<host>-<pid>-<random>`` beside it and becomes the folder by one
   ``rename``. ``meta.json`` records the size and sha256 of every file, and every file is
   verified as it is read, so a truncated or altered file (or a folder without ``meta.json``)
-  is detected; it is then rebuilt and replaced, with a warning naming the file.
+  is detected; it is then rebuilt and replaced, with a warning naming the file (or, where it
+  cannot be rebuilt, e.g. a read-only folder, :class:`CacheError` names it).
 * A complete folder is never replaced, except by ``force_rebuild`` or because it is damaged.
   Builders of one fingerprint take turns through a lock file ``.lock-<fingerprint>``
   (``flock``: released by the kernel if the holder dies); the one that comes second finds the
@@ -27,12 +28,14 @@ loading the same dataset at once:
   instant between the two renames and finds no folder, goes on to take the lock, which the
   replacing process holds throughout, and then loads the new folder. So every load returns
   either the old or the new build, in full. (Without working locks such a reader builds the
-  dataset itself, still without failing.)
+  dataset itself and publishes or loads as above, trying again a few times if the folder keeps
+  being replaced under it: slower, still without failing.)
 * Staging and aside folders left by killed builders are removed at the next build in the same
   ``stage2`` folder when they are clearly dead: their fingerprint's lock is free (or held by
   this process), or, where locks do not work, their process is gone from this host. Failing
-  both tests, they are removed once older than a day. A live builder's folder is never
-  touched.
+  both tests (no locks and another host), they are removed once untouched for a day. A live
+  builder's folder is otherwise never touched. Lock files stay: deleting one would race with
+  the processes waiting on it.
 """
 
 from __future__ import annotations
@@ -289,7 +292,7 @@ def _publish(staging: str, final: str, replace: bool) -> bool:
 
 class _BuildLock:
     """An exclusive ``flock`` on ``<stage2>/.lock-<fingerprint>``, or nothing where the file
-    system has no locks (``held`` False). The kernel drops it when its holder dies."""
+    system has no locks (``held`` stays False). The kernel drops it when its holder dies."""
 
     def __init__(self, final: str):
         parent, name = os.path.split(final)
@@ -297,11 +300,11 @@ class _BuildLock:
         self.fd: int | None = None
         self.held = False
 
-    def __enter__(self) -> _BuildLock:
+    def acquire(self) -> None:
         try:
             import fcntl
         except ImportError:  # Windows: publication by rename still keeps the cache consistent
-            return self
+            return
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
@@ -311,19 +314,17 @@ class _BuildLock:
                 log.info("waiting for %s, which is building %s", holder, os.path.dirname(self.path))
                 fcntl.flock(self.fd, fcntl.LOCK_EX)
         except OSError as err:
-            if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
-                self.__exit__()
+            self.release()
+            if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 raise
-            self.__exit__()
             log.warning("%s: no file locking here (%s); concurrent builders may duplicate work", self.path, err)
-            return self
+            return
         self.held = True
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # who holds it, for the message of those who wait
             os.ftruncate(self.fd, 0)
             os.pwrite(self.fd, f"pid {os.getpid()} on {_HOST}".encode(), 0)
-        return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def release(self) -> None:
         if self.fd is not None:
             os.close(self.fd)  # releases the flock
             self.fd = None
@@ -413,6 +414,33 @@ def load_or_build(
     See the module docstring for what holds under concurrent builders and readers.
     """
     folder = os.fspath(folder)
+    for _ in range(_UNLOCKED_ATTEMPTS - 1):
+        try:
+            return _load_or_build_once(folder, expected_fingerprint, build, load, force_rebuild)
+        except _Raced as err:
+            log.info("%s; trying again", err)
+            force_rebuild = False  # built once already: what is published now is as new
+    return _load_or_build_once(folder, expected_fingerprint, build, load, force_rebuild, last_attempt=True)
+
+
+class _Raced(Exception):
+    """Without build locks, the folder was replaced again between publishing and loading it."""
+
+
+# Without locks, a process can publish and then find the folder replaced by another's force
+# rebuild before it has read it; it tries again this many times in all.
+_UNLOCKED_ATTEMPTS = 5
+
+
+def _load_or_build_once(
+    folder: str,
+    expected_fingerprint: str,
+    build: Callable[[str], Mapping[str, Any]],
+    load: Callable[[CacheReader], T],
+    force_rebuild: bool,
+    last_attempt: bool = False,
+) -> T:
+    damage = None
     if not force_rebuild:
         try:
             return _load_published(folder, expected_fingerprint, load)
@@ -422,8 +450,10 @@ def load_or_build(
             # Damaged, or replaced while being read: decided below, under the lock.
             log.debug("%s; retrying under the build lock", err)
     parent = os.path.dirname(folder)
-    os.makedirs(parent, exist_ok=True)
-    with _BuildLock(folder) as lock:
+    lock = _BuildLock(folder)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        lock.acquire()
         replace = force_rebuild
         if not force_rebuild:
             try:
@@ -432,7 +462,7 @@ def load_or_build(
                 pass
             except CacheError as err:
                 log.warning("%s; rebuilding %s", err, folder)
-                replace = True
+                damage, replace = err, True
         _remove_dead_leftovers(parent, os.path.basename(folder), lock.held)
         staging = _unique_name(parent, STAGING_PREFIX, os.path.basename(folder))
         os.makedirs(staging)
@@ -442,4 +472,17 @@ def load_or_build(
         except BaseException:
             _remove(staging)
             raise
-        return _load_published(folder, expected_fingerprint, load)
+        try:
+            return _load_published(folder, expected_fingerprint, load)
+        except (_Absent, CacheError) as err:
+            problem = str(err) if isinstance(err, CacheError) else f"{folder}: gone"
+            # Under the lock nobody else replaces the folder: then this is real damage.
+            if lock.held or last_attempt:
+                raise CacheError(f"{problem} (just after publishing it)") from None
+            raise _Raced(problem) from None
+    except OSError as err:
+        if damage is None:
+            raise
+        raise CacheError(f"{damage}, and it could not be rebuilt: {err}") from err
+    finally:
+        lock.release()
