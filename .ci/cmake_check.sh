@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Configures and builds CMakeLists.txt (CPU only) in a temporary folder, then loads the library
-# with torch.ops.load_library and runs torch.ops.gfmrag_fast.rel_aggregate on a tiny graph.
+# with torch.ops.load_library, runs torch.ops.gfmrag_fast.rel_aggregate on a tiny graph and checks
+# that a crafted graph array is rejected with a ValueError.
 #
 #   PYTHON=.venv/bin/python MAX_JOBS=2 .ci/cmake_check.sh
 #
@@ -68,6 +69,17 @@ out, _ = torch.ops.gfmrag_fast.rel_aggregate(x, relation, graph, weight, None, "
 expected = torch.stack([2.0 * (x[0, 1] + relation[0]), torch.zeros(3)]).unsqueeze(0)
 torch.testing.assert_close(out, expected)
 print("cmake_check: rel_aggregate ran on CPU:", out.tolist())
+
+# The library checks crafted arrays itself, without the Python wrappers: an error, not a crash.
+crafted = list(graph)
+crafted[1] = i32(10**9)  # dst_src: a source node far outside [0, N)
+try:
+    torch.ops.gfmrag_fast.rel_aggregate(x, relation, crafted, None, None, "distmult", "sum")
+except ValueError as exc:
+    assert "graph array dst_src" in str(exc), exc
+else:
+    raise AssertionError("cmake_check: a crafted graph array was not rejected")
+print("cmake_check: crafted graph array rejected")
 EOF
 
 echo "cmake build: OK"

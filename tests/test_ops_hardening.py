@@ -173,19 +173,21 @@ def test_marked_arrays_skip_the_value_check():
     # The change is harmless to the kernels: node N - 1 has no in-edge, and its empty row
     # [dst_ptr[N - 1], dst_ptr[N]) stays empty when dst_ptr[N] decreases.
     graph = _graph()
-    x, relation = torch.randn(2, N, 4), torch.randn(R, 4)
+    x, relation = torch.randn(2, N, 4, requires_grad=True), torch.randn(R, 4, requires_grad=True)
+    weight = torch.rand(E, requires_grad=True)
     dst_ptr = graph.arrays[0]
     assert dst_ptr[-2] == dst_ptr[-1] == E
     dst_ptr.data[-1] -= 1
-    rel_aggregate(x, relation, graph)  # marked: no check
+    # Marked: no check, in the forward and in the three backward ops (the saved arrays keep it).
+    rel_aggregate(x, relation, graph, weight).sum().backward()
 
     @torch.compile(fullgraph=True, backend="aot_eager")
-    def compiled(x, relation):
-        return rel_aggregate(x, relation, graph).sum()
+    def compiled(x, relation, weight):
+        return rel_aggregate(x, relation, graph, weight).sum()
 
-    compiled(x, relation)  # the mark reaches the op under torch.compile too
+    compiled(x, relation, weight).backward()  # the mark reaches the ops under torch.compile too
     with pytest.raises(ValueError, match=r"graph array dst_ptr holds offsets that decrease"):
-        ops.rel_aggregate(x, relation, graph.arrays, None, None, "distmult", "sum")
+        ops.rel_aggregate(x.detach(), relation.detach(), graph.arrays, None, None, "distmult", "sum")
 
 
 def test_graph_built_under_inference_mode_is_marked():

@@ -76,9 +76,9 @@ def rel_graph_of(graph, device: Optional[torch.device] = None) -> RelGraph:
     state = _state(edge_index, edge_type, num_nodes, num_relations)
     entry = _CACHE.get(edge_index)
     if entry is None or entry.edge_type() is not edge_type or entry.state != state:
-        # detach(): the cached RelGraph must not hold the key tensor itself (it keeps int64 input
-        # as given), or the weak key could never be collected.
-        prepared = RelGraph(edge_index.detach(), edge_type.detach(), num_nodes, num_relations)
+        # RelGraph copies its inputs, so the entry never holds the key tensor and the weak key can
+        # be collected.
+        prepared = RelGraph(edge_index, edge_type, num_nodes, num_relations)
         entry = _Entry(weakref.ref(edge_type), state, prepared)
         _CACHE[edge_index] = entry
     return entry.graph if device is None else entry.graph.to(device)

@@ -143,8 +143,9 @@ def _no_double_backward(ctx, *grads):
 
 # Without these, autograd would treat the backward ops as constants (or warn and return None),
 # and a second derivative through rel_aggregate would come back silently wrong or partial. With
-# them, every path through a first gradient raises. No cost for first derivatives: grad mode is
-# off inside a backward without create_graph, so no node is recorded.
+# them, every path through a first gradient raises. First derivatives record no node (grad mode
+# is off inside a backward without create_graph); the Python autograd layer costs ~5 us per
+# backward op call in eager mode, nothing once compiled.
 for _name in ("rel_aggregate_backward_x", "rel_aggregate_backward_relation", "rel_aggregate_backward_edge_weight"):
     torch.library.register_autograd(f"gfmrag_fast::{_name}", _no_double_backward)
 
