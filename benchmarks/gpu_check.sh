@@ -36,8 +36,8 @@ step "tests of the ops and models (CPU and CUDA parametrisations)"
 # The data and workflow tests need the offline text model and Hydra, which this machine lacks.
 TIMEOUT_ARGS=()
 "${PY}" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_ARGS=(--timeout=240)
-timeout 240 "${PY}" -m pytest tests/test_rel_aggregate.py tests/test_triple_sampling.py tests/test_models.py \
-  tests/test_losses_metrics.py -q -p no:cacheprovider "${TIMEOUT_ARGS[@]}" \
+timeout 240 "${PY}" -m pytest tests/test_rel_aggregate.py tests/test_triple_sampling.py tests/test_ops_hardening.py \
+  tests/test_models.py tests/test_losses_metrics.py -q -p no:cacheprovider "${TIMEOUT_ARGS[@]}" \
   --junitxml="${OUT_DIR}/tests.xml" >"${OUT_DIR}/tests.log" 2>&1 || status=1
 tail -3 "${OUT_DIR}/tests.log"
 

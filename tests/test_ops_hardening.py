@@ -77,11 +77,12 @@ INDEX_CASES = [
 ]
 
 
-def _run_graph_case(op, field, change):
-    graph = _graph()
+def _run_graph_case(op, field, change, device):
+    graph = _graph(device)
     gen = torch.Generator().manual_seed(0)
     x, relation, weight = torch.randn(2, N, 4, generator=gen), torch.randn(R, 4, generator=gen), torch.rand(E)
     mask = torch.rand(E, generator=gen) < 0.2
+    x, relation, weight, mask = (t.to(device) for t in (x, relation, weight, mask))
     aggregate = "max" if op == "forward_max" else "mean"
     _, aux = ops.rel_aggregate(x, relation, graph.arrays, weight, mask, "distmult", aggregate)
     i = FIELDS.index(field)
@@ -94,13 +95,13 @@ def _run_graph_case(op, field, change):
     mark = {"forward_forged": 0x5EED_1234_5678, "forward_other_mark": graph.mark}.get(op, 0)
     if op.startswith("forward"):
         return ops.rel_aggregate(x, relation, arrays, weight, mask, "distmult", aggregate, mark)
-    grad_out = torch.randn(2, N, 4, generator=gen)
+    grad_out = torch.randn(2, N, 4, generator=gen).to(device)
     return getattr(ops, f"rel_aggregate_{op}")(grad_out, x, relation, aux, arrays, weight, mask, "transe",
                                                aggregate, 0)
 
 
-def _run_index_case(op, field, change):
-    graph = _graph()
+def _run_index_case(op, field, change, device):
+    graph = _graph(device)
     index = triple_index(graph)
     triples = torch.stack([graph.edge_index[0, :8], graph.edge_index[1, :8], graph.edge_type[:8] % (R // 2)], 1)
     i = INDEX_FIELDS.index(field)
@@ -115,31 +116,39 @@ def _run_index_case(op, field, change):
     return ops.negative_sampling(triples, arrays, N, R, 16, True, 1)
 
 
-def _crafted_main():
+def _crafted_main(device):
     """Runs every crafted case in this process; one line per case: name, error type, message."""
     for kind, cases, run in (("graph", GRAPH_CASES, _run_graph_case), ("index", INDEX_CASES, _run_index_case)):
         for name, op, field, change, _ in cases:
             print(f"{kind}:{name}", end="\t", flush=True)
             try:
-                run(op, field, change)
+                run(op, field, change, device)
+                if device == "cuda":
+                    torch.cuda.synchronize()  # an illegal access would surface here
                 print("no error", flush=True)
             except Exception as exc:  # noqa: BLE001  (the type is what the test checks)
                 print(type(exc).__name__, str(exc).splitlines()[0], sep="\t", flush=True)
 
 
-@pytest.fixture(scope="module")
-def crafted_results():
-    # A crafted array used to crash the process (SIGSEGV): run the cases in a child process, so a
-    # crash fails the tests instead of killing the test run.
-    proc = subprocess.run([sys.executable, __file__, "crafted"], capture_output=True, text=True, timeout=600)
-    results = dict(line.split("\t", 1) for line in proc.stdout.splitlines() if "\t" in line)
-    return proc, results
+_CRAFTED_RESULTS = {}
 
 
+def _crafted_results(device):
+    # A crafted array used to crash the process (SIGSEGV): run the cases in a child process, once
+    # per device, so that a crash fails the tests instead of killing the test run.
+    if device not in _CRAFTED_RESULTS:
+        proc = subprocess.run([sys.executable, __file__, "crafted", device], capture_output=True, text=True,
+                              timeout=600)
+        results = dict(line.split("\t", 1) for line in proc.stdout.splitlines() if "\t" in line)
+        _CRAFTED_RESULTS[device] = proc, results
+    return _CRAFTED_RESULTS[device]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind,case", [("graph", c) for c in GRAPH_CASES] + [("index", c) for c in INDEX_CASES],
                          ids=lambda c: c if isinstance(c, str) else f"{c[1]}-{c[0]}")
-def test_crafted_arrays_raise_value_error_naming_the_array(crafted_results, kind, case):
-    proc, results = crafted_results
+def test_crafted_arrays_raise_value_error_naming_the_array(device, kind, case):
+    proc, results = _crafted_results(device)
     name, op, _, _, expected = case
     key = f"{kind}:{name}"
     assert proc.returncode == 0, (
@@ -312,5 +321,5 @@ def test_num_negative_must_be_a_positive_int():
     assert negative_sampling(graph, triples, np.int64(3)).shape == (2, 4, 3)
 
 
-if __name__ == "__main__" and sys.argv[1:] == ["crafted"]:
-    _crafted_main()
+if __name__ == "__main__" and sys.argv[1:2] == ["crafted"]:
+    _crafted_main(sys.argv[2])
