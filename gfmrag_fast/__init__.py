@@ -8,4 +8,8 @@ def __getattr__(name):  # lazy: `import gfmrag_fast` must not load torch or the 
         from .models.checkpoint import load_pretrained
 
         return load_pretrained
+    if name == "GFMRetriever":
+        from .retrieval import GFMRetriever
+
+        return GFMRetriever
     raise AttributeError(f"module 'gfmrag_fast' has no attribute {name!r}")

@@ -104,16 +104,13 @@ def test_opcheck(device, aggregate, per_query):
     relation.requires_grad_(True)
     weight.requires_grad_(True)
     ops = torch.ops.gfmrag_fast
-    for mark in ((), (graph.mark,)):  # unmarked arrays are checked, marked ones are not
-        args = (x, relation, graph.arrays, weight, mask, "distmult", aggregate, *mark)
-        opcheck(ops.rel_aggregate.default, args)
-        out, aux = ops.rel_aggregate(*args)
-        grad_out = torch.randn_like(out)
-        for name in ("rel_aggregate_backward_x", "rel_aggregate_backward_relation",
-                     "rel_aggregate_backward_edge_weight"):
-            bargs = (grad_out, x.detach(), relation.detach(), aux, graph.arrays, weight.detach(), mask, "transe",
-                     aggregate, *mark)
-            opcheck(getattr(ops, name).default, bargs)
+    args = (x, relation, graph.arrays, weight, mask, "distmult", aggregate)
+    opcheck(ops.rel_aggregate.default, args)
+    out, aux = ops.rel_aggregate(*args)
+    grad_out = torch.randn_like(out)
+    for name in ("rel_aggregate_backward_x", "rel_aggregate_backward_relation", "rel_aggregate_backward_edge_weight"):
+        bargs = (grad_out, x.detach(), relation.detach(), aux, graph.arrays, weight.detach(), mask, "transe", aggregate)
+        opcheck(getattr(ops, name).default, bargs)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -395,9 +395,9 @@ std::tuple<at::Tensor, at::Tensor> rel_aggregate_cpu(const at::Tensor& x, const 
                                                      const std::optional<at::Tensor>& edge_weight,
                                                      const std::optional<at::Tensor>& edge_mask,
                                                      c10::string_view message,
-                                                     c10::string_view aggregate, int64_t graph_mark) {
+                                                     c10::string_view aggregate) {
   const RelAggregateArgs a =
-      check_rel_aggregate_inputs(x, relation, graph, edge_weight, edge_mask, message, aggregate, graph_mark);
+      check_rel_aggregate_inputs(x, relation, graph, edge_weight, edge_mask, message, aggregate);
   at::Tensor out = at::empty_like(x);
   at::Tensor aux = empty_aux(x, a);  // the forward writes every row of it
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rel_aggregate_cpu", [&] {
@@ -416,10 +416,9 @@ at::Tensor rel_aggregate_backward_cpu(const at::Tensor& grad_out, const at::Tens
                                       const at::Tensor& relation, const at::Tensor& aux,
                                       at::TensorList graph, const std::optional<at::Tensor>& edge_weight,
                                       const std::optional<at::Tensor>& edge_mask,
-                                      c10::string_view message, c10::string_view aggregate,
-                                      int64_t graph_mark) {
+                                      c10::string_view message, c10::string_view aggregate) {
   const RelAggregateArgs a = check_rel_aggregate_backward_inputs(grad_out, x, relation, aux, graph, edge_weight,
-                                                                 edge_mask, message, aggregate, graph_mark);
+                                                                 edge_mask, message, aggregate);
   at::Tensor grad = empty_grad(G, x, relation, a);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rel_aggregate_backward_cpu", [&] {
     const auto in = make_inputs<scalar_t>(x, relation, &aux, graph, edge_weight, edge_mask, a);

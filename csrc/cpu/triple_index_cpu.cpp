@@ -12,10 +12,9 @@ namespace gfmrag_fast {
 namespace {
 
 at::Tensor negative_sampling_cpu(const at::Tensor& triples, at::TensorList index, int64_t num_nodes,
-                                 int64_t num_relations, int64_t num_negative, bool strict, int64_t seed,
-                                 int64_t index_mark) {
+                                 int64_t num_relations, int64_t num_negative, bool strict, int64_t seed) {
   const TripleIndexView ix =
-      check_negative_sampling_inputs(triples, index, num_nodes, num_relations, num_negative, index_mark);
+      check_negative_sampling_inputs(triples, index, num_nodes, num_relations, num_negative);
   const int64_t B = triples.size(0), K = num_negative;
   at::Tensor out = at::empty({B, K + 1, 3}, triples.options());
   const int64_t* in = triples.data_ptr<int64_t>();
@@ -41,8 +40,8 @@ at::Tensor negative_sampling_cpu(const at::Tensor& triples, at::TensorList index
 }
 
 at::Tensor easy_edge_mask_cpu(const at::Tensor& triples, at::TensorList index, int64_t num_edges,
-                              int64_t num_relations, int64_t index_mark) {
-  const TripleIndexView ix = check_easy_edge_mask_inputs(triples, index, num_edges, num_relations, index_mark);
+                              int64_t num_relations) {
+  const TripleIndexView ix = check_easy_edge_mask_inputs(triples, index, num_edges, num_relations);
   at::Tensor mask = at::zeros({num_edges}, triples.options().dtype(at::kBool));
   bool* out = mask.data_ptr<bool>();
   const int64_t* in = triples.data_ptr<int64_t>();

@@ -410,9 +410,9 @@ std::tuple<at::Tensor, at::Tensor> rel_aggregate_cuda(const at::Tensor& x, const
                                                       const std::optional<at::Tensor>& edge_weight,
                                                       const std::optional<at::Tensor>& edge_mask,
                                                       c10::string_view message,
-                                                      c10::string_view aggregate, int64_t graph_mark) {
+                                                      c10::string_view aggregate) {
   const RelAggregateArgs a =
-      check_rel_aggregate_inputs(x, relation, graph, edge_weight, edge_mask, message, aggregate, graph_mark);
+      check_rel_aggregate_inputs(x, relation, graph, edge_weight, edge_mask, message, aggregate);
   const at::cuda::OptionalCUDAGuard guard(device_of(x));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   at::Tensor out = at::empty_like(x);
@@ -452,10 +452,9 @@ at::Tensor rel_aggregate_backward_cuda(const at::Tensor& grad_out, const at::Ten
                                        const at::Tensor& relation, const at::Tensor& aux,
                                        at::TensorList graph, const std::optional<at::Tensor>& edge_weight,
                                        const std::optional<at::Tensor>& edge_mask,
-                                       c10::string_view message, c10::string_view aggregate,
-                                       int64_t graph_mark) {
+                                       c10::string_view message, c10::string_view aggregate) {
   const RelAggregateArgs a = check_rel_aggregate_backward_inputs(grad_out, x, relation, aux, graph, edge_weight,
-                                                                 edge_mask, message, aggregate, graph_mark);
+                                                                 edge_mask, message, aggregate);
   const at::cuda::OptionalCUDAGuard guard(device_of(x));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   at::Tensor grad = empty_grad(G, x, relation, a);

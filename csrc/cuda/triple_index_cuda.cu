@@ -51,10 +51,9 @@ __global__ void easy_edge_mask_kernel(const int64_t* __restrict__ triples, Tripl
 int64_t blocks_for(int64_t n) { return (n + kThreads - 1) / kThreads; }
 
 at::Tensor negative_sampling_cuda(const at::Tensor& triples, at::TensorList index, int64_t num_nodes,
-                                  int64_t num_relations, int64_t num_negative, bool strict, int64_t seed,
-                                  int64_t index_mark) {
+                                  int64_t num_relations, int64_t num_negative, bool strict, int64_t seed) {
   const TripleIndexView ix =
-      check_negative_sampling_inputs(triples, index, num_nodes, num_relations, num_negative, index_mark);
+      check_negative_sampling_inputs(triples, index, num_nodes, num_relations, num_negative);
   const c10::cuda::CUDAGuard guard(triples.device());
   const int64_t B = triples.size(0);
   at::Tensor out = at::empty({B, num_negative + 1, 3}, triples.options());
@@ -69,8 +68,8 @@ at::Tensor negative_sampling_cuda(const at::Tensor& triples, at::TensorList inde
 }
 
 at::Tensor easy_edge_mask_cuda(const at::Tensor& triples, at::TensorList index, int64_t num_edges,
-                               int64_t num_relations, int64_t index_mark) {
-  const TripleIndexView ix = check_easy_edge_mask_inputs(triples, index, num_edges, num_relations, index_mark);
+                               int64_t num_relations) {
+  const TripleIndexView ix = check_easy_edge_mask_inputs(triples, index, num_edges, num_relations);
   const c10::cuda::CUDAGuard guard(triples.device());
   at::Tensor mask = at::zeros({num_edges}, triples.options().dtype(at::kBool));
   const int64_t n = 2 * triples.size(0);

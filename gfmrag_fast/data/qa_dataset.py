@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .batch import QACollate, entities_weight
-from .cache import CacheReader, save_json, save_tensors
+from .cache import PROCESSING_VERSION, CacheReader, file_digest, fingerprint, load_or_build, save_json, save_tensors
 from .kg_dataset import KGDataset
 from .readers import clean_name, json_type, read_json
 
@@ -146,6 +146,7 @@ class QADataset(KGDataset):
         doc2id: document title → id (``doc2id.json``); ``doc_names`` lists them by id.
         ent2doc: [N, num_docs] sparse COO float, 1 where the entity occurs in the document.
         splits: split name → :class:`QASplit`; also ``split(name)``.
+        text_embeddings(): entity-name and document embeddings for retrieval, built on first call.
         stats[split]: ``questions``, ``kept``, ``skipped`` and per reason ``skipped_no_question_entities``,
             ``skipped_no_supporting_entities``, ``skipped_no_supporting_docs`` (a question
             missing several counts under each), and ``unknown_question_entities``,
@@ -254,6 +255,8 @@ class QADataset(KGDataset):
 
     def _load(self, cache: CacheReader) -> None:
         super()._load(cache)
+        self._input_digests = cache.meta.get("inputs") or {}
+        self._text_embeddings: dict[str, torch.Tensor] | None = None
         self.doc2id = cache.json("doc2id.json")
         self.doc_names = list(self.doc2id)
         e2d = cache.tensors("ent2doc.pt")
@@ -286,6 +289,45 @@ class QADataset(KGDataset):
         if name not in self.splits:
             raise KeyError(f"{self.data_name}: no split {name!r}; available: {sorted(self.splits)}")
         return self.splits[name]
+
+    def text_embeddings(self) -> dict[str, torch.Tensor]:
+        """Embeddings for retrieval: ``{"entities": [N, D], "documents": [num_docs, D]}`` float32.
+
+        Entities are embedded by name, documents as ``"title\ntext"`` (the title alone without
+        ``raw/dataset_corpus.json``), both as passages, with the dataset's text model, so they
+        compare with its question embeddings. Training never needs them: they are built on the
+        first call into a stage-2 folder of their own beside the dataset's (its fingerprint
+        hashes the dataset's and the text model's), with the same guarantees under concurrent
+        builders, and loaded from there afterwards.
+        """
+        if self._text_embeddings is None:
+            key = fingerprint("qa_text_embeddings", self.text_emb_model.config_dict(), {"stage2": self.fingerprint}, {})
+            folder = os.path.join(os.path.dirname(self.processed_dir), key)
+
+            def build(out: str) -> dict[str, Any]:
+                emb = {"entities": self._embed(list(self.ent2id), is_query=False, what="entity names"),
+                       "documents": self._embed(self._document_texts(), is_query=False, what="documents")}
+                save_tensors(os.path.join(out, "text_embeddings.pt"), emb)
+                return {"fingerprint": key, "version": PROCESSING_VERSION, "kind": "qa_text_embeddings",
+                        "stage2": self.fingerprint, "text_emb_model": self.text_emb_model.config_dict()}
+
+            self._text_embeddings = load_or_build(folder, key, build, lambda c: c.tensors("text_embeddings.pt"))
+        return self._text_embeddings
+
+    def _document_texts(self) -> list[str]:
+        """``"title\ntext"`` per document id, from the corpus this dataset was built from."""
+        path = os.path.join(self.dataset_dir, "raw", "dataset_corpus.json")
+        recorded = self._input_digests.get("raw/dataset_corpus.json")
+        if recorded is None:
+            return list(self.doc_names)
+        if not os.path.isfile(path) or file_digest(path) != recorded:
+            raise RuntimeError(f"{path} changed since {self.data_name!r} was loaded: load the dataset again")
+        texts: dict[str, str] = {}
+        for title, text in read_json(path).items():
+            if not isinstance(text, str):
+                raise ValueError(f"{path}: document {title!r}: expected its text, got {json_type(text)}")
+            texts.setdefault(clean_name(title), f"{clean_name(title)}\n{text}")
+        return [texts[name] for name in self.doc_names]
 
     def entities_weight(self) -> torch.Tensor:
         """[N] GFM-RAG's inverse document frequency weights; see :func:`batch.entities_weight`."""

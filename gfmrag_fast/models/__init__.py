@@ -10,6 +10,7 @@ from .aggregation import AGGREGATES, MESSAGES, PreparedGraph, neighbourhood_upda
 from .checkpoint import build_model, load_pretrained, model_config, resolve_target, save_pretrained
 from .doc_ranker import (
     DocRanker,
+    HybridRanker,
     IDFRanker,
     IDFWeightedRanker,
     IDFWeightedTopKRanker,
@@ -24,6 +25,6 @@ from .retriever import GNNRetriever, QueryGNN
 __all__ = [
     "GNNRetriever", "QueryGNN", "QueryNBFNet", "EntityNBFNet", "NBFNet", "GeneralizedRelationalConv",
     "neighbourhood_update", "PreparedGraph", "MESSAGES", "AGGREGATES", "to_tail_prediction", "rel_graph_of",
-    "DocRanker", "SimpleRanker", "IDFWeightedRanker", "IDFRanker", "TopKRanker", "IDFWeightedTopKRanker",
+    "DocRanker", "HybridRanker", "SimpleRanker", "IDFWeightedRanker", "IDFRanker", "TopKRanker", "IDFWeightedTopKRanker",
     "load_pretrained", "save_pretrained", "build_model", "model_config", "resolve_target",
 ]

@@ -4,14 +4,15 @@ Notation: ``A = ent2doc`` [N, D] (A[e, d] = 1 when entity e occurs in document d
 values work, sparse or dense), ``s = ent_pred`` [B, N], ``df[e] = Σ_d A[e, d]`` (the entity's
 document frequency) and ``idf[e] = 1 / df[e]`` (0 when df[e] = 0), ``top_k(s_b)`` the k
 highest-scoring entities of query b (``torch.topk``; ties broken as it breaks them; k is capped
-at N). Every ranker maps [B, N] → [B, D].
+at N). Every ranker maps [B, N] → [B, D]; :class:`HybridRanker` also takes the question embeddings.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
+from torch.nn import functional as F
 
 
 class DocRanker:
@@ -101,6 +102,70 @@ class IDFWeightedTopKRanker(TopKRanker):
         self._check(ent_pred)
         ent2doc, idf = self._tensors(ent_pred)
         return self._top_k_weights(ent_pred, idf) @ ent2doc
+
+
+def _min_max(scores: torch.Tensor) -> torch.Tensor:  # [B, D] -> [B, D] in [0, 1]
+    """Each row mapped linearly onto [0, 1]; a constant row becomes 0."""
+    low = scores.min(dim=-1, keepdim=True).values
+    span = scores.max(dim=-1, keepdim=True).values - low
+    return torch.where(span > 0, (scores - low) / span.clamp(min=torch.finfo(scores.dtype).tiny), 0.0)
+
+
+class HybridRanker(DocRanker):
+    """GNN document scores fused with dense question–document similarity.
+
+    ``gnn = gnn_ranker(s)`` [B, D] (default :class:`IDFWeightedTopKRanker`, k = 20) and
+    ``dense[b, d] = cos(q_b, doc_emb_d)``, each min-max normalised per question to [0, 1], then
+    ``doc = (1 - dense_weight) · gnn + dense_weight · dense``. The GNN ranker scores only the
+    documents of the entities the graph reaches (often none beyond a few dozen); the dense part
+    ranks the rest, and ranks everything for a question with no linked entity.
+
+    ``doc_embeddings`` [D, Dm] and the question embeddings [B, Dm] must come from one text model
+    (``QADataset.text_embeddings()["documents"]`` and the dataset's question embeddings).
+    """
+
+    def __init__(
+        self,
+        ent2doc: torch.Tensor,  # [N, D]
+        doc_embeddings: torch.Tensor,  # [D, Dm]
+        dense_weight: float = 0.5,
+        gnn_ranker: Optional[DocRanker] = None,
+    ):
+        super().__init__(ent2doc)
+        if doc_embeddings.dim() != 2 or doc_embeddings.shape[0] != ent2doc.shape[1]:
+            raise ValueError(f"doc_embeddings must have shape [num_docs = {ent2doc.shape[1]}, dim], "
+                             f"got {tuple(doc_embeddings.shape)}")
+        if not 0.0 <= float(dense_weight) <= 1.0:
+            raise ValueError(f"dense_weight must lie in [0, 1], got {dense_weight}")
+        self.doc_embeddings = F.normalize(doc_embeddings.float(), dim=-1)
+        self.dense_weight = float(dense_weight)
+        self.gnn_ranker = gnn_ranker if gnn_ranker is not None else IDFWeightedTopKRanker(ent2doc)
+
+    def dense_scores(self, question_embeddings: torch.Tensor) -> torch.Tensor:  # [B, Dm] -> [B, D]
+        """Cosine similarity of each question with each document."""
+        docs = self.doc_embeddings.to(question_embeddings.device)
+        return F.normalize(question_embeddings.float(), dim=-1) @ docs.t()
+
+    def __call__(
+        self,
+        ent_pred: torch.Tensor,  # [B, N]
+        question_embeddings: Optional[torch.Tensor] = None,  # [B, Dm]
+        has_entities: Optional[torch.Tensor] = None,  # [B] bool
+    ) -> torch.Tensor:  # [B, D]
+        """``has_entities[b]`` False: question b had no question entity, so its entity scores
+        carry no information and the dense similarity alone ranks its documents."""
+        if question_embeddings is None:
+            raise ValueError("HybridRanker needs the question embeddings: ranker(ent_pred, question_embeddings)")
+        self._check(ent_pred)
+        if question_embeddings.shape != (ent_pred.shape[0], self.doc_embeddings.shape[1]):
+            raise ValueError(f"question_embeddings must have shape [B = {ent_pred.shape[0]}, "
+                             f"{self.doc_embeddings.shape[1]}], got {tuple(question_embeddings.shape)}")
+        gnn = _min_max(self.gnn_ranker(ent_pred).float())
+        dense = _min_max(self.dense_scores(question_embeddings))
+        fused = (1 - self.dense_weight) * gnn + self.dense_weight * dense
+        if has_entities is None:
+            return fused
+        return torch.where(has_entities.to(fused.device).bool()[:, None], fused, dense)
 
 
 # Config names (GFM-RAG's ``_target_`` class names) -> classes.
