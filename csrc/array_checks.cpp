@@ -1,54 +1,71 @@
-// Value checks of index arrays and their marks (see array_checks.h).
+// Value checks of index arrays, done once per array set (see array_checks.h).
 #include "array_checks.h"
-
-#include "triple_index.h"  // mix64
 
 #include <ATen/ops/aminmax.h>
 #include <ATen/ops/any.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/lt.h>
 #include <ATen/ops/zeros.h>
+#include <c10/core/StorageImpl.h>
 #include <c10/util/Exception.h>
+#include <c10/util/intrusive_ptr.h>
 
-#include <random>
+#include <functional>
+#include <mutex>
+#include <unordered_map>
 #include <vector>
 
 namespace gfmrag_fast {
 
 namespace {
 
-uint64_t process_key() {
-  static const uint64_t key = [] {
-    std::random_device device;
-    const uint64_t high = device(), low = device();
-    return mix64((high << 32) ^ low ^ reinterpret_cast<uintptr_t>(&device));
-  }();
-  return key;
-}
-
 at::Tensor as_long(const at::Tensor& t) { return t.reshape({1}).to(at::kLong); }
 
-}  // namespace
+// One array of a remembered set, as it was when it passed.
+struct ArrayState {
+  c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+  const void* data;
+  int64_t numel;
+  at::ScalarType dtype;
+  int64_t version;
 
-int64_t mark_of(at::TensorList arrays) {
-  uint64_t h = mix64(process_key() ^ arrays.size());
-  for (const at::Tensor& t : arrays) {
-    if (!t.defined() || t.is_inference()) return kNoMark;
-    const uint64_t device = (static_cast<uint64_t>(t.device().type()) << 16) ^
-                            (static_cast<uint64_t>(static_cast<uint8_t>(t.device().index())) << 8) ^
-                            static_cast<uint64_t>(t.scalar_type());
-    h = mix64(h ^ device);
-    h = mix64(h ^ static_cast<uint64_t>(reinterpret_cast<uintptr_t>(t.const_data_ptr())));
-    h = mix64(h ^ static_cast<uint64_t>(t.numel()));
-    h = mix64(h ^ static_cast<uint64_t>(t._version()));
+  bool matches(const at::Tensor& t) const {
+    return storage._unsafe_get_target() == t.storage().unsafeGetStorageImpl() && data == t.const_data_ptr() &&
+           numel == t.numel() && dtype == t.scalar_type() && version == t._version();
   }
-  const auto mark = static_cast<int64_t>(h);
-  return mark == kNoMark ? 1 : mark;
+};
+
+bool rememberable(at::TensorList arrays) {
+  for (const at::Tensor& t : arrays) {
+    if (!t.defined() || t.is_inference() || !t.has_storage()) return false;
+  }
+  return true;
 }
 
-bool carries_mark(at::TensorList arrays, int64_t mark) {
-  return mark != kNoMark && mark == mark_of(arrays);
+// Where a set is filed: its arrays' storages and layout, not their versions (a set written in
+// place is found, then fails ArrayState::matches).
+size_t key_of(ArraySet set, at::TensorList arrays) {
+  size_t h = std::hash<int>()(static_cast<int>(set)) ^ arrays.size();
+  for (const at::Tensor& t : arrays) {
+    for (size_t v : {reinterpret_cast<size_t>(t.storage().unsafeGetStorageImpl()),
+                     reinterpret_cast<size_t>(t.const_data_ptr()), static_cast<size_t>(t.numel())}) {
+      h ^= v + 0x9E3779B97F4A7C15ULL + (h << 6) + (h >> 2);
+    }
+  }
+  return h;
 }
+
+struct Registry {
+  std::mutex mutex;
+  std::unordered_map<size_t, std::vector<ArrayState>> sets;
+};
+
+Registry& registry() {
+  static Registry* r = new Registry();  // never destroyed: ops may run during interpreter exit
+  return *r;
+}
+
+}  // namespace
 
 void check_array_values(const char* op, const char* kind, c10::ArrayRef<OffsetsCheck> offsets,
                         c10::ArrayRef<IdsCheck> ids, const char* hint) {
@@ -87,6 +104,39 @@ void check_array_values(const char* op, const char* kind, c10::ArrayRef<OffsetsC
     TORCH_CHECK_VALUE(lo >= 0 && hi < c.bound, op, ": ", kind, " ", c.name, " holds values in [", lo, ", ", hi,
                       "], expected ", c.what, " in [0, ", c.bound_name, " = ", c.bound, ")", hint);
   }
+}
+
+bool passed_value_check(ArraySet set, at::TensorList arrays) {
+  if (!rememberable(arrays)) return false;
+  const size_t key = key_of(set, arrays);
+  Registry& r = registry();
+  const std::lock_guard<std::mutex> lock(r.mutex);
+  const auto it = r.sets.find(key);
+  if (it == r.sets.end() || it->second.size() != arrays.size()) return false;
+  for (size_t i = 0; i < arrays.size(); ++i) {
+    if (!it->second[i].matches(arrays[i])) return false;
+  }
+  return true;
+}
+
+void remember_value_check(ArraySet set, at::TensorList arrays) {
+  if (!rememberable(arrays)) return;
+  std::vector<ArrayState> states;
+  states.reserve(arrays.size());
+  for (const at::Tensor& t : arrays) {
+    states.push_back({c10::weak_intrusive_ptr<c10::StorageImpl>(t.storage().getWeakStorageImpl()),
+                      t.const_data_ptr(), t.numel(), t.scalar_type(), t._version()});
+  }
+  const size_t key = key_of(set, arrays);
+  Registry& r = registry();
+  const std::lock_guard<std::mutex> lock(r.mutex);
+  // Forget sets whose arrays are gone, so that the registry holds only live ones.
+  for (auto it = r.sets.begin(); it != r.sets.end();) {
+    bool gone = false;
+    for (const ArrayState& s : it->second) gone = gone || s.storage.expired();
+    it = gone ? r.sets.erase(it) : std::next(it);
+  }
+  r.sets[key] = std::move(states);
 }
 
 }  // namespace gfmrag_fast

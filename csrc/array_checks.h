@@ -1,20 +1,18 @@
-// Value checks of index arrays, and the marks that let validated arrays skip them.
+// Value checks of index arrays, done once per array set.
 //
 // The kernels index memory with the values of the graph and triple-index arrays, so every op checks
-// them (offsets start at 0, never decrease and end at the length they index; every id is in range)
+// them (offsets start at 0, never decrease and end at the length they index; every id in range)
 // before any kernel runs. That check reads every entry, and on CUDA it costs a device->host copy,
-// so the Python classes that build the arrays (RelGraph, TripleIndex) have them checked once by a
-// *_mark op and pass the returned mark with every call; an op skips the value check when the mark
-// matches the arrays it receives.
+// so the ops remember the array sets that passed it and skip it for them afterwards.
 //
-// A mark is a keyed hash of each array's device, dtype, address, length and version counter, the
-// key drawn at random when the library is loaded:
-//   * it cannot go stale: writing to an array in place bumps its version counter, and replacing it
-//     changes its address, so the old mark no longer matches and the op checks the values again;
-//   * it cannot be forged by accident: only the *_mark ops compute it, after checking, and any
-//     other value matches with probability 2^-64.
-// Writes that bypass the version counter (`tensor.data`, NumPy or DLPack views) are not seen.
-// Inference tensors have no version counter: they are never marked (always checked).
+// A set is recognised by each array's storage, data pointer, length, dtype and version counter.
+// The storage is held by a weak reference, so its address cannot be taken by a new storage while
+// it is remembered, and every in-place write bumps the version counter:
+//   * a remembered set cannot go stale: written in place, it is checked again on its next use;
+//   * it cannot be claimed by other arrays: a copy, however equal, has another storage (and is
+//     checked once itself); nothing is passed through the op schemas, so nothing can be forged.
+// Writes that bypass the version counter (`tensor.data`, NumPy or DLPack views, storage-level
+// writes) are not seen. Inference tensors have no version counter: they are checked on every call.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -24,21 +22,15 @@
 
 namespace gfmrag_fast {
 
-// The value an unmarked call passes (the schemas' default).
-constexpr int64_t kNoMark = 0;
-
-// The mark of `arrays` as they are now; kNoMark when one of them cannot be marked.
-int64_t mark_of(at::TensorList arrays);
-
-// Whether `mark` is the mark of `arrays` as they are now (never true for kNoMark).
-bool carries_mark(at::TensorList arrays, int64_t mark);
+// What a set of arrays was checked as (the same tensors could pass one check and not the other).
+enum class ArraySet : int { RelGraph = 0, TripleIndex = 1 };
 
 // An offsets array [n + 1]: starts at 0, never decreases, ends at `total` (the length it indexes).
 struct OffsetsCheck {
   const at::Tensor& offsets;
   const char* name;
   int64_t total;
-  const char* total_name;
+  const char* total_name;  // e.g. "E"
 };
 
 // An id array whose values must lie in [0, bound).
@@ -54,5 +46,19 @@ struct IdsCheck {
 // <hint>". Integer arrays, all on one device; one device->host copy in all.
 void check_array_values(const char* op, const char* kind, c10::ArrayRef<OffsetsCheck> offsets,
                         c10::ArrayRef<IdsCheck> ids, const char* hint);
+
+// Whether `arrays` passed the value check of `set` and nothing has written to them since.
+bool passed_value_check(ArraySet set, at::TensorList arrays);
+
+// Remembers that `arrays` passed the value check of `set`, as they are now.
+void remember_value_check(ArraySet set, at::TensorList arrays);
+
+// Runs `check` (which raises on bad values) unless `arrays` passed it already.
+template <typename F>
+void check_values_once(ArraySet set, at::TensorList arrays, F&& check) {
+  if (passed_value_check(set, arrays)) return;
+  check();
+  remember_value_check(set, arrays);
+}
 
 }  // namespace gfmrag_fast

@@ -107,23 +107,13 @@ void check_graph_values(at::TensorList graph, const GraphSizes& s) {
   check_array_values("rel_aggregate", "graph array", offsets, ids, " (build the graph with RelGraph)");
 }
 
-// Checks the arrays of a prepared graph and returns their mark (array_checks.h), which lets the
-// ops skip check_graph_values for them.
-int64_t rel_graph_mark(at::TensorList graph) {
-  TORCH_CHECK_VALUE(!graph.empty(), "rel_aggregate: graph must hold ", static_cast<int>(kNumGraphFields),
-                    " prepared arrays (use RelGraph), got 0");
-  check_graph_values(graph, check_graph_arrays(graph, graph[0].device()));
-  return mark_of(graph);
-}
-
 }  // namespace
 
 RelAggregateArgs check_rel_aggregate_inputs(const at::Tensor& x, const at::Tensor& relation,
                                             at::TensorList graph,
                                             const std::optional<at::Tensor>& edge_weight,
                                             const std::optional<at::Tensor>& edge_mask,
-                                            std::string_view message, std::string_view aggregate,
-                                            int64_t graph_mark) {
+                                            std::string_view message, std::string_view aggregate) {
   RelAggregateArgs args{};
   args.message = parse_message(message);
   args.aggregate = parse_aggregate(aggregate);
@@ -183,8 +173,8 @@ RelAggregateArgs check_rel_aggregate_inputs(const at::Tensor& x, const at::Tenso
                       m.scalar_type());
     TORCH_CHECK_VALUE(m.is_contiguous(), "rel_aggregate: edge_mask must be contiguous");
   }
-  // Last, so that the cheap checks above answer first.
-  if (!carries_mark(graph, graph_mark)) check_graph_values(graph, sizes);
+  // Last, so that the cheap checks above answer first; once per graph (array_checks.h).
+  check_values_once(ArraySet::RelGraph, graph, [&] { check_graph_values(graph, sizes); });
   return args;
 }
 
@@ -222,10 +212,9 @@ void check_aux(const at::Tensor& aux, const RelAggregateArgs& args) {
 RelAggregateArgs check_rel_aggregate_backward_inputs(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& relation, const at::Tensor& aux,
     at::TensorList graph, const std::optional<at::Tensor>& edge_weight,
-    const std::optional<at::Tensor>& edge_mask, std::string_view message, std::string_view aggregate,
-    int64_t graph_mark) {
+    const std::optional<at::Tensor>& edge_mask, std::string_view message, std::string_view aggregate) {
   const RelAggregateArgs args =
-      check_rel_aggregate_inputs(x, relation, graph, edge_weight, edge_mask, message, aggregate, graph_mark);
+      check_rel_aggregate_inputs(x, relation, graph, edge_weight, edge_mask, message, aggregate);
   check_grad_out(grad_out, x);
   check_aux(aux, args);
   return args;
@@ -256,27 +245,20 @@ at::Tensor empty_grad(Grad which, const at::Tensor& x, const at::Tensor& relatio
 }
 
 TORCH_LIBRARY(gfmrag_fast, m) {
-  // graph_mark: the mark rel_graph_mark returned for these arrays; with 0, or a mark that no longer
-  // matches them, the ops check the arrays' values first.
   // Forward: returns (out [B, N, d], aux); see rel_aggregate.h for aux.
   m.def(
       "rel_aggregate(Tensor x, Tensor relation, Tensor[] graph, Tensor? edge_weight, "
-      "Tensor? edge_mask, str message, str aggregate, int graph_mark=0) -> (Tensor, Tensor)");
+      "Tensor? edge_mask, str message, str aggregate) -> (Tensor, Tensor)");
   // Gradients, one op each so autograd asks only for what it needs.
   m.def(
       "rel_aggregate_backward_x(Tensor grad_out, Tensor x, Tensor relation, Tensor aux, "
-      "Tensor[] graph, Tensor? edge_weight, Tensor? edge_mask, str message, str aggregate, "
-      "int graph_mark=0) -> Tensor");
+      "Tensor[] graph, Tensor? edge_weight, Tensor? edge_mask, str message, str aggregate) -> Tensor");
   m.def(
       "rel_aggregate_backward_relation(Tensor grad_out, Tensor x, Tensor relation, Tensor aux, "
-      "Tensor[] graph, Tensor? edge_weight, Tensor? edge_mask, str message, str aggregate, "
-      "int graph_mark=0) -> Tensor");
+      "Tensor[] graph, Tensor? edge_weight, Tensor? edge_mask, str message, str aggregate) -> Tensor");
   m.def(
       "rel_aggregate_backward_edge_weight(Tensor grad_out, Tensor x, Tensor relation, Tensor aux, "
-      "Tensor[] graph, Tensor? edge_weight, Tensor? edge_mask, str message, str aggregate, "
-      "int graph_mark=0) -> Tensor");
-  // Checks every value of a RelGraph's arrays (on any device) and returns their mark.
-  m.def("rel_graph_mark(Tensor[] graph) -> int", &rel_graph_mark);
+      "Tensor[] graph, Tensor? edge_weight, Tensor? edge_mask, str message, str aggregate) -> Tensor");
 }
 
 }  // namespace gfmrag_fast

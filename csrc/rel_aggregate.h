@@ -9,9 +9,8 @@
 // node with no unmasked in-edge gets 0. mean divides by the number of unmasked in-edges.
 //
 // The graph arrives as the prepared int32 arrays of gfmrag_fast.ops.RelGraph, passed as one
-// Tensor[] in the order of GraphField, with the mark RelGraph got for them (array_checks.h). The
-// shared input check below checks the arrays' values unless they carry that mark, so the kernels
-// may index memory with them.
+// Tensor[] in the order of GraphField. The shared input check below checks the arrays' values the
+// first time it sees them (array_checks.h), so the kernels may index memory with them.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -65,22 +64,20 @@ Aggregate parse_aggregate(std::string_view aggregate);
 
 // One shared input check for every kernel of the op family; errors name the argument and the
 // expected shape. Every tensor must live on x's device. The graph arrays' values are checked
-// (O(E), a device->host copy on CUDA) unless they carry `graph_mark`.
+// (O(E), a device->host copy on CUDA) unless these arrays passed that check before.
 RelAggregateArgs check_rel_aggregate_inputs(const at::Tensor& x,                       // [B, N, d]
                                             const at::Tensor& relation,                // [R, d] | [B, R, d]
                                             at::TensorList graph,                      // GraphField order
                                             const std::optional<at::Tensor>& edge_weight,  // [E]
                                             const std::optional<at::Tensor>& edge_mask,    // [E] bool
                                             std::string_view message,
-                                            std::string_view aggregate,
-                                            int64_t graph_mark);
+                                            std::string_view aggregate);
 
 // The backward ops' checks: the forward's, plus grad_out (like x) and the saved aux.
 RelAggregateArgs check_rel_aggregate_backward_inputs(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& relation, const at::Tensor& aux,
     at::TensorList graph, const std::optional<at::Tensor>& edge_weight,
-    const std::optional<at::Tensor>& edge_mask, std::string_view message, std::string_view aggregate,
-    int64_t graph_mark);
+    const std::optional<at::Tensor>& edge_mask, std::string_view message, std::string_view aggregate);
 
 // The forward's aux output, uninitialised, shaped for the aggregation (see above).
 at::Tensor empty_aux(const at::Tensor& x, const RelAggregateArgs& args);

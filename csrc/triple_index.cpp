@@ -55,25 +55,17 @@ void check_index_values(at::TensorList index, const char* op) {
   check_array_values(op, "triple index array", offsets, ids, " (build the index with TripleIndex)");
 }
 
-TripleIndexView check_index(const at::Tensor& triples, at::TensorList index, int64_t index_mark, const char* op) {
+TripleIndexView check_index(const at::Tensor& triples, at::TensorList index, const char* op) {
   TORCH_CHECK_VALUE(triples.dim() == 2 && triples.size(1) == 3 && triples.scalar_type() == at::kLong,
                     op, ": triples must be an int64 tensor of shape [B, 3] (rows h, t, r), got ",
                     triples.scalar_type(), " ", triples.sizes());
   TORCH_CHECK_VALUE(triples.is_contiguous(), op, ": triples must be contiguous");
   check_index_arrays(index, triples.device(), op);
-  if (!carries_mark(index, index_mark)) check_index_values(index, op);
+  check_values_once(ArraySet::TripleIndex, index, [&] { check_index_values(index, op); });
   return {index[kKeys].data_ptr<int64_t>(),    index[kUniquePtr].data_ptr<int64_t>(),
           index[kUniqueValues].data_ptr<int32_t>(), index[kAllPtr].data_ptr<int64_t>(),
           index[kAllValues].data_ptr<int32_t>(), index[kAllEids].data_ptr<int32_t>(),
           index[kKeys].size(0)};
-}
-
-// Checks every value of a TripleIndex's arrays (on any device) and returns their mark.
-int64_t triple_index_mark(at::TensorList index) {
-  TORCH_CHECK_VALUE(!index.empty(), "triple_index: triple index must hold 6 arrays (use TripleIndex), got 0");
-  check_index_arrays(index, index[0].device(), "triple_index");
-  check_index_values(index, "triple_index");
-  return mark_of(index);
 }
 
 void check_num_relations(int64_t num_relations, const char* op) {
@@ -85,8 +77,8 @@ void check_num_relations(int64_t num_relations, const char* op) {
 }  // namespace
 
 TripleIndexView check_negative_sampling_inputs(const at::Tensor& triples, at::TensorList index, int64_t num_nodes,
-                                               int64_t num_relations, int64_t num_negative, int64_t index_mark) {
-  const TripleIndexView view = check_index(triples, index, index_mark, "negative_sampling");
+                                               int64_t num_relations, int64_t num_negative) {
+  const TripleIndexView view = check_index(triples, index, "negative_sampling");
   TORCH_CHECK_VALUE(num_negative > 0, "negative_sampling: num_negative must be positive, got ", num_negative);
   TORCH_CHECK_VALUE(num_nodes > 0, "negative_sampling: num_nodes must be positive, got ", num_nodes);
   check_num_relations(num_relations, "negative_sampling");
@@ -94,8 +86,8 @@ TripleIndexView check_negative_sampling_inputs(const at::Tensor& triples, at::Te
 }
 
 TripleIndexView check_easy_edge_mask_inputs(const at::Tensor& triples, at::TensorList index, int64_t num_edges,
-                                            int64_t num_relations, int64_t index_mark) {
-  const TripleIndexView view = check_index(triples, index, index_mark, "easy_edge_mask");
+                                            int64_t num_relations) {
+  const TripleIndexView view = check_index(triples, index, "easy_edge_mask");
   TORCH_CHECK_VALUE(num_edges == index[kAllEids].size(0), "easy_edge_mask: num_edges = ", num_edges,
                     " but the triple index holds ", index[kAllEids].size(0), " edges");
   check_num_relations(num_relations, "easy_edge_mask");
@@ -106,16 +98,11 @@ TORCH_LIBRARY_FRAGMENT(gfmrag_fast, m) {
   // index = [keys, unique_ptr, unique_values, all_ptr, all_values, all_eids] (see triple_index.h).
   // Returns [B, 1 + K, 3] int64: row 0 the positive; the first B // 2 triples get corrupted tails,
   // the others corrupted heads.
-  // index_mark: the mark triple_index_mark returned for the index arrays; with 0, or a mark that
-  // no longer matches them, the ops check the arrays' values first.
   m.def(
       "negative_sampling(Tensor triples, Tensor[] index, int num_nodes, int num_relations, "
-      "int num_negative, bool strict, int seed, int index_mark=0) -> Tensor");
+      "int num_negative, bool strict, int seed) -> Tensor");
   // [num_edges] bool: True for every edge (h, t, r) and (t, h, r + num_relations / 2) of the rows.
-  m.def(
-      "easy_edge_mask(Tensor triples, Tensor[] index, int num_edges, int num_relations, "
-      "int index_mark=0) -> Tensor");
-  m.def("triple_index_mark(Tensor[] index) -> int", &triple_index_mark);
+  m.def("easy_edge_mask(Tensor triples, Tensor[] index, int num_edges, int num_relations) -> Tensor");
 }
 
 }  // namespace gfmrag_fast

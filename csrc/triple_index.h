@@ -135,11 +135,11 @@ C10_HOST_DEVICE inline void for_each_matching_edge(const TripleIndexView& ix, in
 }
 
 // The ops' shared input checks; they return the index's raw view for the kernels. The index
-// arrays' values are checked (every entry read; a device->host copy on CUDA) unless they carry
-// `index_mark`, the mark triple_index_mark returned for them (array_checks.h).
+// arrays' values are checked (every entry read; a device->host copy on CUDA) unless these arrays
+// passed that check before (array_checks.h).
 TripleIndexView check_negative_sampling_inputs(const at::Tensor& triples, at::TensorList index, int64_t num_nodes,
-                                               int64_t num_relations, int64_t num_negative, int64_t index_mark);
+                                               int64_t num_relations, int64_t num_negative);
 TripleIndexView check_easy_edge_mask_inputs(const at::Tensor& triples, at::TensorList index, int64_t num_edges,
-                                            int64_t num_relations, int64_t index_mark);
+                                            int64_t num_relations);
 
 }  // namespace gfmrag_fast

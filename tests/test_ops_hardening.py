@@ -1,5 +1,6 @@
-"""Hostile input to the ops: crafted graph and index arrays (never a crash), marks that cannot
-go stale, graphs that own their tensors, second derivatives that fail loudly, id checks."""
+"""Hostile input to the ops: crafted graph and index arrays (never a crash), checks remembered
+only while the arrays are unchanged, graphs that own their tensors, second derivatives that fail
+loudly, id checks."""
 
 import subprocess
 import sys
@@ -39,7 +40,9 @@ def _decrease(ptr):
 
 # (case, op, array, change, message) for crafted arrays; `array` names the field changed in a
 # copy of a valid graph's (or triple index's) arrays, `change` changes it in place or returns a
-# replacement. The error must be a ValueError whose message names the array.
+# replacement. `<op>_after_check` calls the op on the valid copy first (so its check is
+# remembered) and then writes to it; `wrapper_written` does the same through the public function
+# and the RelGraph's (TripleIndex's) own arrays. The error must be a ValueError naming the array.
 GRAPH_CASES = [
     ("source id 10**9", "forward", "dst_src", lambda a: a.__setitem__(5, 10**9), "dst_src"),
     ("offset past E", "forward", "dst_ptr", lambda a: a.__setitem__(-1, E + 5), "dst_ptr"),
@@ -59,9 +62,10 @@ GRAPH_CASES = [
     ("short dst_type", "forward", "dst_type", lambda a: a[:-1].clone(), "dst_type"),
     ("short dst_ptr", "forward", "dst_ptr", lambda a: a[:-1].clone(), "dst_ptr"),
     ("short src_ptr", "backward_x", "src_ptr", lambda a: a[:-1].clone(), "src_ptr"),
-    ("forged mark", "forward_forged", "dst_src", lambda a: a.__setitem__(5, 10**9), "dst_src"),
-    ("another graph's mark", "forward_other_mark", "dst_src", lambda a: a.__setitem__(5, 10**9), "dst_src"),
-    ("stale mark (in-place write)", "wrapper_stale", "dst_src", lambda a: a.__setitem__(5, 10**9), "dst_src"),
+    ("checked arrays, then source written", "forward_after_check", "dst_src", lambda a: a.__setitem__(5, 10**9),
+     "dst_src"),
+    ("checked arrays, then offsets written", "backward_x_after_check", "src_ptr", _decrease, "src_ptr"),
+    ("a RelGraph's array written", "wrapper_written", "dst_src", lambda a: a.__setitem__(5, 10**9), "dst_src"),
 ]
 INDEX_CASES = [
     ("edge id 10**9", "easy_edge_mask", "all_eids", lambda a: a.__setitem__(0, 10**9), "all_eids"),
@@ -73,7 +77,9 @@ INDEX_CASES = [
     ("offsets decrease", "negative_sampling", "unique_ptr", _decrease, "unique_ptr"),
     ("short unique_values", "negative_sampling", "unique_values", lambda a: a[:-1].clone(), "unique_ptr"),
     ("negative node id", "negative_sampling", "unique_values", lambda a: a.__setitem__(0, -5), "unique_values"),
-    ("stale mark (in-place write)", "wrapper_stale", "all_eids", lambda a: a.__setitem__(0, 10**9), "all_eids"),
+    ("checked arrays, then written", "easy_edge_mask_after_check", "all_eids", lambda a: a.__setitem__(0, 10**9),
+     "all_eids"),
+    ("a TripleIndex's array written", "wrapper_written", "all_eids", lambda a: a.__setitem__(0, 10**9), "all_eids"),
 ]
 
 
@@ -86,18 +92,25 @@ def _run_graph_case(op, field, change, device):
     aggregate = "max" if op == "forward_max" else "mean"
     _, aux = ops.rel_aggregate(x, relation, graph.arrays, weight, mask, "distmult", aggregate)
     i = FIELDS.index(field)
-    if op == "wrapper_stale":
-        change(graph.arrays[i])  # in place, on the graph's own array
+    if op == "wrapper_written":
+        rel_aggregate(x, relation, graph, weight, mask, aggregate=aggregate)
+        change(graph.arrays[i])  # in place, on the graph's own array, after a checked call
         return rel_aggregate(x, relation, graph, weight, mask, aggregate=aggregate)
     arrays = [a.clone() for a in graph.arrays]
+    grad_out = torch.randn(2, N, 4, generator=gen).to(device)
+
+    def call():
+        if op.startswith("forward"):
+            return ops.rel_aggregate(x, relation, arrays, weight, mask, "distmult", aggregate)
+        name = op.removesuffix("_after_check")
+        return getattr(ops, f"rel_aggregate_{name}")(grad_out, x, relation, aux, arrays, weight, mask, "transe",
+                                                     aggregate)
+
+    if op.endswith("_after_check"):
+        call()  # valid: checked and remembered; the write below must void that
     replaced = change(arrays[i])
     arrays[i] = arrays[i] if replaced is None else replaced
-    mark = {"forward_forged": 0x5EED_1234_5678, "forward_other_mark": graph.mark}.get(op, 0)
-    if op.startswith("forward"):
-        return ops.rel_aggregate(x, relation, arrays, weight, mask, "distmult", aggregate, mark)
-    grad_out = torch.randn(2, N, 4, generator=gen).to(device)
-    return getattr(ops, f"rel_aggregate_{op}")(grad_out, x, relation, aux, arrays, weight, mask, "transe",
-                                               aggregate, 0)
+    return call()
 
 
 def _run_index_case(op, field, change, device):
@@ -105,15 +118,22 @@ def _run_index_case(op, field, change, device):
     index = triple_index(graph)
     triples = torch.stack([graph.edge_index[0, :8], graph.edge_index[1, :8], graph.edge_type[:8] % (R // 2)], 1)
     i = INDEX_FIELDS.index(field)
-    if op == "wrapper_stale":
-        change(index.arrays[i])
+    if op == "wrapper_written":
+        easy_edge_mask(graph, triples)
+        change(index.arrays[i])  # in place, on the index's own array, after a checked call
         return easy_edge_mask(graph, triples)
     arrays = [a.clone() for a in index.arrays]
+
+    def call():
+        if op.startswith("easy_edge_mask"):
+            return ops.easy_edge_mask(triples, arrays, E, R)
+        return ops.negative_sampling(triples, arrays, N, R, 16, True, 1)
+
+    if op.endswith("_after_check"):
+        call()
     replaced = change(arrays[i])
     arrays[i] = arrays[i] if replaced is None else replaced
-    if op == "easy_edge_mask":
-        return ops.easy_edge_mask(triples, arrays, E, R)
-    return ops.negative_sampling(triples, arrays, N, R, 16, True, 1)
+    return call()
 
 
 def _crafted_main(device):
@@ -160,58 +180,69 @@ def test_crafted_arrays_raise_value_error_naming_the_array(device, kind, case):
     assert expected in message, f"{key} ({op}): {message}"
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_valid_arrays_pass_with_and_without_the_mark(device):
-    graph = _graph(device)
-    x, relation = torch.randn(2, N, 4, device=device), torch.randn(R, 4, device=device)
-    marked, _ = ops.rel_aggregate(x, relation, graph.arrays, None, None, "distmult", "sum", graph.mark)
-    checked, _ = ops.rel_aggregate(x, relation, graph.arrays, None, None, "distmult", "sum")
-    assert torch.equal(marked, checked)
-    assert graph.mark != 0 and ops.rel_graph_mark(graph.arrays) == graph.mark
-    index = triple_index(graph)
-    assert index.mark != 0 and ops.triple_index_mark(index.arrays) == index.mark
-    # The mark follows the arrays' versions: written in place, re-marked, different.
-    before = index.mark
-    index.all_eids[0] = index.all_eids[0].clone()
-    assert ops.triple_index_mark(index.arrays) != before
-
-
-def test_marked_arrays_skip_the_value_check():
-    # A write through .data bypasses the version counter, so the mark still matches: the op must
-    # then trust the arrays (that is the point of the mark), while an unmarked call checks them.
+def test_checked_arrays_skip_the_value_check():
+    # A write through .data bypasses the version counter, so the ops still recognise the arrays
+    # they checked and trust them (that is the point of remembering), while a copy is checked.
     # The change is harmless to the kernels: node N - 1 has no in-edge, and its empty row
     # [dst_ptr[N - 1], dst_ptr[N]) stays empty when dst_ptr[N] decreases.
     graph = _graph()
     x, relation = torch.randn(2, N, 4, requires_grad=True), torch.randn(R, 4, requires_grad=True)
     weight = torch.rand(E, requires_grad=True)
+    rel_aggregate(x, relation, graph, weight).sum().backward()  # checked, remembered
     dst_ptr = graph.arrays[0]
     assert dst_ptr[-2] == dst_ptr[-1] == E
     dst_ptr.data[-1] -= 1
-    # Marked: no check, in the forward and in the three backward ops (the saved arrays keep it).
+    # Recognised in the forward and in the three backward ops (autograd saves the same tensors).
     rel_aggregate(x, relation, graph, weight).sum().backward()
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def compiled(x, relation, weight):
         return rel_aggregate(x, relation, graph, weight).sum()
 
-    compiled(x, relation, weight).backward()  # the mark reaches the ops under torch.compile too
+    compiled(x, relation, weight).backward()  # and under torch.compile
+    copies = [a.clone() for a in graph.arrays]
     with pytest.raises(ValueError, match=r"graph array dst_ptr holds offsets that decrease"):
-        ops.rel_aggregate(x.detach(), relation.detach(), graph.arrays, None, None, "distmult", "sum")
+        ops.rel_aggregate(x.detach(), relation.detach(), copies, None, None, "distmult", "sum")
 
 
-def test_graph_built_under_inference_mode_is_marked():
+def test_graphs_under_torch_compile_do_not_recompile_per_graph():
+    # Nothing graph-specific reaches the op but the arrays: alternating graphs (several datasets)
+    # compile once static, once dynamic, not once per graph.
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+    for seed in range(5):
+        edge_index, edge_type = random_graph(20 + 5 * seed, 60 + seed, 4, seed=seed)
+        graphs.append(RelGraph(edge_index, edge_type, 20 + 5 * seed, 4))
+
+    @torch.compile(backend="aot_eager")
+    def step(x, relation, graph):
+        return rel_aggregate(x, relation, graph).sum()
+
+    for _ in range(2):
+        for graph in graphs:
+            step(torch.randn(2, graph.num_nodes, 8, requires_grad=True), torch.randn(4, 8), graph).backward()
+    assert counters["stats"]["unique_graphs"] <= 2
+    torch._dynamo.reset()
+
+
+def test_graph_built_under_inference_mode_has_normal_tensors():
     edge_index, edge_type = random_graph(N, E, R, seed=3)
     with torch.inference_mode():
         graph = RelGraph(edge_index, edge_type, N, R)
         index = triple_index(graph)
     assert not any(a.is_inference() for a in graph.arrays + index.arrays)
-    assert ops.rel_graph_mark(graph.arrays) == graph.mark
     x, relation = torch.randn(2, N, 4), torch.randn(R, 4)
     torch.testing.assert_close(rel_aggregate(x, relation, graph), rel_aggregate_reference(x, relation, graph))
-    # Inference tensors have no version counter: never marked, always checked.
+    # Inference tensors have no version counter: their check is never remembered.
     with torch.inference_mode():
         frozen = [a.clone() for a in graph.arrays]
-    assert ops.rel_graph_mark(frozen) == 0
+        ops.rel_aggregate(x, relation, frozen, None, None, "distmult", "sum")
+        frozen[0][-1] -= 1  # no version bump
+        with pytest.raises(ValueError, match="graph array dst_ptr holds offsets that decrease"):
+            ops.rel_aggregate(x, relation, frozen, None, None, "distmult", "sum")
 
 
 # --- RelGraph owns its tensors ------------------------------------------------------------------

@@ -6,8 +6,6 @@ from typing import Dict, List, Optional
 
 import torch
 
-from . import _library  # noqa: F401  (the rel_graph_mark op)
-
 _INT32_MAX = 2**31 - 1
 
 
@@ -43,9 +41,9 @@ class RelGraph:
     re-sorted afterwards; ``to(device)`` copies the arrays once and caches the copy.
 
     The graph owns its tensors: ``edge_index`` and ``edge_type`` are copied, so later changes to
-    the caller's tensors do not reach it. Its prepared arrays carry a mark (see
-    ``csrc/array_checks.h``) that lets the ops skip re-checking them; writing to them in place
-    voids the mark, and the ops then check every value again on each call.
+    the caller's tensors do not reach it. The ops check the prepared arrays' values the first time
+    they see them and remember that they passed (``csrc/array_checks.h``); written in place, the
+    arrays are checked again.
 
     Args:
         edge_index: [2, E] integer tensor, rows (destination, source).
@@ -87,7 +85,8 @@ class RelGraph:
             raise ValueError(f"RelGraph: num_nodes ({num_nodes}) and E ({num_edges}) must be in [0, 2**31)")
         # Copies, never views of the caller's tensors (`.long()` of an int64 tensor is the tensor
         # itself): the prepared arrays must describe the same graph as edge_index for good.
-        # Normal tensors even under inference mode, so that the arrays can be marked.
+        # Normal tensors even under inference mode: the ops can only remember that normal tensors
+        # passed their value check (inference tensors have no version counter).
         with torch.inference_mode(False):
             edge_index = edge_index.to(torch.long, memory_format=torch.contiguous_format, copy=True)
             edge_type = edge_type.to(torch.long, memory_format=torch.contiguous_format, copy=True)
@@ -116,14 +115,8 @@ class RelGraph:
         self.edge_index = edge_index  # [2, E] int64, a copy of the argument
         self.edge_type = edge_type  # [E] int64, a copy of the argument
         with torch.inference_mode(False):
-            self._set_arrays(self._prepare(edge_index, edge_type))
+            self._arrays = self._prepare(edge_index, edge_type)
         self._copies: Dict[torch.device, "RelGraph"] = {}
-
-    def _set_arrays(self, arrays: List[torch.Tensor]) -> None:
-        # The op checks every value once more (O(E), one device->host copy on CUDA) and marks the
-        # arrays, so that the kernels can skip that check on every call.
-        self._arrays = arrays
-        self._mark = int(torch.ops.gfmrag_fast.rel_graph_mark(arrays))
 
     def _prepare(self, edge_index: torch.Tensor, edge_type: torch.Tensor) -> List[torch.Tensor]:
         dst, src = edge_index[0], edge_index[1]
@@ -143,11 +136,6 @@ class RelGraph:
     def arrays(self) -> List[torch.Tensor]:
         """The prepared int32 arrays, in the order the kernels expect (FIELDS)."""
         return self._arrays
-
-    @property
-    def mark(self) -> int:
-        """The mark the ops recognise :attr:`arrays` by (``graph_mark`` of the raw ops)."""
-        return self._mark
 
     @property
     def device(self) -> torch.device:
@@ -172,7 +160,7 @@ class RelGraph:
             with torch.inference_mode(False):
                 copy.edge_index = self.edge_index.to(device)
                 copy.edge_type = self.edge_type.to(device)
-                copy._set_arrays([a.to(device) for a in self._arrays])
+                copy._arrays = [a.to(device) for a in self._arrays]
             copy._copies = {self.device: self}
             self._copies[device] = copy
         return self._copies[device]

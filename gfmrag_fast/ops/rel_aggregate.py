@@ -58,7 +58,6 @@ def rel_aggregate(
         None if edge_mask is None else edge_mask.contiguous(),
         message,
         aggregate,
-        graph.mark,
     )
     return out
 
@@ -83,7 +82,7 @@ def _check_call(x, relation, graph, edge_weight, edge_mask, message, aggregate) 
 
 
 @torch.library.register_fake("gfmrag_fast::rel_aggregate")
-def _rel_aggregate_fake(x, relation, graph, edge_weight, edge_mask, message, aggregate, graph_mark=0):
+def _rel_aggregate_fake(x, relation, graph, edge_weight, edge_mask, message, aggregate):
     torch._check(x.dim() == 3, lambda: f"rel_aggregate: x must have shape [B, N, d], got {x.shape}")
     torch._check(relation.dim() in (2, 3), lambda: "rel_aggregate: relation must be [R, d] or [B, R, d]")
     if aggregate in ("max", "min"):
@@ -97,7 +96,7 @@ def _rel_aggregate_fake(x, relation, graph, edge_weight, edge_mask, message, agg
 
 def _register_backward_fake(name: str, like):
     @torch.library.register_fake(f"gfmrag_fast::{name}")
-    def _fake(grad_out, x, relation, aux, graph, edge_weight, edge_mask, message, aggregate, graph_mark=0):
+    def _fake(grad_out, x, relation, aux, graph, edge_weight, edge_mask, message, aggregate):
         return like(x, relation, graph)
 
 
@@ -109,9 +108,9 @@ _register_backward_fake(
 
 
 def _setup_context(ctx, inputs, output):
-    x, relation, graph, edge_weight, edge_mask, message, aggregate, graph_mark = inputs
+    x, relation, graph, edge_weight, edge_mask, message, aggregate = inputs
     _, aux = output
-    ctx.message, ctx.aggregate, ctx.graph_mark = message, aggregate, graph_mark
+    ctx.message, ctx.aggregate = message, aggregate
     ctx.num_graph = len(graph)
     ctx.has_weight = edge_weight is not None
     ctx.save_for_backward(x, relation, aux, edge_weight, edge_mask, *graph)
@@ -120,13 +119,13 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_aux):
     x, relation, aux, edge_weight, edge_mask, *graph = ctx.saved_tensors
     grad_out = grad_out.contiguous()
-    args = (grad_out, x, relation, aux, graph, edge_weight, edge_mask, ctx.message, ctx.aggregate, ctx.graph_mark)
+    args = (grad_out, x, relation, aux, graph, edge_weight, edge_mask, ctx.message, ctx.aggregate)
     grad_x = _ops.rel_aggregate_backward_x(*args) if ctx.needs_input_grad[0] else None
     grad_relation = _ops.rel_aggregate_backward_relation(*args) if ctx.needs_input_grad[1] else None
     grad_weight = None
     if ctx.has_weight and ctx.needs_input_grad[3]:
         grad_weight = _ops.rel_aggregate_backward_edge_weight(*args)
-    return grad_x, grad_relation, [None] * ctx.num_graph, grad_weight, None, None, None, None
+    return grad_x, grad_relation, [None] * ctx.num_graph, grad_weight, None, None, None
 
 
 torch.library.register_autograd("gfmrag_fast::rel_aggregate", _backward, setup_context=_setup_context)

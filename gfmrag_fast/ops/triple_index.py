@@ -38,16 +38,20 @@ class TripleIndex:
                 f"TripleIndex: edge_type must have shape [E] = [{edge_index.size(1)}], got {tuple(edge_type.shape)}"
             )
         if edge_type.device != edge_index.device:
-            raise ValueError(f"TripleIndex: edge_type is on {edge_type.device} but edge_index is on {edge_index.device}")
+            raise ValueError(
+                f"TripleIndex: edge_type is on {edge_type.device} but edge_index is on {edge_index.device}"
+            )
         self.num_nodes, self.num_relations, self.num_edges = int(num_nodes), int(num_relations), edge_index.size(1)
-        if not (0 <= self.num_nodes < 2**31 and 0 < self.num_relations < 2**31 and self.num_edges < 2**31):
+        if not (0 <= self.num_nodes < 2**31 and 0 <= self.num_relations < 2**31 and self.num_edges < 2**31):
             raise ValueError(
                 f"TripleIndex: num_nodes ({self.num_nodes}), num_relations ({self.num_relations}) and "
-                f"E ({self.num_edges}) must be below 2**31, num_relations positive"
+                f"E ({self.num_edges}) must be in [0, 2**31)"
             )
         _check_range(edge_index, self.num_nodes, "TripleIndex", "edge_index", "node ids")
         _check_range(edge_type, self.num_relations, "TripleIndex", "edge_type", "relation ids")
-        with torch.inference_mode(False):  # normal tensors, so that the arrays can be marked
+        # Normal tensors even under inference mode: the ops can only remember that normal tensors
+        # passed their value check (inference tensors have no version counter).
+        with torch.inference_mode(False):
             self._build(edge_index, edge_type)
 
     def _build(self, edge_index: torch.Tensor, edge_type: torch.Tensor) -> None:
@@ -67,9 +71,6 @@ class TripleIndex:
         self.all_ptr = offsets(counts)  # [U + 1] int64
         self.all_values = dst.to(torch.int32).contiguous()  # [E] int32
         self.all_eids = order.to(torch.int32).contiguous()  # [E] int32
-        # The op checks every value once more (one device->host copy on CUDA) and marks the arrays,
-        # so that the kernels can skip that check on every call.
-        self._mark = int(_ops.triple_index_mark(self.arrays))
 
     @classmethod
     def of(cls, graph: RelGraph) -> "TripleIndex":
@@ -78,11 +79,6 @@ class TripleIndex:
     @property
     def arrays(self):
         return [self.keys, self.unique_ptr, self.unique_values, self.all_ptr, self.all_values, self.all_eids]
-
-    @property
-    def mark(self) -> int:
-        """The mark the ops recognise :attr:`arrays` by (``index_mark`` of the raw ops)."""
-        return self._mark
 
     @property
     def device(self) -> torch.device:
@@ -117,7 +113,9 @@ class TripleIndex:
                 [sources.min().long(), sources.max().long(), relations.min().long(), relations.max().long()]
             ).tolist()
             if lo_s < 0 or hi_s >= self.num_nodes:
-                raise ValueError(f"answer_mask: sources must be node ids in [0, {self.num_nodes}), found [{lo_s}, {hi_s}]")
+                raise ValueError(
+                    f"answer_mask: sources must be node ids in [0, {self.num_nodes}), found [{lo_s}, {hi_s}]"
+                )
             if lo_r < 0 or hi_r >= self.num_relations:
                 raise ValueError(
                     f"answer_mask: relations must be ids in [0, {self.num_relations}), found [{lo_r}, {hi_r}]"
@@ -208,7 +206,9 @@ def negative_sampling(
     """
     # bool is an int to Python: True would silently mean one negative.
     if isinstance(num_negative, bool) or not isinstance(num_negative, numbers.Integral):
-        raise TypeError(f"negative_sampling: num_negative must be an int, got {type(num_negative).__name__} {num_negative!r}")
+        raise TypeError(
+            f"negative_sampling: num_negative must be an int, got {type(num_negative).__name__} {num_negative!r}"
+        )
     num_negative = int(num_negative)
     if num_negative <= 0:
         raise ValueError(f"negative_sampling: num_negative must be a positive int, got {num_negative}")
@@ -221,7 +221,7 @@ def negative_sampling(
     seed = int(torch.randint(-(2**63), 2**63 - 1, (), generator=generator, dtype=torch.int64))
     index = triple_index(graph)
     return _ops.negative_sampling(
-        triples, index.arrays, graph.num_nodes, graph.num_relations, num_negative, bool(strict), seed, index.mark
+        triples, index.arrays, graph.num_nodes, graph.num_relations, num_negative, bool(strict), seed
     )
 
 
@@ -236,14 +236,14 @@ def easy_edge_mask(
     batch = _check_triples(graph, batch, "easy_edge_mask", dims=(2, 3), shape_text="[B, 3] or [B, 1 + K, 3]",
                            check_values=check_values)
     index = triple_index(graph)
-    return _ops.easy_edge_mask(batch.reshape(-1, 3), index.arrays, graph.num_edges, graph.num_relations, index.mark)
+    return _ops.easy_edge_mask(batch.reshape(-1, 3), index.arrays, graph.num_edges, graph.num_relations)
 
 
 @torch.library.register_fake("gfmrag_fast::negative_sampling")
-def _negative_sampling_fake(triples, index, num_nodes, num_relations, num_negative, strict, seed, index_mark=0):
+def _negative_sampling_fake(triples, index, num_nodes, num_relations, num_negative, strict, seed):
     return triples.new_empty((triples.shape[0], num_negative + 1, 3))
 
 
 @torch.library.register_fake("gfmrag_fast::easy_edge_mask")
-def _easy_edge_mask_fake(triples, index, num_edges, num_relations, index_mark=0):
+def _easy_edge_mask_fake(triples, index, num_edges, num_relations):
     return triples.new_empty((num_edges,), dtype=torch.bool)
