@@ -23,6 +23,10 @@ log = logging.getLogger("gfmrag_fast")
 def doc_ranker_factory(cfg: DictConfig):
     spec = OmegaConf.to_container(cfg, resolve=True)
     name = str(spec.pop("_target_")).rsplit(".", 1)[-1]
+    if name == "HybridRanker":
+        raise ValueError("doc_ranker=hybrid and doc_ranker=dense rank by question-document similarity, which "
+                         "fine-tuning does not evaluate: use them with python -m gfmrag_fast.workflow.evaluate "
+                         "or GFMRetriever")
     if name not in DOC_RANKERS:
         raise ValueError(f"doc_ranker._target_ {name!r} is unknown; known: {sorted(DOC_RANKERS)}")
     return lambda ent2doc: DOC_RANKERS[name](ent2doc, **spec)
