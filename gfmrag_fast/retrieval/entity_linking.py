@@ -14,7 +14,10 @@ linker needs neither; it uses two signals available from the dataset itself:
    numbers in the question ("Akinoshu Kenji"), function words allowed inside ("Battle of Mine
    Creek") — that no string match covers is embedded with the dataset's text model and linked
    to its ``per_mention`` nearest entity names whose cosine similarity is at least
-   ``threshold``. A question with no capitalised mention at all uses its runs of content words.
+   ``threshold``; when the whole mention has none, its pieces between function words are tried
+   ("Germany and the UK"), and the pieces of a mention that a string match covers in part stand
+   alone. A question with neither a capitalised word nor a string match uses its runs of
+   content words.
 
 At most ``max_entities`` entities are returned: string matches first (longest first), then
 embedding matches by similarity. A question with nothing linkable gets an empty list.
@@ -173,17 +176,21 @@ class EntityLinker:
 
     # -- embedding matching -----------------------------------------------------------------
     def _unmatched_mentions(self, tokens: List[_Token], matches) -> List[Tuple[str, List[str]]]:
-        """(mention, its pieces split at function words) for each mention no match covers."""
+        """(mention, its pieces split at function words) for each mention no match covers; of a
+        mention that a match covers in part, the pieces outside the match stand alone."""
         covered = {i for (start, end), _, _ in matches for i in range(start, end)}
         keep = (lambda t: t.named) if any(t.named for t in tokens) or matches else (lambda t: t.content)
+
+        def text(start: int, end: int) -> str:
+            return " ".join(t.text for t in tokens[start:end])
+
         groups = []
         for start, end in _runs(tokens, keep):
+            pieces = [(start + a, start + b) for a, b in _runs(tokens[start:end], keep, bridge=False)]
             if covered.intersection(range(start, end)):
-                continue
-            pieces = _runs(tokens[start:end], keep, bridge=False)
-            text = " ".join(t.text for t in tokens[start:end])
-            groups.append((text, [" ".join(t.text for t in tokens[start + a:start + b]) for a, b in pieces
-                                  if (b - a) < (end - start)]))
+                groups += [(text(a, b), []) for a, b in pieces if not covered.intersection(range(a, b))]
+            else:
+                groups.append((text(start, end), [text(a, b) for a, b in pieces if (a, b) != (start, end)]))
         return groups
 
     def _nearest(self, mentions: List[str]) -> Dict[str, List[LinkedEntity]]:

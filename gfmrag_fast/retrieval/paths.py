@@ -235,10 +235,12 @@ def describe_path(
     path: Path, edge_index: torch.Tensor, edge_type: torch.Tensor, num_relations: int,
     entity_names: Sequence[str], relation_names: Sequence[str],
 ) -> Dict[str, object]:
-    """``{"path": "a -[r]-> b <-[s]- c", "importance": float, "triples": [[h, r, t], ...]}``."""
+    """``{"path": "a -[r]-> b <-[s]- c", "importance": float, "entities": [a, b, c],
+    "triples": [[h, r, t], ...]}``."""
     text, triples = entity_names[path.nodes[0]], []
     for edge in path.edges:
         step, triple = describe_step(edge, edge_index, edge_type, num_relations, entity_names, relation_names)
         text += step
         triples.append(list(triple))
-    return {"path": text, "importance": path.importance, "triples": triples}
+    return {"path": text, "importance": path.importance, "entities": [entity_names[v] for v in path.nodes],
+            "triples": triples}

@@ -272,6 +272,7 @@ class GFMRetriever:
         its score (see :mod:`.paths`)::
 
             [{"title", "score", "paths": [{"path": "a -[r]-> b <-[s]- c", "importance",
+                                           "entities": [a, b, c],
                                            "triples": [[head, relation, tail], ...]}]}]
 
         Every step of a path is an edge of the KG, reported as its ``kg.txt`` triple. A
