@@ -220,14 +220,20 @@ def test_describe_step_reports_the_kg_triple(dataset):
 
 
 # --------------------------------------------------------------------------- GFMRetriever
-def test_text_embeddings_built_once_and_cached(root, dataset):
-    emb = dataset.text_embeddings()
-    assert emb["entities"].shape == (dataset.num_nodes, DIM) and emb["documents"].shape == (4, DIM)
-    corpus = json.loads((root / "tiny_qa" / "raw" / "dataset_corpus.json").read_text())
-    torch.testing.assert_close(emb["documents"][0], trigram_vectors([f"Doc A\n{corpus['Doc A']}"])[0])
-    torch.testing.assert_close(emb["entities"], trigram_vectors(list(dataset.ent2id)))
-    again = QADataset(root, "tiny_qa", text_emb_model=RaisingEmb())
-    torch.testing.assert_close(again.text_embeddings()["documents"], emb["documents"])
+def test_entity_and_document_embeddings_built_once_and_cached(root, dataset):
+    emb = dataset.text_emb_model
+    documents = dataset.document_embeddings()
+    assert documents.shape == (4, DIM) and emb.calls[-1] == ([f"Doc {c}\n" + t for c, t in zip(
+        "ABCD", json.loads((root / "tiny_qa" / "raw" / "dataset_corpus.json").read_text()).values())], False)
+    calls = len(emb.calls)
+    assert dataset.document_embeddings() is documents and len(emb.calls) == calls  # kept, not rebuilt
+    torch.testing.assert_close(dataset.entity_embeddings(), trigram_vectors(list(dataset.ent2id)))
+    torch.testing.assert_close(documents[0], trigram_vectors([emb.calls[calls - 1][0][0]])[0])
+    again = QADataset(root, "tiny_qa", text_emb_model=RaisingEmb())  # both load from their caches
+    torch.testing.assert_close(again.document_embeddings(), documents)
+    torch.testing.assert_close(again.entity_embeddings(), dataset.entity_embeddings())
+    stage2 = sorted(e for e in os.listdir(Path(dataset.processed_dir).parent) if not e.startswith("."))
+    assert len(stage2) == 3  # the dataset's folder and one per kind of embeddings
 
 
 def test_retrieve_ranks_documents(retriever, caplog):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -146,7 +146,7 @@ class QADataset(KGDataset):
         doc2id: document title → id (``doc2id.json``); ``doc_names`` lists them by id.
         ent2doc: [N, num_docs] sparse COO float, 1 where the entity occurs in the document.
         splits: split name → :class:`QASplit`; also ``split(name)``.
-        text_embeddings(): entity-name and document embeddings for retrieval, built on first call.
+        entity_embeddings(), document_embeddings(): for retrieval, built on first use and cached.
         stats[split]: ``questions``, ``kept``, ``skipped`` and per reason ``skipped_no_question_entities``,
             ``skipped_no_supporting_entities``, ``skipped_no_supporting_docs`` (a question
             missing several counts under each), and ``unknown_question_entities``,
@@ -256,7 +256,7 @@ class QADataset(KGDataset):
     def _load(self, cache: CacheReader) -> None:
         super()._load(cache)
         self._input_digests = cache.meta.get("inputs") or {}
-        self._text_embeddings: dict[str, torch.Tensor] | None = None
+        self._embeddings: dict[str, torch.Tensor] = {}
         self.doc2id = cache.json("doc2id.json")
         self.doc_names = list(self.doc2id)
         e2d = cache.tensors("ent2doc.pt")
@@ -290,32 +290,35 @@ class QADataset(KGDataset):
             raise KeyError(f"{self.data_name}: no split {name!r}; available: {sorted(self.splits)}")
         return self.splits[name]
 
-    def text_embeddings(self) -> dict[str, torch.Tensor]:
-        """Embeddings for retrieval: ``{"entities": [N, D], "documents": [num_docs, D]}`` float32.
+    def entity_embeddings(self) -> torch.Tensor:
+        """[N, D] float32 embeddings of the entity names (for entity linking); see :meth:`_text_embeddings`."""
+        return self._text_embeddings("entities", lambda: list(self.ent2id))
 
-        Entities are embedded by name, documents as ``"title\ntext"`` (the title alone without
-        ``raw/dataset_corpus.json``), both as passages, with the dataset's text model, so they
-        compare with its question embeddings. Training never needs them: they are built on the
-        first call into a stage-2 folder of their own beside the dataset's (its fingerprint
-        hashes the dataset's and the text model's), with the same guarantees under concurrent
-        builders, and loaded from there afterwards.
-        """
-        if self._text_embeddings is None:
-            key = fingerprint("qa_text_embeddings", self.text_emb_model.config_dict(), {"stage2": self.fingerprint}, {})
+    def document_embeddings(self) -> torch.Tensor:
+        """[num_docs, D] float32 embeddings of the documents as ``"title\\ntext"`` (the title alone
+        without ``raw/dataset_corpus.json``), for dense ranking; see :meth:`_text_embeddings`."""
+        return self._text_embeddings("documents", self._document_texts)
+
+    def _text_embeddings(self, what: str, texts: Callable[[], list[str]]) -> torch.Tensor:
+        """Texts embedded as passages with the dataset's text model, so that they compare with its
+        question embeddings. Training never needs them: each kind is built on first use into a
+        stage-2 folder of its own beside the dataset's (its fingerprint hashes the dataset's and
+        the text model's), with the same guarantees under concurrent builders, then loaded."""
+        if what not in self._embeddings:
+            kind = f"qa_{what}_embeddings"
+            key = fingerprint(kind, self.text_emb_model.config_dict(), {"stage2": self.fingerprint}, {})
             folder = os.path.join(os.path.dirname(self.processed_dir), key)
 
             def build(out: str) -> dict[str, Any]:
-                emb = {"entities": self._embed(list(self.ent2id), is_query=False, what="entity names"),
-                       "documents": self._embed(self._document_texts(), is_query=False, what="documents")}
-                save_tensors(os.path.join(out, "text_embeddings.pt"), emb)
-                return {"fingerprint": key, "version": PROCESSING_VERSION, "kind": "qa_text_embeddings",
-                        "stage2": self.fingerprint, "text_emb_model": self.text_emb_model.config_dict()}
+                save_tensors(os.path.join(out, "embeddings.pt"), self._embed(texts(), is_query=False, what=what))
+                return {"fingerprint": key, "version": PROCESSING_VERSION, "kind": kind, "stage2": self.fingerprint,
+                        "text_emb_model": self.text_emb_model.config_dict()}
 
-            self._text_embeddings = load_or_build(folder, key, build, lambda c: c.tensors("text_embeddings.pt"))
-        return self._text_embeddings
+            self._embeddings[what] = load_or_build(folder, key, build, lambda cache: cache.tensors("embeddings.pt"))
+        return self._embeddings[what]
 
     def _document_texts(self) -> list[str]:
-        """``"title\ntext"`` per document id, from the corpus this dataset was built from."""
+        """``"title\\ntext"`` per document id, from the corpus this dataset was built from."""
         path = os.path.join(self.dataset_dir, "raw", "dataset_corpus.json")
         recorded = self._input_digests.get("raw/dataset_corpus.json")
         if recorded is None:

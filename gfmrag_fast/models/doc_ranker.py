@@ -121,7 +121,7 @@ class HybridRanker(DocRanker):
     ranks the rest, and ranks everything for a question with no linked entity.
 
     ``doc_embeddings`` [D, Dm] and the question embeddings [B, Dm] must come from one text model
-    (``QADataset.text_embeddings()["documents"]`` and the dataset's question embeddings).
+    (``QADataset.document_embeddings()`` and the dataset's question embeddings).
     """
 
     def __init__(

@@ -89,7 +89,7 @@ class EntityLinker:
 
     Args:
         entity_names: the KG's entity names, by id (``list(dataset.ent2id)``).
-        entity_embeddings: [N, D] their embeddings (``dataset.text_embeddings()["entities"]``),
+        entity_embeddings: [N, D] their embeddings (``dataset.entity_embeddings()``),
             or None for string matching only.
         encode: ``encode(texts) -> [n, D]`` embeds mentions with the same text model, or None.
         threshold: least cosine similarity of an embedding match.

@@ -87,7 +87,7 @@ class GFMRetriever:
         self.graph = dataset.graph.to(self.device)
         self.entities_weight = dataset.entities_weight().to(self.device) if init_entities_weight else None
         self.ent2doc = dataset.ent2doc.coalesce().to(self.device)
-        self.doc_ranker = make_doc_ranker(doc_ranker, self.ent2doc, lambda: dataset.text_embeddings()["documents"])
+        self.doc_ranker = make_doc_ranker(doc_ranker, self.ent2doc, dataset.document_embeddings)
         self.entity_names = list(dataset.ent2id)
         self._linker = entity_linker if isinstance(entity_linker, EntityLinker) else None
         self._linker_options = dict(entity_linker or {}) if self._linker is None else {}
@@ -125,7 +125,7 @@ class GFMRetriever:
         """The :class:`EntityLinker` over this dataset's entities (built on first use: the first
         time for a dataset, that embeds every entity name)."""
         if self._linker is None:
-            embeddings = self.dataset.text_embeddings()["entities"]
+            embeddings = self.dataset.entity_embeddings()
             self._linker = EntityLinker(self.entity_names, embeddings, self._encode_mentions, **self._linker_options)
         return self._linker
 
