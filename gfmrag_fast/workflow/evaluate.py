@@ -21,8 +21,8 @@ from ..atomic_io import atomic_jsonl
 from ..data import load_datasets
 from ..retrieval import GFMRetriever, load_checkpoint, text_model_from_config
 from ..retrieval.evaluation import evaluate_split
+from ..retrieval.loading import RUN_CHECKPOINTS
 from ..text_emb import TextEmbModel
-from ..training.trainer import BEST, LAST
 
 log = logging.getLogger("gfmrag_fast")
 
@@ -45,7 +45,7 @@ def run(cfg: DictConfig) -> list:
     from hydra.core.hydra_config import HydraConfig
 
     output_dir = HydraConfig.get().runtime.output_dir
-    if any(os.path.exists(os.path.join(output_dir, name)) for name in (BEST, LAST)):
+    if any(os.path.exists(os.path.join(output_dir, name)) for name in RUN_CHECKPOINTS):
         raise ValueError(f"{output_dir} is a training run folder: evaluate into another hydra.run.dir, so that its "
                          "metrics.jsonl is not replaced")
     if not cfg.datasets.valid_names:
