@@ -53,9 +53,15 @@ graph = [
     i32(0),        # src_eid
     i32(0, 1),     # rel_ptr   [R + 1]
     i32(0),        # rel_eid
+    i32(1),        # rel_src
+    i32(0),        # rel_dst
     i32(1),        # edge_src
     i32(0),        # edge_dst
     i32(0),        # edge_type
+    # The work plan: no row is longer than a chunk, so no list has pieces.
+    i32(0, 0, 0), i32(), i32(),  # dst_piece_ptr [N + 1], dst_piece_begin, dst_piece_end
+    i32(0, 0, 0), i32(), i32(),  # src_piece_*
+    i32(0, 0), i32(), i32(),     # rel_piece_ptr [R + 1], rel_piece_*
 ]
 x = torch.tensor([[[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]])  # [B=1, N=2, d=3]
 relation = torch.tensor([[0.5, -1.0, 2.0]])             # [R=1, d=3]

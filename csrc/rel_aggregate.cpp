@@ -3,8 +3,14 @@
 
 #include "array_checks.h"
 
+#include <ATen/ops/cat.h>
+#include <ATen/ops/cumsum.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/index_select.h>
+#include <ATen/ops/logical_not.h>
+#include <ATen/ops/sub.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -44,19 +50,23 @@ Aggregate parse_aggregate(std::string_view aggregate) {
 namespace {
 
 const char* kGraphFieldNames[kNumGraphFields] = {
-    "dst_ptr", "dst_src", "dst_type", "dst_eid", "src_ptr", "src_dst", "src_type",
-    "src_eid", "rel_ptr", "rel_eid", "edge_src", "edge_dst", "edge_type"};
+    "dst_ptr",         "dst_src",        "dst_type",      "dst_eid",         "src_ptr",       "src_dst",
+    "src_type",        "src_eid",        "rel_ptr",       "rel_eid",         "rel_src",       "rel_dst",
+    "edge_src",        "edge_dst",       "edge_type",     "dst_piece_ptr",   "dst_piece_begin", "dst_piece_end",
+    "src_piece_ptr",   "src_piece_begin", "src_piece_end", "rel_piece_ptr",  "rel_piece_begin", "rel_piece_end"};
 
 void check_same_device(const at::Tensor& t, const at::Tensor& x, const char* name) {
   TORCH_CHECK_VALUE(t.device() == x.device(), "rel_aggregate: ", name, " is on ", t.device(),
                     " but x is on ", x.device(), "; move both to the same device");
 }
 
-// What the prepared arrays describe: N = len(dst_ptr) - 1, R = len(rel_ptr) - 1, E = len(dst_src).
+// What the prepared arrays describe: N = len(dst_ptr) - 1, R = len(rel_ptr) - 1, E = len(dst_src),
+// and each edge list's number of pieces S = len(<list>_piece_begin).
 struct GraphSizes {
   int64_t num_nodes;
   int64_t num_relations;
   int64_t num_edges;
+  int64_t num_pieces[3];  // EdgeList order
 };
 
 // Count, dtype, layout, device and lengths of the graph arrays; every array must be on `device`.
@@ -76,14 +86,22 @@ GraphSizes check_graph_arrays(at::TensorList graph, const at::Device& device) {
     TORCH_CHECK_VALUE(graph[i].size(0) >= 1, "rel_aggregate: graph array ", kGraphFieldNames[i],
                       " must hold at least one offset (use RelGraph)");
   }
-  const GraphSizes sizes{graph[kDstPtr].size(0) - 1, graph[kRelPtr].size(0) - 1, graph[kDstSrc].size(0)};
-  TORCH_CHECK_VALUE(graph[kSrcPtr].size(0) == sizes.num_nodes + 1, "rel_aggregate: graph array src_ptr has ",
-                    graph[kSrcPtr].size(0), " entries but dst_ptr has ", sizes.num_nodes + 1,
-                    " (N + 1 each; use RelGraph)");
-  for (int i : {kDstType, kDstEid, kSrcDst, kSrcType, kSrcEid, kRelEid, kEdgeSrc, kEdgeDst, kEdgeType}) {
-    TORCH_CHECK_VALUE(graph[i].size(0) == sizes.num_edges, "rel_aggregate: graph array ", kGraphFieldNames[i],
-                      " has ", graph[i].size(0), " entries, expected E = ", sizes.num_edges,
-                      " (the length of dst_src; use RelGraph)");
+  GraphSizes sizes{graph[kDstPtr].size(0) - 1, graph[kRelPtr].size(0) - 1, graph[kDstSrc].size(0), {}};
+  auto check_length = [&](int i, int64_t expected, const char* what) {
+    TORCH_CHECK_VALUE(graph[i].size(0) == expected, "rel_aggregate: graph array ", kGraphFieldNames[i], " has ",
+                      graph[i].size(0), " entries, expected ", what, " = ", expected, " (use RelGraph)");
+  };
+  check_length(kSrcPtr, sizes.num_nodes + 1, "N + 1 (the length of dst_ptr)");
+  for (int i : {kDstType, kDstEid, kSrcDst, kSrcType, kSrcEid, kRelEid, kRelSrc, kRelDst, kEdgeSrc, kEdgeDst,
+                kEdgeType}) {
+    check_length(i, sizes.num_edges, "E (the length of dst_src)");
+  }
+  const int64_t rows[3] = {sizes.num_nodes, sizes.num_nodes, sizes.num_relations};
+  for (int l = 0; l < 3; ++l) {
+    const int piece_ptr = kListPiecePtr[l];
+    check_length(piece_ptr, rows[l] + 1, l == 2 ? "R + 1 (the length of rel_ptr)" : "N + 1 (the length of dst_ptr)");
+    sizes.num_pieces[l] = graph[piece_ptr + 1].size(0);
+    check_length(piece_ptr + 2, sizes.num_pieces[l], "the length of its piece_begin");
   }
   return sizes;
 }
@@ -91,9 +109,13 @@ GraphSizes check_graph_arrays(at::TensorList graph, const at::Device& device) {
 // Offsets from 0 to E, never decreasing; node, relation and edge ids in range. Reads every entry.
 void check_graph_values(at::TensorList graph, const GraphSizes& s) {
   const int64_t N = s.num_nodes, R = s.num_relations, E = s.num_edges;
+  const int64_t* S = s.num_pieces;
   const OffsetsCheck offsets[] = {{graph[kDstPtr], "dst_ptr", E, "E"},
                                   {graph[kSrcPtr], "src_ptr", E, "E"},
-                                  {graph[kRelPtr], "rel_ptr", E, "E"}};
+                                  {graph[kRelPtr], "rel_ptr", E, "E"},
+                                  {graph[kDstPiecePtr], "dst_piece_ptr", S[0], "the number of pieces"},
+                                  {graph[kSrcPiecePtr], "src_piece_ptr", S[1], "the number of pieces"},
+                                  {graph[kRelPiecePtr], "rel_piece_ptr", S[2], "the number of pieces"}};
   const IdsCheck ids[] = {{graph[kDstSrc], "dst_src", N, "node ids", "N"},
                           {graph[kDstType], "dst_type", R, "relation ids", "R"},
                           {graph[kDstEid], "dst_eid", E, "edge ids", "E"},
@@ -101,30 +123,50 @@ void check_graph_values(at::TensorList graph, const GraphSizes& s) {
                           {graph[kSrcType], "src_type", R, "relation ids", "R"},
                           {graph[kSrcEid], "src_eid", E, "edge ids", "E"},
                           {graph[kRelEid], "rel_eid", E, "edge ids", "E"},
+                          {graph[kRelSrc], "rel_src", N, "node ids", "N"},
+                          {graph[kRelDst], "rel_dst", N, "node ids", "N"},
                           {graph[kEdgeSrc], "edge_src", N, "node ids", "N"},
                           {graph[kEdgeDst], "edge_dst", N, "node ids", "N"},
-                          {graph[kEdgeType], "edge_type", R, "relation ids", "R"}};
+                          {graph[kEdgeType], "edge_type", R, "relation ids", "R"},
+                          // A piece's [begin, end) lies in [0, E]; begin > end would walk nothing.
+                          {graph[kDstPieceBegin], "dst_piece_begin", E + 1, "edge positions", "E + 1"},
+                          {graph[kDstPieceEnd], "dst_piece_end", E + 1, "edge positions", "E + 1"},
+                          {graph[kSrcPieceBegin], "src_piece_begin", E + 1, "edge positions", "E + 1"},
+                          {graph[kSrcPieceEnd], "src_piece_end", E + 1, "edge positions", "E + 1"},
+                          {graph[kRelPieceBegin], "rel_piece_begin", E + 1, "edge positions", "E + 1"},
+                          {graph[kRelPieceEnd], "rel_piece_end", E + 1, "edge positions", "E + 1"}};
   check_array_values("rel_aggregate", "graph array", offsets, ids, " (build the graph with RelGraph)");
 }
 
 }  // namespace
 
+int64_t check_graph(at::TensorList graph, const at::Device& device) {
+  const GraphSizes sizes = check_graph_arrays(graph, device);
+  check_values_once(ArraySet::RelGraph, graph, [&] { check_graph_values(graph, sizes); });
+  return sizes.num_edges;
+}
+
 RelAggregateArgs check_rel_aggregate_inputs(const at::Tensor& x, const at::Tensor& relation,
                                             at::TensorList graph,
                                             const std::optional<at::Tensor>& edge_weight,
                                             const std::optional<at::Tensor>& edge_mask,
-                                            std::string_view message, std::string_view aggregate) {
+                                            std::string_view message, std::string_view aggregate,
+                                            bool node_major) {
   RelAggregateArgs args{};
   args.message = parse_message(message);
   args.aggregate = parse_aggregate(aggregate);
 
-  TORCH_CHECK_VALUE(x.dim() == 3, "rel_aggregate: x must have shape [B, N, d], got ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() == 3, "rel_aggregate: x must have shape ", node_major ? "[N, B, d] (node_major)" : "[B, N, d]",
+                    ", got ", x.sizes());
   TORCH_CHECK_VALUE(at::isFloatingType(x.scalar_type()),
                     "rel_aggregate: x must be floating point, got ", x.scalar_type());
   TORCH_CHECK_VALUE(x.is_contiguous(), "rel_aggregate: x must be contiguous");
-  args.batch = x.size(0);
-  args.num_nodes = x.size(1);
+  args.node_major = node_major;
+  args.batch = x.size(node_major ? 1 : 0);
+  args.num_nodes = x.size(node_major ? 0 : 1);
   args.dim = x.size(2);
+  args.node_stride = node_major ? args.batch * args.dim : args.dim;
+  args.batch_stride = node_major ? args.dim : args.num_nodes * args.dim;
 
   TORCH_CHECK_VALUE(relation.dim() == 2 || relation.dim() == 3,
                     "rel_aggregate: relation must have shape [R, d] or [B, R, d], got ",
@@ -188,7 +230,7 @@ void check_grad_out(const at::Tensor& grad_out, const at::Tensor& x) {
   TORCH_CHECK_VALUE(grad_out.is_contiguous(), "rel_aggregate backward: grad_out must be contiguous");
 }
 
-void check_aux(const at::Tensor& aux, const RelAggregateArgs& args) {
+void check_aux(const at::Tensor& aux, at::IntArrayRef x_sizes, const RelAggregateArgs& args) {
   TORCH_CHECK_VALUE(aux.scalar_type() == at::kInt && aux.is_contiguous(),
                     "rel_aggregate backward: aux must be the contiguous int32 tensor the forward saved");
   switch (args.aggregate) {
@@ -200,9 +242,8 @@ void check_aux(const at::Tensor& aux, const RelAggregateArgs& args) {
       break;
     case Aggregate::Max:
     case Aggregate::Min:
-      TORCH_CHECK_VALUE(aux.dim() == 3 && aux.size(0) == args.batch && aux.size(1) == args.num_nodes &&
-                            aux.size(2) == args.dim,
-                        "rel_aggregate backward: max/min need the arg aux of shape [B, N, d]");
+      TORCH_CHECK_VALUE(aux.sizes() == x_sizes, "rel_aggregate backward: max/min need the arg aux, shaped like x (",
+                        x_sizes, "), got ", aux.sizes());
       break;
   }
 }
@@ -212,22 +253,40 @@ void check_aux(const at::Tensor& aux, const RelAggregateArgs& args) {
 RelAggregateArgs check_rel_aggregate_backward_inputs(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& relation, const at::Tensor& aux,
     at::TensorList graph, const std::optional<at::Tensor>& edge_weight,
-    const std::optional<at::Tensor>& edge_mask, std::string_view message, std::string_view aggregate) {
+    const std::optional<at::Tensor>& edge_mask, std::string_view message, std::string_view aggregate,
+    bool node_major) {
   const RelAggregateArgs args =
-      check_rel_aggregate_inputs(x, relation, graph, edge_weight, edge_mask, message, aggregate);
+      check_rel_aggregate_inputs(x, relation, graph, edge_weight, edge_mask, message, aggregate, node_major);
   check_grad_out(grad_out, x);
-  check_aux(aux, args);
+  check_aux(aux, x.sizes(), args);
   return args;
 }
 
-at::Tensor empty_aux(const at::Tensor& x, const RelAggregateArgs& args) {
+at::Tensor in_walk_order(const std::optional<at::Tensor>& edge_array, at::TensorList graph, EdgeList list) {
+  if (!edge_array) return {};
+  return at::index_select(*edge_array, 0, graph[kListEid[static_cast<int>(list)]]);
+}
+
+at::Tensor unmasked_in_degree(at::TensorList graph, const at::Tensor& mask_in_dst_order) {
+  const at::Tensor& ptr = graph[kDstPtr];
+  const int64_t n = ptr.size(0) - 1;
+  if (!mask_in_dst_order.defined()) return at::sub(ptr.narrow(0, 1, n), ptr.narrow(0, 0, n));
+  // kept[k]: unmasked edges among CSR positions < k; node v keeps kept[ptr[v + 1]] - kept[ptr[v]].
+  const at::Tensor kept = at::cat({at::zeros({1}, ptr.options().dtype(at::kLong)),
+                                   at::cumsum(at::logical_not(mask_in_dst_order), 0, at::kLong)});
+  return at::sub(at::index_select(kept, 0, ptr.narrow(0, 1, n)), at::index_select(kept, 0, ptr.narrow(0, 0, n)))
+      .to(at::kInt);
+}
+
+at::Tensor forward_aux(const at::Tensor& x, at::TensorList graph, const at::Tensor& mask_in_dst_order,
+                       const RelAggregateArgs& args) {
   const auto options = x.options().dtype(at::kInt);
   switch (args.aggregate) {
     case Aggregate::Max:
     case Aggregate::Min:
       return at::empty(x.sizes(), options);
     case Aggregate::Mean:
-      return at::empty({args.num_nodes}, options);
+      return unmasked_in_degree(graph, mask_in_dst_order);
     default:
       return at::empty({0}, options);
   }
@@ -245,20 +304,25 @@ at::Tensor empty_grad(Grad which, const at::Tensor& x, const at::Tensor& relatio
 }
 
 TORCH_LIBRARY(gfmrag_fast, m) {
-  // Forward: returns (out [B, N, d], aux); see rel_aggregate.h for aux.
+  // Forward: returns (out, aux), out shaped like x; see rel_aggregate.h for aux.
   m.def(
       "rel_aggregate(Tensor x, Tensor relation, Tensor[] graph, Tensor? edge_weight, "
-      "Tensor? edge_mask, str message, str aggregate) -> (Tensor, Tensor)");
+      "Tensor? edge_mask, str message, str aggregate, bool node_major=False) -> (Tensor, Tensor)");
   // Gradients, one op each so autograd asks only for what it needs.
   m.def(
       "rel_aggregate_backward_x(Tensor grad_out, Tensor x, Tensor relation, Tensor aux, "
-      "Tensor[] graph, Tensor? edge_weight, Tensor? edge_mask, str message, str aggregate) -> Tensor");
+      "Tensor[] graph, Tensor? edge_weight, Tensor? edge_mask, str message, str aggregate, "
+      "bool node_major=False) -> Tensor");
   m.def(
       "rel_aggregate_backward_relation(Tensor grad_out, Tensor x, Tensor relation, Tensor aux, "
-      "Tensor[] graph, Tensor? edge_weight, Tensor? edge_mask, str message, str aggregate) -> Tensor");
+      "Tensor[] graph, Tensor? edge_weight, Tensor? edge_mask, str message, str aggregate, "
+      "bool node_major=False) -> Tensor");
   m.def(
       "rel_aggregate_backward_edge_weight(Tensor grad_out, Tensor x, Tensor relation, Tensor aux, "
-      "Tensor[] graph, Tensor? edge_weight, Tensor? edge_mask, str message, str aggregate) -> Tensor");
+      "Tensor[] graph, Tensor? edge_weight, Tensor? edge_mask, str message, str aggregate, "
+      "bool node_major=False) -> Tensor");
+  // The work plan of the CUDA kernels for a batch of B (rel_aggregate_balance.cpp); host arrays.
+  m.def("rel_aggregate_balance(Tensor[] graph, int batch, bool per_query) -> Tensor");
 }
 
 }  // namespace gfmrag_fast

@@ -30,12 +30,18 @@ INDEX_FIELDS = ("keys", "unique_ptr", "unique_values", "all_ptr", "all_values", 
 
 
 def _graph(device="cpu"):
+    # Rows longer than 16 edges (the hub node 0, every relation) are cut into pieces: the plan's
+    # arrays are not empty, so they can be crafted too.
     edge_index, edge_type = random_graph(N, E, R, seed=3)
-    return RelGraph(edge_index, edge_type, N, R).to(device)
+    return RelGraph(edge_index, edge_type, N, R, chunk_size=16).to(device)
 
 
 def _decrease(ptr):
     ptr[3] = ptr[-1]  # ptr[3] > ptr[4]: offsets that go back
+
+
+def _decrease_at_end(ptr):
+    ptr[-2] = ptr[-1] + 3  # the piece offsets of the hub node 0 stay; the last row's go back
 
 
 # (case, op, array, change, message) for crafted arrays; `array` names the field changed in a
@@ -62,6 +68,18 @@ GRAPH_CASES = [
     ("short dst_type", "forward", "dst_type", lambda a: a[:-1].clone(), "dst_type"),
     ("short dst_ptr", "forward", "dst_ptr", lambda a: a[:-1].clone(), "dst_ptr"),
     ("short src_ptr", "backward_x", "src_ptr", lambda a: a[:-1].clone(), "src_ptr"),
+    ("relation-order source 10**9", "backward_relation", "rel_src", lambda a: a.__setitem__(0, 10**9), "rel_src"),
+    ("relation-order destination -1", "backward_relation", "rel_dst", lambda a: a.__setitem__(0, -1), "rel_dst"),
+    ("piece begin 10**9", "forward", "dst_piece_begin", lambda a: a.__setitem__(0, 10**9), "dst_piece_begin"),
+    ("piece end -1", "forward_max", "dst_piece_end", lambda a: a.__setitem__(0, -1), "dst_piece_end"),
+    ("piece end past E", "backward_relation", "rel_piece_end", lambda a: a.__setitem__(0, E + 1), "rel_piece_end"),
+    ("piece offsets decrease", "forward_max", "dst_piece_ptr", _decrease_at_end, "dst_piece_ptr"),
+    ("piece offsets past the pieces", "backward_relation", "rel_piece_ptr", lambda a: a.__setitem__(-1, 10**6),
+     "rel_piece_ptr"),
+    ("short piece_end", "forward", "dst_piece_end", lambda a: a[:-1].clone(), "dst_piece_end"),
+    ("short piece_ptr", "backward_x", "src_piece_ptr", lambda a: a[:-1].clone(), "src_piece_ptr"),
+    ("checked plan, then a piece written", "backward_relation_after_check", "rel_piece_begin",
+     lambda a: a.__setitem__(0, -5), "rel_piece_begin"),
     ("checked arrays, then source written", "forward_after_check", "dst_src", lambda a: a.__setitem__(5, 10**9),
      "dst_src"),
     ("checked arrays, then offsets written", "backward_x_after_check", "src_ptr", _decrease, "src_ptr"),
@@ -178,6 +196,43 @@ def test_crafted_arrays_raise_value_error_naming_the_array(device, kind, case):
     error, _, message = results[key].partition("\t")
     assert error == "ValueError", f"{key} ({op}): {results[key]}"
     assert expected in message, f"{key} ({op}): {message}"
+
+
+def _plan_in_range_but_wrong(arrays):
+    """Plans whose values pass the check (offsets monotone, positions in [0, E]) but describe
+    nothing RelGraph would build: the kernels must still stay in bounds."""
+    fields = dict(zip(FIELDS, arrays))
+    for name, rows in (("dst", N), ("src", N), ("rel", R)):
+        pieces = fields[f"{name}_piece_begin"].numel()
+        yield f"{name}: every piece spans all edges", {f"{name}_piece_begin": torch.zeros(pieces, dtype=torch.int32),
+                                                     f"{name}_piece_end": torch.full((pieces,), E, dtype=torch.int32)}
+        yield f"{name}: pieces run backwards", {f"{name}_piece_begin": torch.full((pieces,), E, dtype=torch.int32),
+                                               f"{name}_piece_end": torch.zeros(pieces, dtype=torch.int32)}
+        every_row_split = torch.full((rows + 1,), pieces, dtype=torch.int32)
+        every_row_split[0] = 0
+        yield f"{name}: the first row owns every piece", {f"{name}_piece_ptr": every_row_split}
+        yield f"{name}: no row is split", {f"{name}_piece_ptr": torch.zeros(rows + 1, dtype=torch.int32),
+                                          f"{name}_piece_begin": torch.zeros(0, dtype=torch.int32),
+                                          f"{name}_piece_end": torch.zeros(0, dtype=torch.int32)}
+
+
+@pytest.mark.parametrize("node_major", [False, True])
+def test_plans_in_range_but_wrong_never_leave_bounds(node_major):
+    graph = _graph()
+    gen = torch.Generator().manual_seed(0)
+    x, relation = torch.randn(2, N, 4, generator=gen), torch.randn(2, R, 4, generator=gen)
+    weight, mask = torch.rand(E, generator=gen), torch.rand(E, generator=gen) < 0.2
+    if node_major:
+        x = x.transpose(0, 1).contiguous()
+    for name, change in _plan_in_range_but_wrong(graph.arrays):
+        arrays = [change.get(field, a.clone()) for field, a in zip(FIELDS, graph.arrays)]
+        for aggregate in ("mean", "max"):
+            out, aux = ops.rel_aggregate(x, relation, arrays, weight, mask, "distmult", aggregate, node_major)
+            assert out.shape == x.shape, name
+            for op in ("rel_aggregate_backward_x", "rel_aggregate_backward_relation",
+                       "rel_aggregate_backward_edge_weight"):
+                getattr(ops, op)(torch.ones_like(out), x, relation, aux, arrays, weight, mask, "distmult", aggregate,
+                                 node_major)
 
 
 def test_checked_arrays_skip_the_value_check():

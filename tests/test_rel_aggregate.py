@@ -1,14 +1,20 @@
 """rel_aggregate against its pure-PyTorch reference, gradients, op registration and bad input."""
 
 import itertools
+import os
 
 import pytest
 import torch
 from torch.library import opcheck
 
 from gfmrag_fast.ops import AGGREGATES, MESSAGES, RelGraph, rel_aggregate, rel_aggregate_reference
+from gfmrag_fast.ops.balance import balance_report, kg_graph
+from gfmrag_fast.synthetic import real_shape_kg
 
 from conftest import DEVICES, random_graph
+
+MUSIQUE_KG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "musique_hippo",
+                          "processed", "stage1", "kg.txt")
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 # (rtol, atol relative to the largest reference value)
@@ -226,7 +232,7 @@ def test_raw_op_rejects_malformed_graph_arrays():
     arrays[1] = arrays[1].long()
     with pytest.raises(ValueError, match="graph array dst_src must be a contiguous 1-D int32 tensor"):
         torch.ops.gfmrag_fast.rel_aggregate(x, relation, arrays, None, None, "distmult", "sum")
-    with pytest.raises(ValueError, match="graph must hold 13 prepared arrays"):
+    with pytest.raises(ValueError, match="graph must hold 24 prepared arrays"):
         torch.ops.gfmrag_fast.rel_aggregate(x, relation, graph.arrays[:5], None, None, "distmult", "sum")
 
 
@@ -241,3 +247,183 @@ def test_mixed_devices_raise():
         rel_aggregate(x.cuda(), relation, cuda_graph)
     with pytest.raises(ValueError, match="edge_weight is on cpu"):
         rel_aggregate(x.cuda(), relation.cuda(), cuda_graph, weight)
+
+
+# --- skewed graphs, long rows cut into pieces (RelGraph's chunk_size) ----------------------------
+
+
+def skewed_inputs(device, dtype, per_query, weighted, masked, *, chunk_size=4, num_nodes=60, num_triples=300,
+                  num_relations=8, batch=3, dim=5, seed=0, unique=False, cut=True):
+    """A real-shape graph (a relation with ~45 % of the edges, Zipf hubs) whose long rows the plan
+    cuts into several pieces (asserted unless not `cut`). `unique` drops parallel copies of an edge (identical messages tie
+    under max/min, where finite differences disagree with any subgradient)."""
+    shaped = real_shape_kg(num_nodes, num_triples, num_relations, seed=seed)
+    edge_index, edge_type = shaped.edge_index, shaped.edge_type
+    if unique:
+        seen, keep = set(), []
+        for e, key in enumerate(zip(edge_index[0].tolist(), edge_index[1].tolist(), edge_type.tolist())):
+            if key not in seen:
+                seen.add(key)
+                keep.append(e)
+        edge_index, edge_type = edge_index[:, keep], edge_type[keep]
+    graph = RelGraph(edge_index, edge_type, num_nodes, num_relations, chunk_size=chunk_size)
+    for list_name in ("dst", "src", "rel") if cut else ():  # every kernel runs both of its passes
+        assert graph.arrays[RelGraph.FIELDS.index(f"{list_name}_piece_begin")].numel() > 0
+    num_edges = graph.num_edges
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(batch, num_nodes, dim, generator=gen)
+    relation = torch.randn(*((batch,) if per_query else ()), num_relations, dim, generator=gen)
+    weight = torch.rand(num_edges, generator=gen) + 0.5 if weighted else None
+    mask = torch.rand(num_edges, generator=gen) < 0.2 if masked else None
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    return graph.to(device), cast(x), cast(relation), cast(weight), (None if mask is None else mask.to(device))
+
+
+def _forward_and_grads(graph, x, relation, weight, mask, message, aggregate, node_major=False, grad_out=None):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, relation, weight)]
+    xin = leaves[0].transpose(0, 1).contiguous() if node_major else leaves[0]
+    out = rel_aggregate(xin, leaves[1], graph, leaves[2], mask, message, aggregate, node_major=node_major)
+    out = out.transpose(0, 1) if node_major else out
+    if grad_out is None:
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out)
+    return [out.detach()] + list(torch.autograd.grad(out, leaves, grad_out))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("message", MESSAGES)
+@pytest.mark.parametrize("aggregate", AGGREGATES)
+@pytest.mark.parametrize("per_query", [False, True])
+def test_skewed_graph_matches_reference(device, dtype, message, aggregate, per_query):
+    graph, x, relation, weight, mask = skewed_inputs(device, dtype, per_query, True, True)
+    leaves64 = [t.detach().double().requires_grad_(True) for t in (x, relation, weight)]
+    expected = rel_aggregate_reference(*leaves64[:2], graph, leaves64[2], mask, message, aggregate)
+    grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3)).to(device)
+    want = [expected.detach()] + list(torch.autograd.grad(expected, leaves64, grad_out))
+    got = _forward_and_grads(graph, x, relation, weight, mask, message, aggregate, grad_out=grad_out.to(dtype))
+    for g, w in zip(got, want):
+        assert g.dtype == dtype
+        assert_close_scaled(g, w, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("message", MESSAGES)
+@pytest.mark.parametrize("aggregate", AGGREGATES)
+@pytest.mark.parametrize("per_query", [False, True])
+def test_skewed_gradcheck(device, message, aggregate, per_query):
+    graph, x, relation, weight, mask = skewed_inputs(device, torch.float64, per_query, True, True, chunk_size=3,
+                                                     num_nodes=20, num_triples=60, num_relations=4, batch=2, dim=3,
+                                                     unique=True)
+    leaves = [t.requires_grad_(True) for t in (x, relation, weight)]
+    fn = lambda x, r, w: rel_aggregate(x, r, graph, w, mask, message, aggregate)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("aggregate", AGGREGATES)
+@pytest.mark.parametrize("per_query", [False, True])
+def test_node_major_matches_batch_major_bit_for_bit(device, aggregate, per_query):
+    # Per (b, v, c) the kernels do the same operations in the same order in both layouts.
+    graph, x, relation, weight, mask = skewed_inputs(device, torch.float32, per_query, True, True)
+    batch_major = _forward_and_grads(graph, x, relation, weight, mask, "distmult", aggregate)
+    node_major = _forward_and_grads(graph, x, relation, weight, mask, "distmult", aggregate, node_major=True)
+    for a, b in zip(batch_major, node_major):
+        assert torch.equal(a, b)
+    expected = rel_aggregate_reference(x.transpose(0, 1), relation, graph, weight, mask, "distmult", aggregate,
+                                       node_major=True)
+    assert_close_scaled(node_major[0].transpose(0, 1), expected, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("aggregate", AGGREGATES)
+def test_pieces_change_only_the_rounding_of_sums(device, aggregate):
+    # max/min fold pieces exactly as edges (the earliest of equal candidates wins): bit for bit.
+    inputs = [skewed_inputs(device, torch.float32, False, True, True, chunk_size=c, cut=c < 10) for c in (2, 4, 10_000)]
+    results = [_forward_and_grads(*i, "distmult", aggregate) for i in inputs]
+    for other in results[1:]:
+        if aggregate in ("max", "min"):
+            assert torch.equal(results[0][0], other[0])
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    graph, x, relation, weight, mask = skewed_inputs("cpu", torch.float32, True, True, True, chunk_size=3,
+                                                     num_nodes=200, num_triples=2000, dim=16)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            runs.append(_forward_and_grads(graph, x, relation, weight, mask, "distmult", "mean"))
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("aggregate", AGGREGATES)
+@pytest.mark.parametrize("node_major", [False, True])
+def test_opcheck_pieces(device, aggregate, node_major):
+    graph, x, relation, weight, mask = skewed_inputs(device, torch.float32, node_major, True, True, chunk_size=3,
+                                                     num_nodes=20, num_triples=60, num_relations=4, batch=2, dim=4,
+                                                     unique=True)
+    if node_major:
+        x = x.transpose(0, 1).contiguous()
+    for t in (x, relation, weight):
+        t.requires_grad_(True)
+    ops = torch.ops.gfmrag_fast
+    args = (x, relation, graph.arrays, weight, mask, "distmult", aggregate, node_major)
+    opcheck(ops.rel_aggregate.default, args)
+    out, aux = ops.rel_aggregate(*args)
+    for name in ("rel_aggregate_backward_x", "rel_aggregate_backward_relation", "rel_aggregate_backward_edge_weight"):
+        bargs = (torch.randn_like(out), x.detach(), relation.detach(), aux, graph.arrays, weight.detach(), mask,
+                 "distmult", aggregate, node_major)
+        opcheck(getattr(ops, name).default, bargs)
+
+
+def test_plan_pieces_cover_long_rows():
+    edge_index, edge_type = random_graph(40, 300, 5, seed=4)
+    graph = RelGraph(edge_index, edge_type, 40, 5, chunk_size=7)
+    arrays = dict(zip(RelGraph.FIELDS, graph.arrays))
+    for name, rows in (("dst", 40), ("src", 40), ("rel", 5)):
+        ptr, piece_ptr = arrays[f"{name}_ptr"].long(), arrays[f"{name}_piece_ptr"].long()
+        begin, end = arrays[f"{name}_piece_begin"].long(), arrays[f"{name}_piece_end"].long()
+        assert ((end - begin) <= 7).all() and ((end - begin) >= 1).all()
+        for r in range(rows):
+            pieces = range(piece_ptr[r], piece_ptr[r + 1])
+            if ptr[r + 1] - ptr[r] <= 7:
+                assert len(pieces) == 0
+            else:  # consecutive, covering the row exactly
+                assert begin[pieces[0]] == ptr[r] and end[pieces[-1]] == ptr[r + 1]
+                assert all(end[p] == begin[p + 1] for p in pieces[:-1])
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+            RelGraph(edge_index, edge_type, 40, 5, chunk_size=bad)
+
+
+def test_balance_report_counts_the_plan():
+    edge_index, edge_type = random_graph(40, 300, 5, seed=4)
+    graph = RelGraph(edge_index, edge_type, 40, 5, chunk_size=7)
+    report = balance_report(graph, batch=3)
+    assert set(report) == {"forward", "grad_x", "grad_relation_shared", "grad_relation_per_query", "grad_edge_weight"}
+    arrays = dict(zip(RelGraph.FIELDS, graph.arrays))
+    pieces = {name: arrays[f"{name}_piece_begin"].numel() for name in ("dst", "src", "rel")}
+    assert report["forward"]["thread_groups"] == 3 * (40 + pieces["dst"])
+    assert report["forward"]["max_serial_edges"] <= 7
+    assert report["grad_relation_per_query"]["max_serial_edges"] <= 7
+    assert report["grad_relation_shared"]["thread_groups"] == 5 + pieces["rel"]
+    assert report["grad_relation_shared"]["max_serial_edges"] == 3 * report["grad_relation_per_query"]["max_serial_edges"]
+    assert report["grad_edge_weight"] == {"thread_groups": 300, "max_serial_edges": 3, "mean_serial_edges": 3.0,
+                                          "max_partials_folded": 0}
+    # Every edge is visited once per batch element, by a piece or by its whole row.
+    total = report["forward"]["mean_serial_edges"] * report["forward"]["thread_groups"]
+    assert total == pytest.approx(300 * 3, rel=1e-3)  # the mean is rounded to 3 decimals
+
+
+@pytest.mark.skipif(not os.path.isfile(MUSIQUE_KG), reason="needs data/musique_hippo")
+def test_balance_report_musique_scaled_4x_stays_under_1024():
+    report = balance_report(kg_graph(MUSIQUE_KG, scale=4), batch=8)
+    assert all(row["max_serial_edges"] <= 1024 for row in report.values()), report

@@ -1,23 +1,26 @@
 // CUDA kernels of rel_aggregate (forward and the three gradients).
 //
-// Same ownership scheme as the CPU kernels: every output element is owned by one thread (or, for
-// the edge-weight gradient, one warp) that accumulates in a fixed order, so results are
-// deterministic with no atomics. The forward walks the CSR by destination, the input gradient the
-// CSC by source, the relation gradient the edges grouped by relation.
+// Same ownership scheme and plan as the CPU kernels (rel_aggregate_kernels.h): every output
+// element and every partial is owned by one thread (or, for the edge-weight gradient, one warp)
+// that accumulates in a fixed order, so results are deterministic with no atomics. The forward
+// walks the CSR by destination, the input gradient the CSC by source, the relation gradient the
+// edges grouped by relation, each in two passes: the pieces of long rows, each into a partial,
+// then the rows, walked whole or folding their pieces' partials in order. No thread group walks
+// more than the plan's chunk size (times the batch, for the shared table's relation gradient).
 //
-// Row kernels (forward, input and relation gradients): a fixed group of threads owns one output
-// row (one node of one batch element, or one relation) and splits its channels, VEC at a time
-// with 16-byte loads and stores where the row width and every base pointer allow it. All threads
-// of a group walk the same edge list, so the graph arrays are broadcast loads, and each thread
-// keeps one accumulator per channel it owns: the per-channel order of operations is the same as
-// with one thread per element, so the vector width changes no result. Rows are numbered node
-// major (row = node * B + b): the B rows of one node run side by side and share its edge list and,
-// for a shared table, the relation rows it gathers, which then come from L2.
+// Row kernels: a fixed group of threads owns one output row (one node or relation, or piece, of
+// one batch element, or of all for the shared table) and splits its channels, VEC at a time with
+// 16-byte loads and stores where the row width and every base pointer allow it. All threads of a
+// group walk the same edges, so the edge arrays are broadcast loads, read several edges ahead of
+// the gathers (walk_edges), and each thread keeps one accumulator per channel it owns: the
+// per-channel order of operations is the same as with one thread per element, so the vector width
+// changes no result. Groups are numbered item = row * B + b: the B groups of one node run side by
+// side and share its edge list and, for a shared table, the relation rows it gathers.
 //
-// Sums use __fadd_rn / __dadd_rn so nvcc cannot contract `acc += a * b` into an FMA: the forward,
-// input and relation gradients then round like the CPU kernels, operation for operation. Only the
-// edge-weight gradient differs from the CPU in summation order (a warp tree instead of a loop).
-#include "../rel_aggregate.h"
+// Sums use add_rn (__fadd_rn / __dadd_rn) so nvcc cannot contract `acc += a * b` into an FMA: the
+// forward, input and relation gradients then round like the CPU kernels, operation for operation.
+// Only the edge-weight gradient differs from the CPU in summation order (a warp tree).
+#include "../rel_aggregate_kernels.h"
 
 #include <ATen/DeviceGuard.h>
 #include <ATen/Dispatch.h>
@@ -36,6 +39,7 @@
 #include <initializer_list>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 namespace gfmrag_fast {
 namespace {
@@ -120,34 +124,20 @@ __device__ __forceinline__ int64_t thread_index() {
   return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
 }
 
-__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
-__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
-
-template <Aggregate A, typename acc_t>
-__device__ __forceinline__ bool wins(acc_t candidate, acc_t best) {
-  // NaN wins so that it propagates, as torch's amax/amin do.
-  if constexpr (A == Aggregate::Max) return candidate > best || candidate != candidate;
-  else return candidate < best || candidate != candidate;
+template <typename acc_t, int V>
+__device__ __forceinline__ void fill(acc_t (&acc)[V], acc_t value) {
+#pragma unroll
+  for (int j = 0; j < V; ++j) acc[j] = value;
 }
 
-template <Message M, typename acc_t>
-__device__ __forceinline__ acc_t message_of(acc_t x, acc_t r) {
-  if constexpr (M == Message::DistMult) return x * r;
-  else return x + r;
-}
-
-// d out[b, v, c] / d message[b, e, c] for an unmasked edge e into v, without the selection of
-// max/min: 1 for sum and max/min, 1 / in-degree for mean.
-// acc[j] += s * g[j] (* other[j] for distmult): a message's derivative in x (other = the relation
-// row) or in the relation (other = the x row), only where edge e won for max/min.
+// acc[j] += message_grad(g[j], other[j], s), only where edge e won for max/min.
 template <Message M, bool kExtremum, typename scalar_t, typename acc_t, int V>
 __device__ __forceinline__ void add_message_grads(acc_t (&acc)[V], const Pack<scalar_t, V>& g,
                                                   const Pack<scalar_t, V>& other, const Pack<int32_t, V>& sel,
                                                   int32_t e, acc_t s) {
 #pragma unroll
   for (int j = 0; j < V; ++j) {
-    acc_t t = static_cast<acc_t>(g.v[j]) * s;
-    if constexpr (M == Message::DistMult) t *= static_cast<acc_t>(other.v[j]);
+    const acc_t t = message_grad<M>(static_cast<acc_t>(g.v[j]), static_cast<acc_t>(other.v[j]), s);
     if constexpr (kExtremum) {
       if (sel.v[j] == e) acc[j] = add_rn(acc[j], t);
     } else {
@@ -156,226 +146,287 @@ __device__ __forceinline__ void add_message_grads(acc_t (&acc)[V], const Pack<sc
   }
 }
 
-template <Aggregate A, typename acc_t>
-__device__ __forceinline__ acc_t reduce_scale(const int32_t* aux, int32_t v) {
-  if constexpr (A == Aggregate::Mean) return acc_t(1) / static_cast<acc_t>(aux[v]);
-  else return acc_t(1);
+// acc[j] += partial[j]: one piece's partial sums folded into its row.
+template <typename acc_t, int V>
+__device__ __forceinline__ void add_partial(acc_t (&acc)[V], const acc_t* partial) {
+  const Pack<acc_t, V> p = load_pack<V>(partial);
+#pragma unroll
+  for (int j = 0; j < V; ++j) acc[j] = add_rn(acc[j], p.v[j]);
 }
 
-// Inputs shared by every kernel, as raw device pointers; passed to kernels by value.
+template <typename acc_t, int V>
+__device__ __forceinline__ void store_partial(acc_t* partial, const acc_t (&acc)[V]) {
+  Pack<acc_t, V> p;
+#pragma unroll
+  for (int j = 0; j < V; ++j) p.v[j] = acc[j];
+  store_pack<V>(partial, p);
+}
+
+template <typename scalar_t, typename acc_t, int V>
+__device__ __forceinline__ void store_result(scalar_t* out, const acc_t (&acc)[V]) {
+  Pack<scalar_t, V> res;
+#pragma unroll
+  for (int j = 0; j < V; ++j) res.v[j] = static_cast<scalar_t>(acc[j]);
+  store_pack<V>(out, res);
+}
+
+// Inputs shared by every kernel, as raw device pointers; passed to kernels by value. Tensors
+// shaped like x are addressed through at(b, v), which knows the layout.
 template <typename scalar_t>
 struct Inputs {
-  const scalar_t* x;         // [B, N, d]
+  const scalar_t* x;         // [B, N, d] | [N, B, d]
   const scalar_t* relation;  // [R, d] | [B, R, d]
-  const scalar_t* weight;    // [E] or nullptr
-  const bool* mask;          // [E] or nullptr
-  const int32_t* aux;        // see rel_aggregate.h; nullptr in the forward
+  const scalar_t* weight;    // [E] in the walk order of the kernel's edge list, or nullptr
+  const bool* mask;          // [E] the same, or nullptr
+  const int32_t* aux;        // see rel_aggregate.h; the mean's in-degrees in the forward too
   const int32_t* graph[kNumGraphFields];
-  int64_t batch, num_nodes, dim, num_relations, num_edges;
+  int64_t batch, num_nodes, dim, num_relations, num_edges, node_stride, batch_stride;
   bool per_query;
 
+  __device__ int64_t at(int64_t b, int64_t v) const { return b * batch_stride + v * node_stride; }
   __device__ const scalar_t* relation_of(int64_t b) const {
     return relation + (per_query ? b * num_relations * dim : 0);
   }
-  __device__ bool removed(int32_t e) const { return mask != nullptr && mask[e]; }
-  template <typename acc_t>
-  __device__ acc_t weight_of(int32_t e) const {
-    return weight ? static_cast<acc_t>(weight[e]) : acc_t(1);
+  // Edge k of a list: node and other from the list's arrays (WalkedEdge), eid for max/min.
+  template <typename acc_t, bool kWithEid>
+  __device__ WalkedEdge<acc_t> edge(int32_t k, const int32_t* __restrict__ node, const int32_t* __restrict__ other,
+                                    const int32_t* __restrict__ eid) const {
+    return {node[k], other[k], kWithEid ? eid[k] : 0, weight ? static_cast<acc_t>(weight[k]) : acc_t(1),
+            mask != nullptr && mask[k]};
   }
 };
 
 template <typename scalar_t>
-Inputs<scalar_t> make_inputs(const at::Tensor& x, const at::Tensor& relation, const at::Tensor* aux,
-                             at::TensorList graph, const std::optional<at::Tensor>& edge_weight,
-                             const std::optional<at::Tensor>& edge_mask, const RelAggregateArgs& a) {
+Inputs<scalar_t> make_inputs(const at::Tensor& x, const at::Tensor& relation, const at::Tensor& aux,
+                             at::TensorList graph, const at::Tensor& weight, const at::Tensor& mask,
+                             const RelAggregateArgs& a) {
   Inputs<scalar_t> in{};
   in.x = x.const_data_ptr<scalar_t>();
   in.relation = relation.const_data_ptr<scalar_t>();
-  in.weight = edge_weight ? edge_weight->const_data_ptr<scalar_t>() : nullptr;
-  in.mask = edge_mask ? edge_mask->const_data_ptr<bool>() : nullptr;
-  in.aux = aux ? aux->const_data_ptr<int32_t>() : nullptr;
+  in.weight = weight.defined() ? weight.const_data_ptr<scalar_t>() : nullptr;
+  in.mask = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
+  in.aux = aux.const_data_ptr<int32_t>();
   for (int i = 0; i < kNumGraphFields; ++i) in.graph[i] = graph[i].const_data_ptr<int32_t>();
   in.batch = a.batch;
   in.num_nodes = a.num_nodes;
   in.dim = a.dim;
   in.num_relations = a.num_relations;
   in.num_edges = a.num_edges;
+  in.node_stride = a.node_stride;
+  in.batch_stride = a.batch_stride;
   in.per_query = a.per_query;
   return in;
 }
 
-// count[v] = number of unmasked in-edges of v: the mean's aux.
-__global__ void in_degree_kernel(const int32_t* ptr, const int32_t* eid, const bool* mask,
-                                 int64_t num_nodes, int32_t* count) {
-  const int64_t v = thread_index();
-  if (v >= num_nodes) return;
-  int32_t n = 0;
-  for (int32_t k = ptr[v]; k < ptr[v + 1]; ++k) {
-    if (mask == nullptr || !mask[eid[k]]) ++n;
-  }
-  count[v] = n;
-}
+constexpr bool is_extremum(Aggregate A) { return A == Aggregate::Max || A == Aggregate::Min; }
 
-// One row per (v, b); `arg` is the max/min aux [B, N, d], untouched otherwise.
-template <typename scalar_t, Message M, Aggregate A, int V>
-__global__ void forward_kernel(const Inputs<scalar_t> in, scalar_t* out, int32_t* arg, int threads_per_row) {
+// Pass P of the forward: one group per (piece, b) into partial [S, B, d] (and partial_arg), or per
+// (node, b) into out and, for max/min, arg (x's layout).
+template <typename scalar_t, Message M, Aggregate A, int V, Pass P>
+__global__ void forward_kernel(const Inputs<scalar_t> in, const ListPlan plan, const WorkShape shape, scalar_t* out,
+                               int32_t* arg, at::opmath_type<scalar_t>* partial, int32_t* partial_arg,
+                               int threads_per_row) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr bool kExtremum = A == Aggregate::Max || A == Aggregate::Min;
-  const int64_t N = in.num_nodes, D = in.dim, B = in.batch;
-  const int32_t* ptr = in.graph[kDstPtr];
+  constexpr bool kExtremum = is_extremum(A);
+  const int64_t B = in.batch, D = in.dim;
   const int32_t* src = in.graph[kDstSrc];
   const int32_t* type = in.graph[kDstType];
   const int32_t* eid = in.graph[kDstEid];
-  for_each_row_vector<V>(B * N, D, threads_per_row, [&](int64_t row, int64_t c) {
-    const int64_t v = row / B, b = row - v * B;
-    const scalar_t* xb = in.x + b * N * D + c;
+  const int64_t groups = pass_groups(plan, shape, P);  // shape = {B, 1}: one group per (row, b)
+  for_each_row_vector<V>(groups, D, threads_per_row, [&](int64_t item, int64_t c) {
+    const int64_t i = item / shape.groups_per_row, b = item - i * shape.groups_per_row;
+    const bool counting = c == 0;
+    if (counting) GFMRAG_FAST_COUNT_GROUP(Kernel::Forward, P, item);
+    const scalar_t* xb = in.x + in.at(b, 0) + c;
     const scalar_t* rb = in.relation_of(b) + c;
     acc_t acc[V];
     int32_t best[V];
+    fill(acc, acc_t(0));
 #pragma unroll
-    for (int j = 0; j < V; ++j) {
-      acc[j] = 0;
-      best[j] = -1;
-    }
-    int32_t n = 0;
-    const int32_t end = ptr[v + 1];
-    for (int32_t k = ptr[v]; k < end; ++k) {
-      const int32_t e = eid[k];
-      if (in.removed(e)) continue;
-      ++n;
-      const acc_t w = in.template weight_of<acc_t>(e);
-      const Pack<scalar_t, V> xs = load_pack<V>(xb + static_cast<int64_t>(src[k]) * D);
-      const Pack<scalar_t, V> rs = load_pack<V>(rb + static_cast<int64_t>(type[k]) * D);
+    for (int j = 0; j < V; ++j) best[j] = -1;
+    const auto walk = [&](EdgeRange range) {
+      const auto load = [&](int32_t k) { return in.template edge<acc_t, kExtremum>(k, src, type, eid); };
+      walk_edges(range.begin, range.end, load, [&](const WalkedEdge<acc_t>& e) {
+        if (counting) GFMRAG_FAST_COUNT_VISIT(Kernel::Forward, P, item);
+        if (e.removed) return;
+        const Pack<scalar_t, V> xs = load_pack<V>(xb + e.node * in.node_stride);
+        const Pack<scalar_t, V> rs = load_pack<V>(rb + static_cast<int64_t>(e.other) * D);
 #pragma unroll
-      for (int j = 0; j < V; ++j) {
-        const acc_t m = w * message_of<M>(static_cast<acc_t>(xs.v[j]), static_cast<acc_t>(rs.v[j]));
-        if constexpr (kExtremum) {
-          if (best[j] < 0 || wins<A>(m, acc[j])) {
-            acc[j] = m;
-            best[j] = e;
+        for (int j = 0; j < V; ++j) {
+          const acc_t m = e.weight * message_of<M>(static_cast<acc_t>(xs.v[j]), static_cast<acc_t>(rs.v[j]));
+          if constexpr (kExtremum) keep_extremum<A>(acc[j], best[j], m, e.eid);
+          else acc[j] = add_rn(acc[j], m);
+        }
+      });
+    };
+    if constexpr (P == Pass::Pieces) {
+      walk(piece_edges(plan, i));
+      store_partial(partial + item * D + c, acc);
+      if constexpr (kExtremum) {
+        Pack<int32_t, V> won;
+#pragma unroll
+        for (int j = 0; j < V; ++j) won.v[j] = best[j];
+        store_pack<V>(partial_arg + item * D + c, won);
+      }
+    } else {
+      if (walked_whole(plan, i)) {
+        walk(row_edges(plan, i));
+      } else {
+        for (int32_t p = plan.piece_ptr[i]; p < plan.piece_ptr[i + 1]; ++p) {
+          const int64_t o = (p * B + b) * D + c;
+          if constexpr (kExtremum) {
+            const Pack<acc_t, V> pm = load_pack<V>(partial + o);
+            const Pack<int32_t, V> pe = load_pack<V>(partial_arg + o);
+#pragma unroll
+            for (int j = 0; j < V; ++j) keep_partial_extremum<A>(acc[j], best[j], pm.v[j], pe.v[j]);
+          } else {
+            add_partial(acc, partial + o);
           }
-        } else {
-          acc[j] = add_rn(acc[j], m);
         }
       }
-    }
-    const int64_t o = (b * N + v) * D + c;
-    Pack<scalar_t, V> res;
-    if constexpr (kExtremum) {
-      Pack<int32_t, V> won;
+      const int32_t n = A == Aggregate::Mean ? in.aux[i] : 0;
+      const int64_t o = in.at(b, i) + c;
+      Pack<scalar_t, V> res;
 #pragma unroll
-      for (int j = 0; j < V; ++j) {
-        res.v[j] = static_cast<scalar_t>(best[j] < 0 ? acc_t(0) : acc[j]);
-        won.v[j] = best[j];
+      for (int j = 0; j < V; ++j) res.v[j] = static_cast<scalar_t>(finish_forward<A>(acc[j], best[j], n));
+      store_pack<V>(out + o, res);
+      if constexpr (kExtremum) {
+        Pack<int32_t, V> won;
+#pragma unroll
+        for (int j = 0; j < V; ++j) won.v[j] = best[j];
+        store_pack<V>(arg + o, won);
       }
-      store_pack<V>(arg + o, won);
-    } else {
-      const acc_t scale = (A == Aggregate::Mean && n > 0) ? acc_t(1) / acc_t(n) : acc_t(1);
-#pragma unroll
-      for (int j = 0; j < V; ++j) res.v[j] = static_cast<scalar_t>(acc[j] * scale);
     }
-    store_pack<V>(out + o, res);
   });
 }
 
-// One row per (u, b), walking the out-edges of u.
-template <typename scalar_t, Message M, Aggregate A, int V>
-__global__ void backward_x_kernel(const Inputs<scalar_t> in, const scalar_t* grad_out, scalar_t* grad_x,
+// Pass P of the input gradient: one group per (piece, b) or (node u, b), walking u's out-edges.
+template <typename scalar_t, Message M, Aggregate A, int V, Pass P>
+__global__ void backward_x_kernel(const Inputs<scalar_t> in, const ListPlan plan, const WorkShape shape,
+                                  const scalar_t* grad_out, scalar_t* grad_x, at::opmath_type<scalar_t>* partial,
                                   int threads_per_row) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr bool kExtremum = A == Aggregate::Max || A == Aggregate::Min;
-  const int64_t N = in.num_nodes, D = in.dim, B = in.batch;
-  const int32_t* ptr = in.graph[kSrcPtr];
+  constexpr bool kExtremum = is_extremum(A);
+  const int64_t B = in.batch, D = in.dim;
   const int32_t* dst = in.graph[kSrcDst];
   const int32_t* type = in.graph[kSrcType];
   const int32_t* eid = in.graph[kSrcEid];
-  for_each_row_vector<V>(B * N, D, threads_per_row, [&](int64_t row, int64_t c) {
-    const int64_t u = row / B, b = row - u * B;
+  const int64_t groups = pass_groups(plan, shape, P);  // shape = {B, 1}: one group per (row, b)
+  for_each_row_vector<V>(groups, D, threads_per_row, [&](int64_t item, int64_t c) {
+    const int64_t i = item / shape.groups_per_row, b = item - i * shape.groups_per_row;
+    const bool counting = c == 0;
+    if (counting) GFMRAG_FAST_COUNT_GROUP(Kernel::GradX, P, item);
     const scalar_t* rb = in.relation_of(b) + c;
-    const scalar_t* gb = grad_out + b * N * D + c;             // grad_out and the max/min aux
-    const int32_t* sb = kExtremum ? in.aux + b * N * D + c : nullptr;
+    const scalar_t* gb = grad_out + in.at(b, 0) + c;               // grad_out and the max/min aux
+    const int32_t* sb = kExtremum ? in.aux + in.at(b, 0) + c : nullptr;
     acc_t acc[V];
-#pragma unroll
-    for (int j = 0; j < V; ++j) acc[j] = 0;
-    const int32_t end = ptr[u + 1];
-    for (int32_t k = ptr[u]; k < end; ++k) {
-      const int32_t e = eid[k];
-      if (in.removed(e)) continue;
-      const int32_t v = dst[k];
-      const acc_t scale = in.template weight_of<acc_t>(e) * reduce_scale<A, acc_t>(in.aux, v);
-      const Pack<scalar_t, V> gs = load_pack<V>(gb + static_cast<int64_t>(v) * D);
-      Pack<scalar_t, V> rs;
-      if constexpr (M == Message::DistMult) rs = load_pack<V>(rb + static_cast<int64_t>(type[k]) * D);
-      Pack<int32_t, V> sel;
-      if constexpr (kExtremum) sel = load_pack<V>(sb + static_cast<int64_t>(v) * D);
-      add_message_grads<M, kExtremum>(acc, gs, rs, sel, e, scale);
-    }
-    Pack<scalar_t, V> res;
-#pragma unroll
-    for (int j = 0; j < V; ++j) res.v[j] = static_cast<scalar_t>(acc[j]);
-    store_pack<V>(grad_x + (b * N + u) * D + c, res);
-  });
-}
-
-// One row per relation r of a shared table, summing over the batch inside the edge loop as the
-// CPU kernel does; one per (r, b) of a per-query table.
-template <typename scalar_t, Message M, Aggregate A, int V>
-__global__ void backward_relation_kernel(const Inputs<scalar_t> in, const scalar_t* grad_out,
-                                         scalar_t* grad_relation, int threads_per_row) {
-  using acc_t = at::opmath_type<scalar_t>;
-  constexpr bool kExtremum = A == Aggregate::Max || A == Aggregate::Min;
-  const int64_t N = in.num_nodes, D = in.dim, R = in.num_relations;
-  const int64_t num_out = in.per_query ? in.batch : 1;
-  const int32_t* ptr = in.graph[kRelPtr];
-  const int32_t* eid = in.graph[kRelEid];
-  const int32_t* edge_src = in.graph[kEdgeSrc];
-  const int32_t* edge_dst = in.graph[kEdgeDst];
-  for_each_row_vector<V>(num_out * R, D, threads_per_row, [&](int64_t row, int64_t c) {
-    const int64_t r = row / num_out, ob = row - r * num_out;
-    const int64_t b_begin = in.per_query ? ob : 0;
-    const int64_t b_end = in.per_query ? ob + 1 : in.batch;
-    acc_t acc[V];
-#pragma unroll
-    for (int j = 0; j < V; ++j) acc[j] = 0;
-    const int32_t end = ptr[r + 1];
-    for (int32_t k = ptr[r]; k < end; ++k) {
-      const int32_t e = eid[k];
-      if (in.removed(e)) continue;
-      const int32_t u = edge_src[e];
-      const int32_t v = edge_dst[e];
-      const acc_t scale = in.template weight_of<acc_t>(e) * reduce_scale<A, acc_t>(in.aux, v);
-      for (int64_t b = b_begin; b < b_end; ++b) {
-        const int64_t o = (b * N + v) * D + c;  // grad_out and the max/min aux
-        const Pack<scalar_t, V> gs = load_pack<V>(grad_out + o);
-        Pack<scalar_t, V> xs;
-        if constexpr (M == Message::DistMult) xs = load_pack<V>(in.x + (b * N + u) * D + c);
+    fill(acc, acc_t(0));
+    const auto walk = [&](EdgeRange range) {
+      const auto load = [&](int32_t k) { return in.template edge<acc_t, kExtremum>(k, dst, type, eid); };
+      walk_edges(range.begin, range.end, load, [&](const WalkedEdge<acc_t>& e) {
+        if (counting) GFMRAG_FAST_COUNT_VISIT(Kernel::GradX, P, item);
+        if (e.removed) return;
+        const acc_t scale = e.weight * reduce_scale<A, acc_t>(in.aux, e.node);
+        const int64_t v = static_cast<int64_t>(e.node) * in.node_stride;
+        const Pack<scalar_t, V> gs = load_pack<V>(gb + v);
+        Pack<scalar_t, V> rs;
+        if constexpr (M == Message::DistMult) rs = load_pack<V>(rb + static_cast<int64_t>(e.other) * D);
         Pack<int32_t, V> sel;
-        if constexpr (kExtremum) sel = load_pack<V>(in.aux + o);
-        add_message_grads<M, kExtremum>(acc, gs, xs, sel, e, scale);
+        if constexpr (kExtremum) sel = load_pack<V>(sb + v);
+        add_message_grads<M, kExtremum>(acc, gs, rs, sel, e.eid, scale);
+      });
+    };
+    if constexpr (P == Pass::Pieces) {
+      walk(piece_edges(plan, i));
+      store_partial(partial + item * D + c, acc);
+    } else {
+      if (walked_whole(plan, i)) {
+        walk(row_edges(plan, i));
+      } else {
+        for (int32_t p = plan.piece_ptr[i]; p < plan.piece_ptr[i + 1]; ++p) add_partial(acc, partial + (p * B + b) * D + c);
       }
+      store_result(grad_x + in.at(b, i) + c, acc);
     }
-    Pack<scalar_t, V> res;
-#pragma unroll
-    for (int j = 0; j < V; ++j) res.v[j] = static_cast<scalar_t>(acc[j]);
-    store_pack<V>(grad_relation + (ob * R + r) * D + c, res);
   });
 }
 
-// One warp per edge: lanes stride over the channels of every batch row, then a fixed-shape
-// shuffle tree combines them, so the sum order never depends on scheduling.
+// Pass P of the relation gradient: per-query tables, one group per (piece or relation, b); a
+// shared table, one group per piece or relation that sums over the batch inside the edge loop,
+// as the CPU kernel does.
+template <typename scalar_t, Message M, Aggregate A, int V, Pass P>
+__global__ void backward_relation_kernel(const Inputs<scalar_t> in, const ListPlan plan, const WorkShape shape,
+                                         const scalar_t* grad_out, scalar_t* grad_relation,
+                                         at::opmath_type<scalar_t>* partial, int threads_per_row) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kExtremum = is_extremum(A);
+  const int64_t D = in.dim, R = in.num_relations;
+  const int64_t per_row = shape.groups_per_row;
+  const int32_t* dst = in.graph[kRelDst];
+  const int32_t* src = in.graph[kRelSrc];
+  const int32_t* eid = in.graph[kRelEid];
+  const int64_t groups = pass_groups(plan, shape, P);
+  for_each_row_vector<V>(groups, D, threads_per_row, [&](int64_t item, int64_t c) {
+    const int64_t i = item / per_row, ob = item - i * per_row;
+    const int64_t b_begin = ob * shape.batch_loop, b_end = b_begin + shape.batch_loop;
+    const bool counting = c == 0;
+    if (counting) GFMRAG_FAST_COUNT_GROUP(Kernel::GradRelation, P, item);
+    acc_t acc[V];
+    fill(acc, acc_t(0));
+    const auto walk = [&](EdgeRange range) {
+      const auto load = [&](int32_t k) { return in.template edge<acc_t, kExtremum>(k, dst, src, eid); };
+      walk_edges(range.begin, range.end, load, [&](const WalkedEdge<acc_t>& e) {
+        if (e.removed) {
+          if (counting) {
+            for (int64_t b = b_begin; b < b_end; ++b) GFMRAG_FAST_COUNT_VISIT(Kernel::GradRelation, P, item);
+          }
+          return;
+        }
+        const acc_t scale = e.weight * reduce_scale<A, acc_t>(in.aux, e.node);
+        for (int64_t b = b_begin; b < b_end; ++b) {
+          if (counting) GFMRAG_FAST_COUNT_VISIT(Kernel::GradRelation, P, item);
+          const int64_t o = in.at(b, e.node) + c;  // grad_out and the max/min aux
+          const Pack<scalar_t, V> gs = load_pack<V>(grad_out + o);
+          Pack<scalar_t, V> xs;
+          if constexpr (M == Message::DistMult) xs = load_pack<V>(in.x + in.at(b, e.other) + c);
+          Pack<int32_t, V> sel;
+          if constexpr (kExtremum) sel = load_pack<V>(in.aux + o);
+          add_message_grads<M, kExtremum>(acc, gs, xs, sel, e.eid, scale);
+        }
+      });
+    };
+    if constexpr (P == Pass::Pieces) {
+      walk(piece_edges(plan, i));
+      store_partial(partial + item * D + c, acc);
+    } else {
+      if (walked_whole(plan, i)) {
+        walk(row_edges(plan, i));
+      } else {
+        for (int32_t p = plan.piece_ptr[i]; p < plan.piece_ptr[i + 1]; ++p) {
+          add_partial(acc, partial + (p * per_row + ob) * D + c);
+        }
+      }
+      store_result(grad_relation + (ob * R + i) * D + c, acc);
+    }
+  });
+}
+
+// One warp per edge, in original edge order (no indirection): lanes stride over the channels of
+// every batch row, then a fixed-shape shuffle tree combines them, so the sum order never depends
+// on scheduling.
 template <typename scalar_t, Message M, Aggregate A>
-__global__ void backward_edge_weight_kernel(const Inputs<scalar_t> in, const scalar_t* grad_out,
+__global__ void backward_edge_weight_kernel(const Inputs<scalar_t> in, const bool* mask, const scalar_t* grad_out,
                                             scalar_t* grad_weight) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr bool kExtremum = A == Aggregate::Max || A == Aggregate::Min;
-  const int64_t N = in.num_nodes, D = in.dim;
+  constexpr bool kExtremum = is_extremum(A);
+  const int64_t D = in.dim;
   const int64_t warp = thread_index() / kWarpSize;
   const int lane = static_cast<int>(threadIdx.x % kWarpSize);
   // The edge is uniform across the warp, so whole warps leave together and the full-mask
   // shuffles below see all 32 lanes.
   if (warp >= in.num_edges) return;
   const int32_t e = static_cast<int32_t>(warp);
-  if (in.removed(e)) {
+  if (lane == 0) GFMRAG_FAST_COUNT_GROUP(Kernel::GradEdgeWeight, Pass::Pieces, e);
+  if (mask != nullptr && mask[e]) {
     if (lane == 0) grad_weight[e] = scalar_t(0);
     return;
   }
@@ -385,13 +436,13 @@ __global__ void backward_edge_weight_kernel(const Inputs<scalar_t> in, const sca
 
   acc_t total = 0;
   for (int64_t b = 0; b < in.batch; ++b) {
-    const scalar_t* g = grad_out + (b * N + v) * D;
-    const scalar_t* xu = in.x + (b * N + u) * D;
+    if (lane == 0) GFMRAG_FAST_COUNT_VISIT(Kernel::GradEdgeWeight, Pass::Pieces, e);
+    const scalar_t* g = grad_out + in.at(b, v);
+    const scalar_t* xu = in.x + in.at(b, u);
     const scalar_t* rr = in.relation_of(b) + type * D;
-    const int32_t* sel = kExtremum ? in.aux + (b * N + v) * D : nullptr;
+    const int32_t* sel = kExtremum ? in.aux + in.at(b, v) : nullptr;
     for (int64_t c = lane; c < D; c += kWarpSize) {
-      const acc_t t = static_cast<acc_t>(g[c]) *
-                      message_of<M>(static_cast<acc_t>(xu[c]), static_cast<acc_t>(rr[c]));
+      const acc_t t = static_cast<acc_t>(g[c]) * message_of<M>(static_cast<acc_t>(xu[c]), static_cast<acc_t>(rr[c]));
       if constexpr (kExtremum) {
         if (sel[c] == e) total = add_rn(total, t);
       } else {
@@ -405,42 +456,58 @@ __global__ void backward_edge_weight_kernel(const Inputs<scalar_t> in, const sca
   if (lane == 0) grad_weight[e] = static_cast<scalar_t>(total * reduce_scale<A, acc_t>(in.aux, v));
 }
 
+// Calls f(std::integral_constant<Pass, P>{}, launch shape) for the passes of a plan that have
+// groups, pieces first (the rows fold their partials).
+template <typename F>
+void for_each_pass(const ListPlan& plan, const WorkShape& shape, int64_t vectors, F&& f) {
+  const int64_t pieces = pass_groups(plan, shape, Pass::Pieces);
+  const int64_t rows = pass_groups(plan, shape, Pass::Rows);
+  if (pieces > 0) f(std::integral_constant<Pass, Pass::Pieces>{}, row_launch(pieces, vectors));
+  if (rows > 0) f(std::integral_constant<Pass, Pass::Rows>{}, row_launch(rows, vectors));
+}
+
+// Partial results of the pieces of a plan: [S, groups_per_row, d] accumulators.
+at::Tensor empty_partials(const at::Tensor& x, const ListPlan& plan, const WorkShape& shape, int64_t dim,
+                          at::ScalarType dtype) {
+  return at::empty({plan.pieces, shape.groups_per_row, dim}, x.options().dtype(dtype));
+}
+
 std::tuple<at::Tensor, at::Tensor> rel_aggregate_cuda(const at::Tensor& x, const at::Tensor& relation,
                                                       at::TensorList graph,
                                                       const std::optional<at::Tensor>& edge_weight,
                                                       const std::optional<at::Tensor>& edge_mask,
-                                                      c10::string_view message,
-                                                      c10::string_view aggregate) {
+                                                      c10::string_view message, c10::string_view aggregate,
+                                                      bool node_major) {
   const RelAggregateArgs a =
-      check_rel_aggregate_inputs(x, relation, graph, edge_weight, edge_mask, message, aggregate);
+      check_rel_aggregate_inputs(x, relation, graph, edge_weight, edge_mask, message, aggregate, node_major);
   const at::cuda::OptionalCUDAGuard guard(device_of(x));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor weight = in_walk_order(edge_weight, graph, EdgeList::Dst);
+  const at::Tensor mask = in_walk_order(edge_mask, graph, EdgeList::Dst);
   at::Tensor out = at::empty_like(x);
-  at::Tensor aux = empty_aux(x, a);
-  if (a.aggregate == Aggregate::Mean) {
-    // Its own kernel, so the degrees are written even when B * d == 0 and no forward thread runs.
-    if (a.num_nodes > 0) {
-      in_degree_kernel<<<grid_for(a.num_nodes), kBlockThreads, 0, stream>>>(
-          graph[kDstPtr].const_data_ptr<int32_t>(), graph[kDstEid].const_data_ptr<int32_t>(),
-          edge_mask ? edge_mask->const_data_ptr<bool>() : nullptr, a.num_nodes,
-          aux.mutable_data_ptr<int32_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-  }
+  at::Tensor aux = forward_aux(x, graph, mask, a);  // the mean's in-degrees even when B * d == 0
   if (x.numel() == 0) return {out, aux};
-  int32_t* arg =
-      (a.aggregate == Aggregate::Max || a.aggregate == Aggregate::Min) ? aux.mutable_data_ptr<int32_t>() : nullptr;
+  const bool extremum = a.aggregate == Aggregate::Max || a.aggregate == Aggregate::Min;
+  int32_t* arg = extremum ? aux.mutable_data_ptr<int32_t>() : nullptr;
+  const ListPlan plan = list_plan(graph, EdgeList::Dst);
+  const WorkShape shape = work_shape(Kernel::Forward, a.batch, a.per_query);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rel_aggregate_cuda", [&] {
-    const auto in = make_inputs<scalar_t>(x, relation, nullptr, graph, edge_weight, edge_mask, a);
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto in = make_inputs<scalar_t>(x, relation, aux, graph, weight, mask, a);
+    at::Tensor partial = empty_partials(x, plan, shape, a.dim, c10::CppTypeToScalarType<acc_t>::value);
+    at::Tensor partial_arg = extremum ? empty_partials(x, plan, shape, a.dim, at::kInt) : at::Tensor();
+    acc_t* pp = partial.mutable_data_ptr<acc_t>();
+    int32_t* pa = extremum ? partial_arg.mutable_data_ptr<int32_t>() : nullptr;
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    const bool vectorize = can_vectorize(a.dim, kVecWidth<scalar_t>, {in.x, in.relation, o, arg});
+    const bool vectorize = can_vectorize(a.dim, kVecWidth<scalar_t>, {in.x, in.relation, o, arg, pp, pa});
     dispatch_message_aggregate(a.message, a.aggregate, [&](auto m, auto g) {
       with_vector_width<scalar_t>(vectorize, [&](auto vec) {
         constexpr int V = decltype(vec)::value;
-        const RowLaunch L = row_launch(a.batch * a.num_nodes, a.dim / V);
-        forward_kernel<scalar_t, decltype(m)::value, decltype(g)::value, V>
-            <<<L.grid, L.block, 0, stream>>>(in, o, arg, L.threads_per_row);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        for_each_pass(plan, shape, a.dim / V, [&](auto pass, const RowLaunch& L) {
+          forward_kernel<scalar_t, decltype(m)::value, decltype(g)::value, V, decltype(pass)::value>
+              <<<L.grid, L.block, 0, stream>>>(in, plan, shape, o, arg, pp, pa, L.threads_per_row);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
       });
     });
   });
@@ -452,43 +519,55 @@ at::Tensor rel_aggregate_backward_cuda(const at::Tensor& grad_out, const at::Ten
                                        const at::Tensor& relation, const at::Tensor& aux,
                                        at::TensorList graph, const std::optional<at::Tensor>& edge_weight,
                                        const std::optional<at::Tensor>& edge_mask,
-                                       c10::string_view message, c10::string_view aggregate) {
+                                       c10::string_view message, c10::string_view aggregate, bool node_major) {
   const RelAggregateArgs a = check_rel_aggregate_backward_inputs(grad_out, x, relation, aux, graph, edge_weight,
-                                                                 edge_mask, message, aggregate);
+                                                                 edge_mask, message, aggregate, node_major);
   const at::cuda::OptionalCUDAGuard guard(device_of(x));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  constexpr Kernel K = G == Grad::X ? Kernel::GradX : G == Grad::Relation ? Kernel::GradRelation : Kernel::GradEdgeWeight;
   at::Tensor grad = empty_grad(G, x, relation, a);
   // Row kernels for x and the relation table; one warp per edge for the edge weights, so that
   // every edge's entry is written even when B * d == 0.
-  const int64_t work = G == Grad::EdgeWeight ? a.num_edges : grad.numel();
+  const int64_t work = K == Kernel::GradEdgeWeight ? a.num_edges : grad.numel();
   if (work == 0) return grad;
+  // The edge-weight gradient walks the edges in original order: its arrays need no reordering.
+  const bool walks_list = K != Kernel::GradEdgeWeight;
+  const at::Tensor weight = walks_list ? in_walk_order(edge_weight, graph, list_of(K)) : at::Tensor();
+  const at::Tensor mask = walks_list ? in_walk_order(edge_mask, graph, list_of(K)) : at::Tensor();
   const bool extremum = a.aggregate == Aggregate::Max || a.aggregate == Aggregate::Min;
-  // Rows of the gradient: (u, b) for x; r, or (r, b) for a per-query table.
-  const int64_t rows = G == Grad::X ? a.batch * a.num_nodes : (a.per_query ? a.batch : 1) * a.num_relations;
+  const ListPlan plan = list_plan(graph, list_of(K));
+  const WorkShape shape = work_shape(K, a.batch, a.per_query);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rel_aggregate_backward_cuda", [&] {
-    const auto in = make_inputs<scalar_t>(x, relation, &aux, graph, edge_weight, edge_mask, a);
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto in = make_inputs<scalar_t>(x, relation, aux, graph, weight, mask, a);
     const scalar_t* g = grad_out.const_data_ptr<scalar_t>();
     scalar_t* o = grad.mutable_data_ptr<scalar_t>();
+    at::Tensor partial = walks_list ? empty_partials(x, plan, shape, a.dim, c10::CppTypeToScalarType<acc_t>::value)
+                                    : at::Tensor();
+    acc_t* pp = walks_list ? partial.mutable_data_ptr<acc_t>() : nullptr;
     const bool vectorize =
-        can_vectorize(a.dim, kVecWidth<scalar_t>, {in.x, in.relation, g, o, extremum ? in.aux : nullptr});
+        can_vectorize(a.dim, kVecWidth<scalar_t>, {in.x, in.relation, g, o, pp, extremum ? in.aux : nullptr});
     dispatch_message_aggregate(a.message, a.aggregate, [&](auto m, auto r) {
       constexpr Message M = decltype(m)::value;
       constexpr Aggregate A = decltype(r)::value;
-      if constexpr (G == Grad::EdgeWeight) {
-        backward_edge_weight_kernel<scalar_t, M, A>
-            <<<grid_for(a.num_edges * kWarpSize), kBlockThreads, 0, stream>>>(in, g, o);
+      if constexpr (K == Kernel::GradEdgeWeight) {
+        backward_edge_weight_kernel<scalar_t, M, A><<<grid_for(a.num_edges * kWarpSize), kBlockThreads, 0, stream>>>(
+            in, edge_mask ? edge_mask->const_data_ptr<bool>() : nullptr, g, o);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       } else {
         with_vector_width<scalar_t>(vectorize, [&](auto vec) {
           constexpr int V = decltype(vec)::value;
-          const RowLaunch L = row_launch(rows, a.dim / V);
-          if constexpr (G == Grad::X) {
-            backward_x_kernel<scalar_t, M, A, V><<<L.grid, L.block, 0, stream>>>(in, g, o, L.threads_per_row);
-          } else {
-            backward_relation_kernel<scalar_t, M, A, V>
-                <<<L.grid, L.block, 0, stream>>>(in, g, o, L.threads_per_row);
-          }
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          for_each_pass(plan, shape, a.dim / V, [&](auto pass, const RowLaunch& L) {
+            constexpr Pass P = decltype(pass)::value;
+            if constexpr (K == Kernel::GradX) {
+              backward_x_kernel<scalar_t, M, A, V, P>
+                  <<<L.grid, L.block, 0, stream>>>(in, plan, shape, g, o, pp, L.threads_per_row);
+            } else {
+              backward_relation_kernel<scalar_t, M, A, V, P>
+                  <<<L.grid, L.block, 0, stream>>>(in, plan, shape, g, o, pp, L.threads_per_row);
+            }
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
         });
       }
     });

@@ -13,6 +13,14 @@ readable specification the kernels are tested against.
 max/min send the gradient to one edge per (b, v, c): the first in edge order among those that
 reach the extremum (ties only arise between identical messages, e.g. parallel edges).
 
+Layouts: x and the result are [B, N, d], or [N, B, d] with ``node_major=True``. Node major suits
+the kernels better where B > 1 (on the CPU above all): an edge then gathers one contiguous
+block of B * d values instead of B rows that lie N * d apart.
+
+Long edge lists (hub nodes, a synonym relation holding half of the edges) are cut into pieces by
+the graph's plan (:class:`RelGraph`, ``chunk_size``); results are deterministic and the same on
+the CPU and the GPU for a given plan.
+
 First derivatives only: differentiating a gradient of rel_aggregate again (``create_graph=True``
 followed by another backward, ``gradgradcheck``, Hessians) raises NotImplementedError rather
 than returning a wrong or partial second derivative.
@@ -34,14 +42,15 @@ _ops = torch.ops.gfmrag_fast
 
 
 def rel_aggregate(
-    x: torch.Tensor,  # [B, N, d]
+    x: torch.Tensor,  # [B, N, d], or [N, B, d] with node_major
     relation: torch.Tensor,  # [R, d] shared by the batch, or [B, R, d] per query
     graph: RelGraph,
     edge_weight: Optional[torch.Tensor] = None,  # [E], differentiable
     edge_mask: Optional[torch.Tensor] = None,  # [E] bool, True = edge removed
     message: str = "distmult",
     aggregate: str = "sum",
-) -> torch.Tensor:  # [B, N, d]
+    node_major: bool = False,
+) -> torch.Tensor:  # like x
     """Aggregates relation-conditioned messages into every node; see the module docstring.
 
     Differentiable in ``x``, ``relation`` and ``edge_weight``. Backward is deterministic.
@@ -58,6 +67,7 @@ def rel_aggregate(
         None if edge_mask is None else edge_mask.contiguous(),
         message,
         aggregate,
+        bool(node_major),
     )
     return out
 
@@ -82,13 +92,13 @@ def _check_call(x, relation, graph, edge_weight, edge_mask, message, aggregate) 
 
 
 @torch.library.register_fake("gfmrag_fast::rel_aggregate")
-def _rel_aggregate_fake(x, relation, graph, edge_weight, edge_mask, message, aggregate):
-    torch._check(x.dim() == 3, lambda: f"rel_aggregate: x must have shape [B, N, d], got {x.shape}")
+def _rel_aggregate_fake(x, relation, graph, edge_weight, edge_mask, message, aggregate, node_major=False):
+    torch._check(x.dim() == 3, lambda: f"rel_aggregate: x must have shape [B, N, d] or [N, B, d], got {x.shape}")
     torch._check(relation.dim() in (2, 3), lambda: "rel_aggregate: relation must be [R, d] or [B, R, d]")
     if aggregate in ("max", "min"):
         aux = x.new_empty(x.shape, dtype=torch.int32)
     elif aggregate == "mean":
-        aux = x.new_empty((x.shape[1],), dtype=torch.int32)
+        aux = x.new_empty((x.shape[0 if node_major else 1],), dtype=torch.int32)
     else:
         aux = x.new_empty((0,), dtype=torch.int32)
     return torch.empty_like(x), aux
@@ -96,7 +106,7 @@ def _rel_aggregate_fake(x, relation, graph, edge_weight, edge_mask, message, agg
 
 def _register_backward_fake(name: str, like):
     @torch.library.register_fake(f"gfmrag_fast::{name}")
-    def _fake(grad_out, x, relation, aux, graph, edge_weight, edge_mask, message, aggregate):
+    def _fake(grad_out, x, relation, aux, graph, edge_weight, edge_mask, message, aggregate, node_major=False):
         return like(x, relation, graph)
 
 
@@ -108,9 +118,9 @@ _register_backward_fake(
 
 
 def _setup_context(ctx, inputs, output):
-    x, relation, graph, edge_weight, edge_mask, message, aggregate = inputs
+    x, relation, graph, edge_weight, edge_mask, message, aggregate, node_major = inputs
     _, aux = output
-    ctx.message, ctx.aggregate = message, aggregate
+    ctx.message, ctx.aggregate, ctx.node_major = message, aggregate, node_major
     ctx.num_graph = len(graph)
     ctx.has_weight = edge_weight is not None
     ctx.save_for_backward(x, relation, aux, edge_weight, edge_mask, *graph)
@@ -119,13 +129,13 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_aux):
     x, relation, aux, edge_weight, edge_mask, *graph = ctx.saved_tensors
     grad_out = grad_out.contiguous()
-    args = (grad_out, x, relation, aux, graph, edge_weight, edge_mask, ctx.message, ctx.aggregate)
+    args = (grad_out, x, relation, aux, graph, edge_weight, edge_mask, ctx.message, ctx.aggregate, ctx.node_major)
     grad_x = _ops.rel_aggregate_backward_x(*args) if ctx.needs_input_grad[0] else None
     grad_relation = _ops.rel_aggregate_backward_relation(*args) if ctx.needs_input_grad[1] else None
     grad_weight = None
     if ctx.has_weight and ctx.needs_input_grad[3]:
         grad_weight = _ops.rel_aggregate_backward_edge_weight(*args)
-    return grad_x, grad_relation, [None] * ctx.num_graph, grad_weight, None, None, None
+    return grad_x, grad_relation, [None] * ctx.num_graph, grad_weight, None, None, None, None
 
 
 torch.library.register_autograd("gfmrag_fast::rel_aggregate", _backward, setup_context=_setup_context)
@@ -150,19 +160,23 @@ for _name in ("rel_aggregate_backward_x", "rel_aggregate_backward_relation", "re
 
 
 def rel_aggregate_reference(
-    x: torch.Tensor,  # [B, N, d]
+    x: torch.Tensor,  # [B, N, d] | [N, B, d] (node_major)
     relation: torch.Tensor,  # [R, d] | [B, R, d]
     graph: RelGraph,
     edge_weight: Optional[torch.Tensor] = None,  # [E]
     edge_mask: Optional[torch.Tensor] = None,  # [E] bool
     message: str = "distmult",
     aggregate: str = "sum",
-) -> torch.Tensor:  # [B, N, d]
+    node_major: bool = False,
+) -> torch.Tensor:  # like x
     """Pure-PyTorch scatter implementation of :func:`rel_aggregate` (same signature, same result).
 
     Materialises the [B, E, d] messages; this is the specification the kernels are tested against
     and the baseline they are measured against, not something to train with.
     """
+    if node_major:
+        out = rel_aggregate_reference(x.transpose(0, 1), relation, graph, edge_weight, edge_mask, message, aggregate)
+        return out.transpose(0, 1)
     if message not in MESSAGES:
         raise ValueError(f"rel_aggregate_reference: message must be one of {MESSAGES}, got {message!r}")
     if aggregate not in AGGREGATES:

@@ -10,6 +10,8 @@ import sys
 import torch
 
 from gfmrag_fast.ops import RelGraph
+from gfmrag_fast.ops.graph import DEFAULT_CHUNK_SIZE
+from gfmrag_fast.synthetic import real_shape_kg
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(HERE)), "tests"))
@@ -42,15 +44,21 @@ def expect_path(what, involved, D, dtype, extremum_aux=None):
         return sc == 0 and v > 0
     return v == 0
 
-def check(B, N, E, R, D, dtype, message, aggregate, per_query, weighted, masked, seed=0, nan=False, shift=()):
+def check(B, N, E, R, D, dtype, message, aggregate, per_query, weighted, masked, seed=0, nan=False, shift=(),
+          chunk=None, node_major=False, skewed=False):
     global fails, count
     count += 1
     g = torch.Generator().manual_seed(seed)
-    if N > 0 and E > 0:
-        ei, et = random_graph(N, E, R, seed=seed)
+    if skewed:
+        shaped = real_shape_kg(N, E // 2, R, seed=seed)
+        graph = RelGraph(shaped.edge_index, shaped.edge_type, N, R, chunk_size=chunk or DEFAULT_CHUNK_SIZE)
     else:
-        ei, et = torch.zeros(2, 0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
-    graph = RelGraph(ei, et, N, R)
+        if N > 0 and E > 0:
+            ei, et = random_graph(N, E, R, seed=seed)
+        else:
+            ei, et = torch.zeros(2, 0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        graph = RelGraph(ei, et, N, R, chunk_size=chunk or DEFAULT_CHUNK_SIZE)
+    E = graph.num_edges
     x = torch.randn(B, N, D, generator=g).to(dtype)
     rel = torch.randn(*((B,) if per_query else ()), R, D, generator=g).to(dtype)
     if aggregate in ("max", "min") and message == "distmult" and N > 0 and D > 0:
@@ -59,8 +67,10 @@ def check(B, N, E, R, D, dtype, message, aggregate, per_query, weighted, masked,
         x.view(-1)[3] = float("nan")
     w = torch.rand(E, generator=g).to(dtype) if weighted else None
     m = (torch.rand(E, generator=g) < 0.3) if masked else None
-    args = (graph.arrays, w, m, message, aggregate)
     go = torch.randn(B, N, D, generator=g).to(dtype)
+    if node_major:
+        x, go = x.transpose(0, 1).contiguous(), go.transpose(0, 1).contiguous()
+    args = (graph.arrays, w, m, message, aggregate, node_major)
     oc, ac = cpu.rel_aggregate(x, rel, *args)
     xe = misalign(x) if "x" in shift and x.numel() else x
     re_ = misalign(rel) if "rel" in shift and rel.numel() else rel
@@ -91,13 +101,25 @@ def check(B, N, E, R, D, dtype, message, aggregate, per_query, weighted, masked,
     bad = {k: v for k, v in res.items() if v is False}
     if bad:
         fails += 1
-        print("FAIL", dict(B=B, N=N, E=E, R=R, D=D, dtype=dtype, message=message, aggregate=aggregate, per_query=per_query, weighted=weighted, masked=masked, nan=nan), bad)
+        print("FAIL", dict(B=B, N=N, E=E, R=R, D=D, dtype=dtype, message=message, aggregate=aggregate, per_query=per_query, weighted=weighted, masked=masked, nan=nan, chunk=chunk, node_major=node_major, skewed=skewed), bad)
 
 dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+# D = 8 with the graph's long rows cut into pieces of at most 4 edges (node 0 has 15 in-edges, each
+# relation ~15 edges): both passes of every kernel; node major on alternate configurations.
 for D in (5, 8):
-    for dtype, message, aggregate, per_query, weighted, masked in itertools.product(dtypes, ("distmult", "transe"), ("sum", "mean", "max", "min"), (False, True), (False, True), (False, True)):
-        check(2, 13, 60, 4, D, dtype, message, aggregate, per_query, weighted, masked)
+    for i, (dtype, message, aggregate, per_query, weighted, masked) in enumerate(itertools.product(dtypes, ("distmult", "transe"), ("sum", "mean", "max", "min"), (False, True), (False, True), (False, True))):
+        check(2, 13, 60, 4, D, dtype, message, aggregate, per_query, weighted, masked, chunk=4 if D == 8 else None,
+              node_major=bool(i % 2))
 print("main grid done", count, fails, flush=True)
+# Skewed graphs (real_shape_kg: a synonym relation with 45 % of the triples, Zipf hub degrees) with
+# small pieces, several pieces per row; B = 3, per-query and shared tables, both layouts.
+for message, aggregate in itertools.product(("distmult", "transe"), ("sum", "mean", "max", "min")):
+    for chunk, per_query, node_major in [(2, False, False), (5, True, True), (16, False, True), (None, True, False)]:
+        check(3, 30, 240, 6, 8, torch.float32, message, aggregate, per_query, True, aggregate != "max", seed=chunk or 1,
+              chunk=chunk, node_major=node_major, skewed=True)
+    check(2, 30, 240, 6, 4, torch.bfloat16, message, aggregate, False, True, True, seed=2, chunk=3, skewed=True)
+    check(2, 30, 240, 6, 3, torch.float64, message, aggregate, True, False, True, seed=3, chunk=7, skewed=True)
+print("skewed grid done", count, fails, flush=True)
 for message, aggregate in itertools.product(("distmult", "transe"), ("sum", "mean", "max", "min")):
     for (B, N, E, R, D) in [(0, 7, 20, 3, 4), (2, 7, 20, 3, 0), (2, 0, 0, 3, 4), (2, 7, 0, 3, 4), (1, 9, 30, 3, 33), (3, 5, 12, 2, 1), (2, 40, 300, 5, 70), (0, 7, 20, 3, 0)]:
         for per_query, weighted, masked in [(False, True, True), (True, True, False), (False, False, False)]:
@@ -145,5 +167,28 @@ for agg in ("sum", "mean", "max", "min"):
             edge_fails += not ok
             print("edge case", agg, B, mask is None, "ok" if ok else "FAIL", ac.tolist() if agg == "mean" else "")
 
-print(f"cuda emulator: {count} configurations, {fails} failed; all-masked and B = 0 cases: {edge_fails} failed")
-sys.exit(1 if fails or edge_fails else 0)
+# The balance report (gfmrag_fast.ops.balance) against the edge visits counted while the kernels
+# run: per kernel, thread groups, the most visits of one group and all visits, on skewed graphs
+# with small pieces (no mask: a masked edge's warp in the edge-weight gradient leaves early).
+balance_fails = 0
+for (N, T, R, chunk, seed), B, per_query, D in itertools.product(
+        [(30, 120, 6, 3, 0), (60, 300, 8, 7, 1), (25, 90, 4, 128, 2)], (1, 3), (False, True), (4, 9)):
+    shaped = real_shape_kg(N, T, R, seed=seed)
+    graph = RelGraph(shaped.edge_index, shaped.edge_type, N, R, chunk_size=chunk)
+    x, rel = torch.randn(N, B, D), torch.randn(*((B,) if per_query else ()), R, D)
+    w, go = torch.rand(graph.num_edges), torch.randn(N, B, D)
+    emu.visits(True)
+    _, aux = emu.rel_aggregate(x, rel, graph.arrays, w, None, "distmult", "max", True)
+    for name in ("rel_aggregate_backward_x", "rel_aggregate_backward_relation", "rel_aggregate_backward_edge_weight"):
+        getattr(emu, name)(go, x, rel, aux, graph.arrays, w, None, "distmult", "max", True)
+    counted = emu.visits(False)
+    reported = cpu.rel_aggregate_balance(graph.arrays, B, per_query)[:, :3]
+    if not torch.equal(counted, reported):
+        balance_fails += 1
+        print("FAIL balance", dict(N=N, T=T, R=R, chunk=chunk, B=B, per_query=per_query, D=D), counted.tolist(),
+              reported.tolist())
+print("balance done", flush=True)
+
+print(f"cuda emulator: {count} configurations, {fails} failed; all-masked and B = 0 cases: {edge_fails} failed; "
+      f"balance report = counted visits: {balance_fails} failed")
+sys.exit(1 if fails or edge_fails or balance_fails else 0)

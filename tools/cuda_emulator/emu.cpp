@@ -6,6 +6,7 @@
 #include <stdexcept>
 #include <ATen/core/Tensor.h>
 #include <optional>
+#include <ATen/ops/zeros.h>
 #define __global__
 #define __device__
 #define __forceinline__ inline
@@ -58,5 +59,36 @@ void emu_launch(dim3 grid, int block, int shmem, cudaStream_t, void (*k)(P...), 
       g_launched_threads += 32;
     }
   }
+}
+// Edge visits of every thread group, counted while the kernels run (rel_aggregate_kernels.h's
+// hooks) for comparison with the balance report: per (kernel, pass, group), while enabled.
+#include <algorithm>
+#include <map>
+#include <mutex>
+#include <tuple>
+static std::mutex g_visit_mutex;
+static std::map<std::tuple<int, int, int64_t>, int64_t> g_visits;
+static bool g_count_visits = false;
+inline void emu_count(int kernel, int pass, int64_t item, int64_t visits) {
+  if (!g_count_visits) return;
+  const std::lock_guard<std::mutex> lock(g_visit_mutex);
+  g_visits[{kernel, pass, item}] += visits;
+}
+#define GFMRAG_FAST_COUNT_GROUP(kernel, pass, item) emu_count(static_cast<int>(kernel), static_cast<int>(pass), item, 0)
+#define GFMRAG_FAST_COUNT_VISIT(kernel, pass, item) emu_count(static_cast<int>(kernel), static_cast<int>(pass), item, 1)
+// Per kernel (the Kernel enum's order): groups, most visits of one group, all visits counted since
+// the last call; counting goes on while keep_counting.
+at::Tensor emu_visits(bool keep_counting) {
+  at::Tensor r = at::zeros({4, 3}, at::kLong);
+  int64_t* v = r.mutable_data_ptr<int64_t>();
+  for (const auto& [key, visits] : g_visits) {
+    int64_t* k = v + std::get<0>(key) * 3;
+    k[0] += 1;
+    k[1] = std::max(k[1], visits);
+    k[2] += visits;
+  }
+  g_visits.clear();
+  g_count_visits = keep_counting;
+  return r;
 }
 #include "emu_body.inc"
