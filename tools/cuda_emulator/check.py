@@ -146,4 +146,9 @@ for agg in ("sum", "mean", "max", "min"):
             print("edge case", agg, B, mask is None, "ok" if ok else "FAIL", ac.tolist() if agg == "mean" else "")
 
 print(f"cuda emulator: {count} configurations, {fails} failed; all-masked and B = 0 cases: {edge_fails} failed")
-sys.exit(1 if fails or edge_fails else 0)
+
+# --- csrc/cuda/triple_index_cuda.cu (check_triple_index.py)
+import check_triple_index  # noqa: E402
+
+triple_index_fails = check_triple_index.main()
+sys.exit(1 if fails or edge_fails or triple_index_fails else 0)
