@@ -77,8 +77,12 @@ void check_num_relations(int64_t num_relations, const char* op) {
 }  // namespace
 
 TripleIndexView check_negative_sampling_inputs(const at::Tensor& triples, at::TensorList index, int64_t num_nodes,
-                                               int64_t num_relations, int64_t num_negative) {
+                                               int64_t num_relations, int64_t num_negative, const at::Tensor& seed) {
   const TripleIndexView view = check_index(triples, index, "negative_sampling");
+  TORCH_CHECK_VALUE(seed.scalar_type() == at::kLong && seed.numel() == 1, "negative_sampling: seed must be a "
+                    "one-element int64 tensor, got ", seed.scalar_type(), " ", seed.sizes());
+  TORCH_CHECK_VALUE(seed.device() == triples.device(), "negative_sampling: seed is on ", seed.device(),
+                    " but triples are on ", triples.device());
   TORCH_CHECK_VALUE(num_negative > 0, "negative_sampling: num_negative must be positive, got ", num_negative);
   TORCH_CHECK_VALUE(num_nodes > 0, "negative_sampling: num_nodes must be positive, got ", num_nodes);
   check_num_relations(num_relations, "negative_sampling");
@@ -97,10 +101,11 @@ TripleIndexView check_easy_edge_mask_inputs(const at::Tensor& triples, at::Tenso
 TORCH_LIBRARY_FRAGMENT(gfmrag_fast, m) {
   // index = [keys, unique_ptr, unique_values, all_ptr, all_values, all_eids] (see triple_index.h).
   // Returns [B, 1 + K, 3] int64: row 0 the positive; the first B // 2 triples get corrupted tails,
-  // the others corrupted heads.
+  // the others corrupted heads. seed: one int64 on the triples' device; sample k of triple b is
+  // drawn from random64(seed, b * K + k), so a seed gives the same samples on every device.
   m.def(
       "negative_sampling(Tensor triples, Tensor[] index, int num_nodes, int num_relations, "
-      "int num_negative, bool strict, int seed) -> Tensor");
+      "int num_negative, bool strict, Tensor seed) -> Tensor");
   // [num_edges] bool: True for every edge (h, t, r) and (t, h, r + num_relations / 2) of the rows.
   m.def("easy_edge_mask(Tensor triples, Tensor[] index, int num_edges, int num_relations) -> Tensor");
 }

@@ -137,8 +137,11 @@ C10_HOST_DEVICE inline void for_each_matching_edge(const TripleIndexView& ix, in
 // The ops' shared input checks; they return the index's raw view for the kernels. The index
 // arrays' values are checked (every entry read; a device->host copy on CUDA) unless these arrays
 // passed that check before (array_checks.h).
+// `seed` must be a one-element int64 tensor on the triples' device: the kernels read it there,
+// so drawing it (torch.randint on that device) needs no host synchronisation and can be captured
+// in a CUDA graph or traced by torch.compile.
 TripleIndexView check_negative_sampling_inputs(const at::Tensor& triples, at::TensorList index, int64_t num_nodes,
-                                               int64_t num_relations, int64_t num_negative);
+                                               int64_t num_relations, int64_t num_negative, const at::Tensor& seed);
 TripleIndexView check_easy_edge_mask_inputs(const at::Tensor& triples, at::TensorList index, int64_t num_edges,
                                             int64_t num_relations);
 

@@ -145,7 +145,7 @@ def _run_index_case(op, field, change, device):
     def call():
         if op.startswith("easy_edge_mask"):
             return ops.easy_edge_mask(triples, arrays, E, R)
-        return ops.negative_sampling(triples, arrays, N, R, 16, True, 1)
+        return ops.negative_sampling(triples, arrays, N, R, 16, True, torch.ones((), dtype=torch.long, device=device))
 
     if op.endswith("_after_check"):
         call()

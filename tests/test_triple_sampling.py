@@ -102,6 +102,84 @@ def test_sampling_is_seeded_and_reproducible():
     assert torch.equal(a, b) and not torch.equal(b, c) and torch.equal(d, e)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_seed_tensor_and_generator(device):
+    graph, triples = kg_graph(device=device)
+    batch = triples[:8]
+    # one seed, the same samples; another seed, others; [] and [1] seeds alike
+    a = negative_sampling(graph, batch, 32, seed=torch.tensor(7, device=device))
+    assert torch.equal(a, negative_sampling(graph, batch, 32, seed=torch.tensor([7], device=device)))
+    assert not torch.equal(a, negative_sampling(graph, batch, 32, seed=torch.tensor(8, device=device)))
+    # an explicit generator of the triples' device: reproducible, and it advances
+    gen = torch.Generator(device=device).manual_seed(5)
+    b, c = negative_sampling(graph, batch, 32, generator=gen), negative_sampling(graph, batch, 32, generator=gen)
+    assert not torch.equal(b, c)
+    assert torch.equal(b, negative_sampling(graph, batch, 32, generator=torch.Generator(device=device).manual_seed(5)))
+    # the seed the generator draws is the seed tensor the op reads
+    seed = torch.randint(-(2**63), 2**63 - 1, (), generator=torch.Generator(device=device).manual_seed(5),
+                         dtype=torch.int64, device=device)
+    assert torch.equal(b, negative_sampling(graph, batch, 32, seed=seed))
+    with pytest.raises(ValueError, match="not both"):
+        negative_sampling(graph, batch, 4, generator=gen, seed=seed)
+    with pytest.raises(TypeError, match="seed must be a one-element int64 tensor, got torch.int32"):
+        negative_sampling(graph, batch, 4, seed=seed.int())
+    with pytest.raises(TypeError, match=r"seed must be a one-element int64 tensor, got int"):
+        negative_sampling(graph, batch, 4, seed=3)
+    index = triple_index(graph)
+    op_args = (batch.contiguous(), index.arrays, graph.num_nodes, graph.num_relations, 4, True)
+    with pytest.raises(ValueError, match=r"seed must be a one-element int64 tensor, got Int \[\]"):
+        torch.ops.gfmrag_fast.negative_sampling(*op_args, seed.int())
+    with pytest.raises(ValueError, match=r"seed must be a one-element int64 tensor, got Long \[2\]"):
+        torch.ops.gfmrag_fast.negative_sampling(*op_args, torch.zeros(2, dtype=torch.long, device=device))
+    if device != "cpu":
+        with pytest.raises(ValueError, match="seed is on cpu"):
+            torch.ops.gfmrag_fast.negative_sampling(*op_args, seed.cpu())
+
+
+def test_compiled_sampling_has_no_graph_break():
+    """negative_sampling + easy_edge_mask under torch.compile(fullgraph=True): one graph, no break;
+    a new seed on every call, the same samples after the same torch.manual_seed."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    graph, triples = kg_graph()
+    triple_index(graph)  # built eagerly once, as the training loop does
+    batch = triples[:8].contiguous()
+
+    def step(batch):
+        sample = negative_sampling(graph, batch, 16, check_values=False)
+        return sample, easy_edge_mask(graph, sample, check_values=False)
+
+    torch._dynamo.reset()
+    counters.clear()
+    explained = torch._dynamo.explain(step)(batch)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(step, fullgraph=True)
+    torch.manual_seed(0)
+    a, mask_a = compiled(batch)
+    b, _ = compiled(batch)
+    torch.manual_seed(0)
+    c, mask_c = compiled(batch)
+    assert not counters["graph_break"]
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not torch.equal(a, b) and torch.equal(a, c) and torch.equal(mask_a, mask_c)
+    assert torch.equal(mask_a, easy_edge_mask(graph, a))
+    assert torch.equal(a[:, 0], batch)
+    answers = true_answers(graph)  # compiled strict negatives are still never true answers
+    for row, (h, t, r) in enumerate(batch.tolist()):
+        if row < 4:
+            assert not set(a[row, 1:, 1].tolist()) & (answers[(h, r)] | {t})
+        else:
+            assert not set(a[row, 1:, 0].tolist()) & (answers[(t, r + graph.num_relations // 2)] | {h})
+    # a seed tensor passed in traces too, and gives the eager samples
+    seeded = torch.compile(lambda batch, seed: negative_sampling(graph, batch, 16, check_values=False, seed=seed),
+                           fullgraph=True)
+    seed = torch.tensor(-77)
+    assert torch.equal(seeded(batch, seed), negative_sampling(graph, batch, 16, seed=seed))
+
+
 def test_query_without_allowed_entity_repeats_the_positive():
     # 3 nodes, node 0 -> every node under relation 0: (0, 0, ?) has no negative at all.
     h, t, r = torch.tensor([0, 0, 0]), torch.tensor([0, 1, 2]), torch.tensor([0, 0, 0])
@@ -162,8 +240,10 @@ def test_answer_mask_matches_brute_force():
 def test_opcheck(device):
     graph, triples = kg_graph(device=device)
     index = triple_index(graph)
-    opcheck(torch.ops.gfmrag_fast.negative_sampling.default,
-            (triples[:6].contiguous(), index.arrays, graph.num_nodes, graph.num_relations, 4, True, 123))
+    seed = torch.tensor(123, device=device)
+    for strict in (True, False):
+        opcheck(torch.ops.gfmrag_fast.negative_sampling.default,
+                (triples[:6].contiguous(), index.arrays, graph.num_nodes, graph.num_relations, 4, strict, seed))
     opcheck(torch.ops.gfmrag_fast.easy_edge_mask.default,
             (triples[:6].contiguous(), index.arrays, graph.num_edges, graph.num_relations))
 
@@ -174,14 +254,42 @@ def test_cuda_samples_equal_cpu_samples():
     graph, triples = kg_graph()
     cuda_graph = graph.to("cuda")
     for strict in (True, False):
-        torch.manual_seed(9)
-        cpu = negative_sampling(graph, triples[:10], 50, strict=strict)
-        torch.manual_seed(9)
-        gpu = negative_sampling(cuda_graph, triples[:10].cuda(), 50, strict=strict)
+        seed = torch.tensor(-(2**62) + 9)
+        cpu = negative_sampling(graph, triples[:10], 50, strict=strict, seed=seed)
+        gpu = negative_sampling(cuda_graph, triples[:10].cuda(), 50, strict=strict, seed=seed.cuda())
         assert torch.equal(cpu, gpu.cpu())
     assert torch.equal(easy_edge_mask(graph, cpu), easy_edge_mask(cuda_graph, cpu.cuda()).cpu())
-    with pytest.raises(ValueError, match="generator must be a CPU"):
-        negative_sampling(cuda_graph, triples[:4].cuda(), 4, generator=torch.Generator(device="cuda"))
+    # A CUDA generator draws the seed on the device; the same generator state, the same samples.
+    a = negative_sampling(cuda_graph, triples[:4].cuda(), 8, generator=torch.Generator(device="cuda").manual_seed(1))
+    b = negative_sampling(cuda_graph, triples[:4].cuda(), 8, generator=torch.Generator(device="cuda").manual_seed(1))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="generator is on cpu but triples are on cuda"):
+        negative_sampling(cuda_graph, triples[:4].cuda(), 4, generator=torch.Generator())
+    with pytest.raises(ValueError, match="seed is on cpu but triples are on cuda"):
+        negative_sampling(cuda_graph, triples[:4].cuda(), 4, seed=torch.tensor(1))
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.cuda
+def test_cuda_graph_capture_draws_new_samples_each_replay():
+    graph, triples = kg_graph(device="cuda")
+    triple_index(graph)
+    batch = triples[:8].contiguous()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up outside the capture
+        negative_sampling(graph, batch, 16, check_values=False)
+    torch.cuda.current_stream().wait_stream(stream)
+    cuda_graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(cuda_graph):
+        out = negative_sampling(graph, batch, 16, check_values=False)
+        mask = easy_edge_mask(graph, out, check_values=False)
+    cuda_graph.replay()
+    first, first_mask = out.clone(), mask.clone()
+    cuda_graph.replay()
+    assert not torch.equal(first, out)  # a new seed on every replay
+    assert torch.equal(first_mask, easy_edge_mask(graph, first))
+    assert torch.equal(mask, easy_edge_mask(graph, out))
 
 
 def test_bad_input_raises_clear_errors():

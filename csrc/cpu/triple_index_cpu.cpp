@@ -12,9 +12,11 @@ namespace gfmrag_fast {
 namespace {
 
 at::Tensor negative_sampling_cpu(const at::Tensor& triples, at::TensorList index, int64_t num_nodes,
-                                 int64_t num_relations, int64_t num_negative, bool strict, int64_t seed) {
+                                 int64_t num_relations, int64_t num_negative, bool strict,
+                                 const at::Tensor& seed_tensor) {
   const TripleIndexView ix =
-      check_negative_sampling_inputs(triples, index, num_nodes, num_relations, num_negative);
+      check_negative_sampling_inputs(triples, index, num_nodes, num_relations, num_negative, seed_tensor);
+  const uint64_t seed = static_cast<uint64_t>(*seed_tensor.data_ptr<int64_t>());
   const int64_t B = triples.size(0), K = num_negative;
   at::Tensor out = at::empty({B, K + 1, 3}, triples.options());
   const int64_t* in = triples.data_ptr<int64_t>();
@@ -27,7 +29,7 @@ at::Tensor negative_sampling_cpu(const at::Tensor& triples, at::TensorList index
       int64_t* row = o + b * (K + 1) * 3;
       row[0] = h, row[1] = t, row[2] = r;
       for (int64_t k = 0; k < K; ++k) {
-        const uint64_t random = random64(static_cast<uint64_t>(seed), static_cast<uint64_t>(b * K + k));
+        const uint64_t random = random64(seed, static_cast<uint64_t>(b * K + k));
         const int64_t x = draw_negative(ex, strict, num_nodes, random);
         int64_t* neg = row + (k + 1) * 3;
         neg[0] = corrupt_tail ? h : x;

@@ -19,7 +19,8 @@ constexpr int kThreads = 256;
 // Thread i < B * (K + 1) writes row i of the output: k = 0 copies the positive.
 __global__ void negative_sampling_kernel(const int64_t* __restrict__ triples, TripleIndexView ix,
                                          int64_t* __restrict__ out, int64_t B, int64_t K, int64_t num_nodes,
-                                         int64_t num_relations, bool strict, uint64_t seed) {
+                                         int64_t num_relations, bool strict,
+                                         const int64_t* __restrict__ seed) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= B * (K + 1)) return;
   const int64_t b = i / (K + 1), k = i % (K + 1);
@@ -29,7 +30,8 @@ __global__ void negative_sampling_kernel(const int64_t* __restrict__ triples, Tr
   if (k == 0) return;
   const bool corrupt_tail = b < B / 2;
   const Exclusion ex = strict ? exclusion_of(ix, h, t, r, corrupt_tail, num_nodes, num_relations) : Exclusion{};
-  const int64_t x = draw_negative(ex, strict, num_nodes, random64(seed, static_cast<uint64_t>(b * K + k - 1)));
+  const int64_t x = draw_negative(ex, strict, num_nodes,
+                                  random64(static_cast<uint64_t>(*seed), static_cast<uint64_t>(b * K + k - 1)));
   row[corrupt_tail ? 1 : 0] = x;
 }
 
@@ -51,9 +53,9 @@ __global__ void easy_edge_mask_kernel(const int64_t* __restrict__ triples, Tripl
 int64_t blocks_for(int64_t n) { return (n + kThreads - 1) / kThreads; }
 
 at::Tensor negative_sampling_cuda(const at::Tensor& triples, at::TensorList index, int64_t num_nodes,
-                                  int64_t num_relations, int64_t num_negative, bool strict, int64_t seed) {
+                                  int64_t num_relations, int64_t num_negative, bool strict, const at::Tensor& seed) {
   const TripleIndexView ix =
-      check_negative_sampling_inputs(triples, index, num_nodes, num_relations, num_negative);
+      check_negative_sampling_inputs(triples, index, num_nodes, num_relations, num_negative, seed);
   const c10::cuda::CUDAGuard guard(triples.device());
   const int64_t B = triples.size(0);
   at::Tensor out = at::empty({B, num_negative + 1, 3}, triples.options());
@@ -61,7 +63,7 @@ at::Tensor negative_sampling_cuda(const at::Tensor& triples, at::TensorList inde
   if (n > 0) {
     negative_sampling_kernel<<<blocks_for(n), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
         triples.data_ptr<int64_t>(), ix, out.data_ptr<int64_t>(), B, num_negative, num_nodes,
-        num_relations, strict, static_cast<uint64_t>(seed));
+        num_relations, strict, seed.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return out;

@@ -189,6 +189,7 @@ def negative_sampling(
     strict: bool = True,
     generator: Optional[torch.Generator] = None,
     check_values: bool = True,
+    seed: Optional[torch.Tensor] = None,  # [] or [1] int64 on the triples' device
 ) -> torch.Tensor:  # [B, 1 + K, 3]
     """Corrupts each triple K times, as GFM-RAG/ULTRA's pre-training batches.
 
@@ -199,10 +200,16 @@ def negative_sampling(
     positive; otherwise uniformly among all entities. When a query has no allowed entity (every
     entity is a true answer), its negatives repeat the positive.
 
-    Randomness comes from a seed drawn from ``generator`` (a CPU generator; default torch's
-    global one), so ``torch.manual_seed`` makes samples reproducible on every device; no
-    [B, N] tensor, no ``nonzero``, no host synchronisation on CUDA (with ``check_values=False``,
-    which skips the range check of the triples).
+    Randomness: negative k of triple b is a function of (seed, b * K + k) only, so one seed gives
+    the same samples on every device. The seed is a one-element int64 tensor on the triples'
+    device: ``seed`` when given, else drawn on that device from ``generator`` (a generator of the
+    triples' device; default: that device's default generator, so ``torch.manual_seed`` makes
+    samples reproducible — CPU and CUDA default generators draw different seeds). Drawing it is
+    a device op and the kernels read it on the device: no host synchronisation, so the call can
+    be captured in a CUDA graph and traced by ``torch.compile(fullgraph=True)`` (pass
+    ``check_values=False``: the range check of the triples reads them on the host; torch.compile
+    cannot trace an explicit ``generator``, use the default one or ``seed`` there). No [B, N]
+    tensor, no ``nonzero``.
     """
     # bool is an int to Python: True would silently mean one negative.
     if isinstance(num_negative, bool) or not isinstance(num_negative, numbers.Integral):
@@ -216,13 +223,38 @@ def negative_sampling(
                              check_values=check_values)
     if triples.size(0) == 0:
         raise ValueError("negative_sampling: triples is empty (B = 0)")
-    if generator is not None and generator.device.type != "cpu":
-        raise ValueError("negative_sampling: generator must be a CPU torch.Generator (the seed is drawn on the host)")
-    seed = int(torch.randint(-(2**63), 2**63 - 1, (), generator=generator, dtype=torch.int64))
+    if seed is None:
+        seed = _draw_seed(generator, triples.device)
+    elif generator is not None:
+        raise ValueError("negative_sampling: pass a generator or a seed tensor, not both")
+    elif not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
+        got = f"{seed.dtype} {tuple(seed.shape)}" if isinstance(seed, torch.Tensor) else type(seed).__name__
+        raise TypeError(f"negative_sampling: seed must be a one-element int64 tensor, got {got}")
+    elif seed.device != triples.device:
+        raise ValueError(f"negative_sampling: seed is on {seed.device} but triples are on {triples.device}")
     index = triple_index(graph)
     return _ops.negative_sampling(
         triples, index.arrays, graph.num_nodes, graph.num_relations, num_negative, bool(strict), seed
     )
+
+
+def _draw_seed(generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:  # [] int64
+    """A random int64 drawn on `device` from `generator` (default: the device's default one)."""
+    if generator is not None and not _same_device(generator.device, device):
+        raise ValueError(
+            f"negative_sampling: generator is on {generator.device} but triples are on {device}: pass a generator "
+            f"of the triples' device (the seed is drawn there, without a host synchronisation)"
+        )
+    return torch.randint(-(2**63), 2**63 - 1, (), generator=generator, dtype=torch.int64, device=device)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    current = torch.cuda.current_device()
+    return (current if a.index is None else a.index) == (current if b.index is None else b.index)
 
 
 def easy_edge_mask(
@@ -241,6 +273,10 @@ def easy_edge_mask(
 
 @torch.library.register_fake("gfmrag_fast::negative_sampling")
 def _negative_sampling_fake(triples, index, num_nodes, num_relations, num_negative, strict, seed):
+    torch._check(seed.dtype == torch.int64 and seed.numel() == 1,
+                 lambda: f"negative_sampling: seed must be a one-element int64 tensor, got {seed.dtype} {seed.shape}")
+    torch._check(seed.device == triples.device,
+                 lambda: f"negative_sampling: seed is on {seed.device} but triples are on {triples.device}")
     return triples.new_empty((triples.shape[0], num_negative + 1, 3))
 
 

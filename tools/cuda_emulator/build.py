@@ -47,3 +47,8 @@ load(name="gfmrag_emu", sources=[os.path.join(HERE, "emu.cpp")],
      extra_ldflags=[f"-L{SO_DIR}", "-l:_C.so", f"-Wl,-rpath,{SO_DIR}"], is_python_module=False,
      build_directory=BUILD, verbose=False)
 print("built", torch.ops.gfmrag_emu.rel_aggregate)
+
+# --- csrc/cuda/triple_index_cuda.cu: a library of its own (build_triple_index.py)
+import build_triple_index  # noqa: E402
+
+print("built", build_triple_index.build())

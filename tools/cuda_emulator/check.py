@@ -191,4 +191,9 @@ print("balance done", flush=True)
 
 print(f"cuda emulator: {count} configurations, {fails} failed; all-masked and B = 0 cases: {edge_fails} failed; "
       f"balance report = counted visits: {balance_fails} failed")
-sys.exit(1 if fails or edge_fails or balance_fails else 0)
+
+# --- csrc/cuda/triple_index_cuda.cu (check_triple_index.py)
+import check_triple_index  # noqa: E402
+
+triple_index_fails = check_triple_index.main()
+sys.exit(1 if fails or edge_fails or balance_fails or triple_index_fails else 0)
