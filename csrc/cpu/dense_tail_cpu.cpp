@@ -1,0 +1,210 @@
+// CPU kernels of dense_tail_norm (forward) and dense_tail_norm_backward.
+//
+// Forward: rows in parallel, one pass over memory per row (h and x read, out written); the row is
+// kept in a thread-local buffer for the three sweeps LayerNorm needs (mean, variance, output).
+// Backward: chunks of kRowsPerChunk rows in parallel; each chunk writes grad_h for its rows and its
+// partial sums of the three parameter gradients, which are then added over the chunks in order.
+// Row sums follow the 32-lane order of dense_tail.h, so results match the CUDA kernels bit for bit.
+#include "../dense_tail.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+namespace gfmrag_fast {
+namespace {
+
+template <typename T>
+struct TypeTag { using type = T; };
+
+// Calls f(TypeTag<param_t>{}) with param_t the parameters' C++ type: scalar_t, or float for
+// float16/bfloat16 tensors with float32 parameters (autocast).
+template <typename scalar_t, typename F>
+void with_param_type(at::ScalarType param_dtype, F&& f) {
+  if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
+    if (param_dtype == at::kFloat) return f(TypeTag<float>{});
+  }
+  f(TypeTag<scalar_t>{});
+}
+
+// A parameter as an acc_t row, LayerNorm's identity (`fallback`) where it is absent.
+template <typename acc_t, typename param_t>
+std::vector<acc_t> param_row(const std::optional<at::Tensor>& param, int64_t dim, acc_t fallback) {
+  std::vector<acc_t> row(dim, fallback);
+  if (param) {
+    const param_t* p = param->const_data_ptr<param_t>();
+    for (int64_t c = 0; c < dim; ++c) row[c] = static_cast<acc_t>(p[c]);
+  }
+  return row;
+}
+
+// Σ_c value(c) in the order of dense_tail.h: lane k sums channels k, k + 32, ... in turn, then the
+// lanes are combined with offsets 16, 8, 4, 2, 1. The lane loop is contiguous, so it vectorises.
+template <typename acc_t, typename F>
+inline acc_t lane_sum(int64_t dim, const F& value) {
+  acc_t lanes[kTailLanes] = {};
+  int64_t c0 = 0;
+  for (; c0 + kTailLanes <= dim; c0 += kTailLanes) {
+    for (int k = 0; k < kTailLanes; ++k) lanes[k] = tail_add(lanes[k], value(c0 + k));
+  }
+  for (int k = 0; c0 + k < dim; ++k) lanes[k] = tail_add(lanes[k], value(c0 + k));
+  for (int offset = kTailLanes / 2; offset > 0; offset /= 2) {
+    for (int k = 0; k < offset; ++k) lanes[k] = tail_add(lanes[k], lanes[k + offset]);
+  }
+  return lanes[0];
+}
+
+template <typename scalar_t, typename param_t>
+void forward_kernel(const at::Tensor& h, const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& bias,
+                    const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias,
+                    double eps, const DenseTailArgs& a, at::Tensor& out, at::Tensor& stats) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t dim = a.dim;
+  const std::vector<acc_t> b = param_row<acc_t, param_t>(bias, dim, acc_t(0));
+  const std::vector<acc_t> gamma = param_row<acc_t, param_t>(ln_weight, dim, acc_t(1));
+  const std::vector<acc_t> beta = param_row<acc_t, param_t>(ln_bias, dim, acc_t(0));
+  const scalar_t* hp = h.const_data_ptr<scalar_t>();
+  const scalar_t* xp = x ? x->const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* op = out.mutable_data_ptr<scalar_t>();
+  acc_t* sp = stats.mutable_data_ptr<acc_t>();
+  const acc_t eps_acc = static_cast<acc_t>(eps);
+  const acc_t width = static_cast<acc_t>(dim);
+  const int64_t grain = std::max<int64_t>(1, 16384 / dim);
+  at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> v(dim);
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* hr = hp + r * dim;
+      for (int64_t c = 0; c < dim; ++c) v[c] = tail_add(static_cast<acc_t>(hr[c]), b[c]);
+      const acc_t mean = lane_sum<acc_t>(dim, [&](int64_t c) { return v[c]; }) / width;
+      const acc_t var = lane_sum<acc_t>(dim, [&](int64_t c) {
+                          const acc_t centred = tail_sub(v[c], mean);
+                          return tail_mul(centred, centred);
+                        }) / width;
+      const acc_t rstd = tail_rstd(var, eps_acc);
+      scalar_t* o = op + r * dim;
+      acc_t xhat;
+      if (xp != nullptr) {
+        const scalar_t* xr = xp + r * dim;
+        for (int64_t c = 0; c < dim; ++c) {
+          const acc_t y = tail_relu(tail_normalise(v[c], mean, rstd, gamma[c], beta[c], xhat));
+          o[c] = static_cast<scalar_t>(tail_add(y, static_cast<acc_t>(xr[c])));
+        }
+      } else {
+        for (int64_t c = 0; c < dim; ++c) {
+          o[c] = static_cast<scalar_t>(tail_relu(tail_normalise(v[c], mean, rstd, gamma[c], beta[c], xhat)));
+        }
+      }
+      sp[2 * r] = mean;
+      sp[2 * r + 1] = rstd;
+    }
+  });
+}
+
+template <typename scalar_t, typename param_t>
+void backward_kernel(const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& stats,
+                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& ln_weight,
+                     const std::optional<at::Tensor>& ln_bias, const DenseTailArgs& a, at::Tensor& grad_h,
+                     at::Tensor& grad_params) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t dim = a.dim, rows = a.rows;
+  const std::vector<acc_t> b = param_row<acc_t, param_t>(bias, dim, acc_t(0));
+  const std::vector<acc_t> gamma = param_row<acc_t, param_t>(ln_weight, dim, acc_t(1));
+  const std::vector<acc_t> beta = param_row<acc_t, param_t>(ln_bias, dim, acc_t(0));
+  const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
+  const scalar_t* hp = h.const_data_ptr<scalar_t>();
+  const acc_t* sp = stats.const_data_ptr<acc_t>();
+  scalar_t* ghp = grad_h.mutable_data_ptr<scalar_t>();
+  const acc_t width = static_cast<acc_t>(dim);
+  const int64_t num_chunks = num_row_chunks(rows);
+  // Per chunk: partial sums of the bias, ln_weight and ln_bias gradients, [chunks, 3, d].
+  std::vector<acc_t> partials(num_chunks * kNumParamGrads * dim);
+  at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    std::vector<acc_t> xhat(dim), grad_xhat(dim);
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      acc_t* p_bias = partials.data() + chunk * kNumParamGrads * dim;
+      acc_t* p_weight = p_bias + dim;
+      acc_t* p_beta = p_weight + dim;
+      std::fill(p_bias, p_bias + kNumParamGrads * dim, acc_t(0));
+      const int64_t row_end = std::min(rows, (chunk + 1) * kRowsPerChunk);
+      for (int64_t r = chunk * kRowsPerChunk; r < row_end; ++r) {
+        const scalar_t* hr = hp + r * dim;
+        const scalar_t* gr = gp + r * dim;
+        const acc_t mean = sp[2 * r], rstd = sp[2 * r + 1];
+        for (int64_t c = 0; c < dim; ++c) {
+          acc_t xh;
+          const acc_t y = tail_normalise(tail_add(static_cast<acc_t>(hr[c]), b[c]), mean, rstd, gamma[c], beta[c], xh);
+          // The ReLU's gradient: threshold_backward's rule, so a NaN output passes its gradient.
+          const acc_t grad_y = y <= acc_t(0) ? acc_t(0) : static_cast<acc_t>(gr[c]);
+          xhat[c] = xh;
+          grad_xhat[c] = tail_mul(grad_y, gamma[c]);
+          p_weight[c] = tail_add(p_weight[c], tail_mul(grad_y, xh));
+          p_beta[c] = tail_add(p_beta[c], grad_y);
+        }
+        const acc_t a_mean = lane_sum<acc_t>(dim, [&](int64_t c) { return grad_xhat[c]; }) / width;
+        const acc_t b_mean = lane_sum<acc_t>(dim, [&](int64_t c) { return tail_mul(grad_xhat[c], xhat[c]); }) / width;
+        scalar_t* gh = ghp + r * dim;
+        for (int64_t c = 0; c < dim; ++c) {
+          const acc_t grad_v = tail_input_grad(grad_xhat[c], xhat[c], rstd, a_mean, b_mean);
+          gh[c] = static_cast<scalar_t>(grad_v);
+          p_bias[c] = tail_add(p_bias[c], grad_v);
+        }
+      }
+    }
+  });
+  param_t* out = grad_params.mutable_data_ptr<param_t>();
+  at::parallel_for(0, kNumParamGrads * dim, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      acc_t sum = 0;
+      for (int64_t chunk = 0; chunk < num_chunks; ++chunk) sum = tail_add(sum, partials[chunk * kNumParamGrads * dim + j]);
+      out[j] = static_cast<param_t>(sum);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> dense_tail_norm_cpu(const at::Tensor& h, const std::optional<at::Tensor>& x,
+                                                       const std::optional<at::Tensor>& bias,
+                                                       const std::optional<at::Tensor>& ln_weight,
+                                                       const std::optional<at::Tensor>& ln_bias, double eps) {
+  const DenseTailArgs a = check_dense_tail_norm_inputs(h, x, bias, ln_weight, ln_bias, eps);
+  at::Tensor out = at::empty_like(h);
+  at::Tensor stats = at::empty({a.rows, 2}, h.options().dtype(stats_dtype(h.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "dense_tail_norm_cpu", [&] {
+    with_param_type<scalar_t>(a.param_dtype, [&](auto tag) {
+      forward_kernel<scalar_t, typename decltype(tag)::type>(h, x, bias, ln_weight, ln_bias, eps, a, out, stats);
+    });
+  });
+  return {out, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor> dense_tail_norm_backward_cpu(const at::Tensor& grad_out, const at::Tensor& h,
+                                                                const at::Tensor& stats,
+                                                                const std::optional<at::Tensor>& bias,
+                                                                const std::optional<at::Tensor>& ln_weight,
+                                                                const std::optional<at::Tensor>& ln_bias) {
+  const DenseTailArgs a = check_dense_tail_norm_backward_inputs(grad_out, h, stats, bias, ln_weight, ln_bias);
+  at::Tensor grad_h = at::empty_like(h);
+  at::Tensor grad_params = at::empty({kNumParamGrads, a.dim}, h.options().dtype(a.param_dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "dense_tail_norm_backward_cpu", [&] {
+    with_param_type<scalar_t>(a.param_dtype, [&](auto tag) {
+      backward_kernel<scalar_t, typename decltype(tag)::type>(grad_out, h, stats, bias, ln_weight, ln_bias, a,
+                                                              grad_h, grad_params);
+    });
+  });
+  return {grad_h, grad_params};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gfmrag_fast, CPU, m) {
+  m.impl("dense_tail_norm", &dense_tail_norm_cpu);
+  m.impl("dense_tail_norm_backward", &dense_tail_norm_backward_cpu);
+}
+
+}  // namespace gfmrag_fast
