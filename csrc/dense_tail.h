@@ -29,7 +29,7 @@ constexpr int kTailLanes = 32;            // lanes of the canonical row reductio
 constexpr int64_t kRowsPerChunk = 128;    // rows per partial sum of the parameter gradients
 constexpr int kNumParamGrads = 3;         // rows of grad_params: bias, ln_weight, ln_bias
 
-inline int64_t num_row_chunks(int64_t rows) { return (rows + kRowsPerChunk - 1) / kRowsPerChunk; }
+C10_HOST_DEVICE inline int64_t num_row_chunks(int64_t rows) { return (rows + kRowsPerChunk - 1) / kRowsPerChunk; }
 
 // Shapes and options of one call, after the shared checks.
 struct DenseTailArgs {

@@ -29,11 +29,14 @@ def test_gradcheck(residual, bias):
 
 
 def _saved_bytes(model, graph, batch):
-    """Bytes of distinct storages autograd keeps for the backward of one forward."""
+    """Bytes of distinct storages autograd keeps for the backward of one forward, parameters left
+    out (they are kept alive by the model whether saved or not)."""
     storages = {}
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        if t.untyped_storage().data_ptr() not in parameters:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

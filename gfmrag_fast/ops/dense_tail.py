@@ -67,6 +67,11 @@ def dense_tail(
     return out
 
 
+def dense_tail_supports(device: torch.device, d_out: int) -> bool:
+    """Whether the compiled library has dense_tail kernels for `device` and this output width."""
+    return _library.has_kernels_for(device) and (device.type != "cuda" or d_out <= CUDA_MAX_DIM)
+
+
 def _autocast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """What autocast does to a matmul input: float64 stays, other floating dtypes become `dtype`."""
     return t if t.dtype == torch.float64 else t.to(dtype)

@@ -1,62 +1,23 @@
-// Host emulation of the CUDA kernels: one std::thread per lane, warps run one at a time.
-#include <barrier>
-#include <thread>
-#include <vector>
-#include <cstdint>
-#include <stdexcept>
-#include <ATen/core/Tensor.h>
-#include <optional>
-#define __global__
-#define __device__
-#define __forceinline__ inline
-struct dim3 { unsigned x, y, z; dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {} };
-struct uint3_ { unsigned x = 0, y = 0, z = 0; };
-thread_local uint3_ blockIdx, threadIdx;
-thread_local dim3 blockDim, gridDim;
-#include <atomic>
-static std::atomic<long> g_vec_access{0}, g_scalar_access{0};
-static long g_max_block = 0;
-using cudaStream_t = void*;
-namespace at { namespace cuda {
-struct OptionalCUDAGuard { template <class T> explicit OptionalCUDAGuard(T&&) {} };
-inline cudaStream_t getCurrentCUDAStream() { return nullptr; }
-}}
-#define C10_CUDA_KERNEL_LAUNCH_CHECK() ((void)0)
-inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
-inline double __dadd_rn(double a, double b) { volatile double r = a + b; return r; }
-struct WarpCtx { std::barrier<>* bar; double vals[32]; };
-thread_local WarpCtx* warp_ctx = nullptr;
-static long g_launched_threads = 0;
-template <typename T>
-T __shfl_down_sync(unsigned mask, T v, int offset) {
-  if (mask != 0xffffffffu) throw std::runtime_error("mask");
-  const int lane = threadIdx.x % 32;
-  warp_ctx->vals[lane] = static_cast<double>(v);
-  warp_ctx->bar->arrive_and_wait();
-  T r = lane + offset < 32 ? static_cast<T>(warp_ctx->vals[lane + offset]) : v;
-  warp_ctx->bar->arrive_and_wait();
+// The gfmrag_emu op library: schemas of the emulated kernels (registered for the CPU key by each
+// build/emu_<name>.cpp) and the emulator's own controls.
+#include "emu_runtime.h"
+
+#include <torch/library.h>
+
+std::vector<int64_t> emu_stats() {
+  std::vector<int64_t> r{g_vec_access.load(), g_scalar_access.load(), g_launched_threads, g_max_block};
+  g_vec_access = 0; g_scalar_access = 0; g_launched_threads = 0; g_max_block = 0;
   return r;
 }
-template <typename... P, typename... A>
-void emu_launch(dim3 grid, int block, int shmem, cudaStream_t, void (*k)(P...), A... args) {
-  if (grid.x == 0 || block % 32 || block > 1024 || shmem != 0) throw std::runtime_error("bad launch");
-  if (block > g_max_block) g_max_block = block;
-  for (unsigned bx = 0; bx < grid.x; ++bx) {
-    for (int w = 0; w < block / 32; ++w) {
-      std::barrier<> bar(32);
-      WarpCtx ctx{&bar, {}};
-      std::vector<std::thread> ts;
-      for (int lane = 0; lane < 32; ++lane) {
-        ts.emplace_back([&, lane] {
-          blockIdx.x = bx; threadIdx.x = w * 32 + lane; blockDim = dim3(block); gridDim = grid; warp_ctx = &ctx;
-          k(args...);
-          // A lane that leaves early must stop being counted so the others do not hang.
-          bar.arrive_and_drop();
-        });
-      }
-      for (auto& t : ts) t.join();
-      g_launched_threads += 32;
-    }
-  }
+void emu_max_grid(int64_t n) { g_max_grid_blocks = n; }
+
+TORCH_LIBRARY(gfmrag_emu, m) {
+  m.def("stats() -> int[]", &emu_stats);
+  m.def("set_max_grid(int n) -> ()", &emu_max_grid);
+  m.def("rel_aggregate(Tensor x, Tensor relation, Tensor[] graph, Tensor? edge_weight, Tensor? edge_mask, str message, str aggregate) -> (Tensor, Tensor)");
+  m.def("rel_aggregate_backward_x(Tensor grad_out, Tensor x, Tensor relation, Tensor aux, Tensor[] graph, Tensor? edge_weight, Tensor? edge_mask, str message, str aggregate) -> Tensor");
+  m.def("rel_aggregate_backward_relation(Tensor grad_out, Tensor x, Tensor relation, Tensor aux, Tensor[] graph, Tensor? edge_weight, Tensor? edge_mask, str message, str aggregate) -> Tensor");
+  m.def("rel_aggregate_backward_edge_weight(Tensor grad_out, Tensor x, Tensor relation, Tensor aux, Tensor[] graph, Tensor? edge_weight, Tensor? edge_mask, str message, str aggregate) -> Tensor");
+  m.def("dense_tail_norm(Tensor h, Tensor? x, Tensor? bias, Tensor? ln_weight, Tensor? ln_bias, float eps) -> (Tensor, Tensor)");
+  m.def("dense_tail_norm_backward(Tensor grad_out, Tensor h, Tensor stats, Tensor? bias, Tensor? ln_weight, Tensor? ln_bias) -> (Tensor, Tensor)");
 }
-#include "emu_body.inc"
