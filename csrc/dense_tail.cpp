@@ -27,7 +27,7 @@ bool is_reduced_float(at::ScalarType dtype) { return dtype == at::kHalf || dtype
 // float16/bfloat16 tensors (autocast), float32. Returns that dtype (like's when none is given).
 at::ScalarType check_params(const char* op, const at::Tensor& like, int64_t dim,
                             const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& ln_weight,
-                            const std::optional<at::Tensor>& ln_bias) {
+                            const std::optional<at::Tensor>& ln_bias, bool need_contiguous) {
   std::optional<at::ScalarType> dtype;
   const std::array<std::pair<const char*, const std::optional<at::Tensor>*>, 3> params = {
       {{"bias", &bias}, {"ln_weight", &ln_weight}, {"ln_bias", &ln_bias}}};
@@ -44,7 +44,7 @@ at::ScalarType check_params(const char* op, const at::Tensor& like, int64_t dim,
                       " (parameters must match x, or be float32 for float16/bfloat16 x)");
     TORCH_CHECK_VALUE(!dtype || *dtype == p.scalar_type(), op, ": bias, ln_weight and ln_bias must share one dtype, ",
                       name, " has ", p.scalar_type(), " but another has ", *dtype);
-    TORCH_CHECK_VALUE(p.is_contiguous(), op, ": ", name, " must be contiguous");
+    TORCH_CHECK_VALUE(!need_contiguous || p.is_contiguous(), op, ": ", name, " must be contiguous");
     dtype = p.scalar_type();
   }
   return dtype.value_or(like.scalar_type());
@@ -93,7 +93,7 @@ DenseTailArgs check_dense_tail_inputs(const at::Tensor& x, const at::Tensor& upd
   DenseTailArgs args{};
   args.rows = rows;
   args.dim = dim;
-  args.param_dtype = check_params(op, x, dim, bias, ln_weight, ln_bias);
+  args.param_dtype = check_params(op, x, dim, bias, ln_weight, ln_bias, /*need_contiguous=*/false);
   args.has_bias = bias.has_value();
   args.has_ln_weight = ln_weight.has_value();
   args.has_ln_bias = ln_bias.has_value();
@@ -119,7 +119,7 @@ DenseTailArgs check_dense_tail_norm_inputs(const at::Tensor& h, const std::optio
   DenseTailArgs args{};
   args.rows = h.size(0);
   args.dim = h.size(1);
-  args.param_dtype = check_params(op, h, args.dim, bias, ln_weight, ln_bias);
+  args.param_dtype = check_params(op, h, args.dim, bias, ln_weight, ln_bias, /*need_contiguous=*/true);
   args.has_bias = bias.has_value();
   args.has_ln_weight = ln_weight.has_value();
   args.has_ln_bias = ln_bias.has_value();
@@ -176,6 +176,10 @@ std::tuple<at::Tensor, at::Tensor> call_norm_backward(const at::Tensor& grad_out
   return op.call(grad_out, h, stats, bias, ln_weight, ln_bias);
 }
 
+std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
+  return t ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
+}
+
 // The x half and the update half of weight [d_out, 2 d_in], as views (no copy: BLAS reads them
 // with a leading dimension of 2 d_in).
 std::pair<at::Tensor, at::Tensor> weight_halves(const at::Tensor& weight) {
@@ -191,8 +195,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_tail_composite(
   // h = x W_xᵀ + update W_updateᵀ: the second product accumulates into the first inside the GEMM.
   at::Tensor h = at::mm(x, w_x.t());
   h.addmm_(update, w_update.t());
-  auto [out, stats] = call_norm(h, residual ? std::optional<at::Tensor>(x.contiguous()) : std::nullopt, bias,
-                                ln_weight, ln_bias, eps);
+  auto [out, stats] = call_norm(h, residual ? std::optional<at::Tensor>(x.contiguous()) : std::nullopt,
+                                contiguous(bias), contiguous(ln_weight), contiguous(ln_bias), eps);
   return {out, h, stats};
 }
 
@@ -202,7 +206,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_tail_backward_c
     const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias, bool residual,
     std::array<bool, 3> output_mask) {
   check_dense_tail_inputs(x, update, weight, bias, ln_weight, ln_bias, 0.0, residual);
-  auto [grad_h, grad_params] = call_norm_backward(grad_out.contiguous(), h, stats, bias, ln_weight, ln_bias);
+  auto [grad_h, grad_params] = call_norm_backward(grad_out.contiguous(), h, stats, contiguous(bias),
+                                                  contiguous(ln_weight), contiguous(ln_bias));
   const auto [w_x, w_update] = weight_halves(weight);
   // A gradient not asked for comes back as an empty tensor.
   at::Tensor grad_x = at::empty({0}, x.options());

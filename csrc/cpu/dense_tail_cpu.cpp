@@ -107,6 +107,28 @@ void forward_kernel(const at::Tensor& h, const std::optional<at::Tensor>& x, con
   });
 }
 
+// One row of the backward's first sweep: the normalised values xhat, the gradient reaching them
+// (grad_xhat = ReLU-masked grad_out * gamma), and the row's terms of the LayerNorm parameter
+// gradients. Restrict-qualified so that the loop vectorises.
+template <typename scalar_t, typename acc_t>
+inline void row_grads(const scalar_t* __restrict__ h, const scalar_t* __restrict__ grad_out,
+                      const acc_t* __restrict__ bias, const acc_t* __restrict__ gamma, const acc_t* __restrict__ beta,
+                      acc_t mean, acc_t rstd, int64_t dim, acc_t* __restrict__ xhat, acc_t* __restrict__ grad_xhat,
+                      acc_t* __restrict__ p_weight, acc_t* __restrict__ p_beta) {
+  for (int64_t c = 0; c < dim; ++c) {
+    acc_t xh;
+    const acc_t y = tail_normalise(tail_add(static_cast<acc_t>(h[c]), bias[c]), mean, rstd, gamma[c], beta[c], xh);
+    // The ReLU's gradient: threshold_backward's rule, so a NaN output passes its gradient.
+    // (Loaded before the select, so that the loop has no branch.)
+    const acc_t g = static_cast<acc_t>(grad_out[c]);
+    const acc_t grad_y = y <= acc_t(0) ? acc_t(0) : g;
+    xhat[c] = xh;
+    grad_xhat[c] = tail_mul(grad_y, gamma[c]);
+    p_weight[c] = tail_add(p_weight[c], tail_mul(grad_y, xh));
+    p_beta[c] = tail_add(p_beta[c], grad_y);
+  }
+}
+
 template <typename scalar_t, typename param_t>
 void backward_kernel(const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& stats,
                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& ln_weight,
@@ -137,16 +159,8 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& h, const at::
         const scalar_t* hr = hp + r * dim;
         const scalar_t* gr = gp + r * dim;
         const acc_t mean = sp[2 * r], rstd = sp[2 * r + 1];
-        for (int64_t c = 0; c < dim; ++c) {
-          acc_t xh;
-          const acc_t y = tail_normalise(tail_add(static_cast<acc_t>(hr[c]), b[c]), mean, rstd, gamma[c], beta[c], xh);
-          // The ReLU's gradient: threshold_backward's rule, so a NaN output passes its gradient.
-          const acc_t grad_y = y <= acc_t(0) ? acc_t(0) : static_cast<acc_t>(gr[c]);
-          xhat[c] = xh;
-          grad_xhat[c] = tail_mul(grad_y, gamma[c]);
-          p_weight[c] = tail_add(p_weight[c], tail_mul(grad_y, xh));
-          p_beta[c] = tail_add(p_beta[c], grad_y);
-        }
+        row_grads(hr, gr, b.data(), gamma.data(), beta.data(), mean, rstd, dim, xhat.data(), grad_xhat.data(),
+                  p_weight, p_beta);
         const acc_t a_mean = lane_sum<acc_t>(dim, [&](int64_t c) { return grad_xhat[c]; }) / width;
         const acc_t b_mean = lane_sum<acc_t>(dim, [&](int64_t c) { return tail_mul(grad_xhat[c], xhat[c]); }) / width;
         scalar_t* gh = ghp + r * dim;
