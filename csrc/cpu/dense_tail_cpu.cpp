@@ -61,72 +61,145 @@ inline acc_t lane_sum(int64_t dim, const F& value) {
   return lanes[0];
 }
 
+// The per-row work, compiled twice on x86-64 GCC: for AVX2 and for the baseline, picked at run
+// time. AVX2 without FMA: vector width changes no result, and products are never fused into sums,
+// so the rounding stays the CUDA kernels'.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define GFMRAG_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define GFMRAG_CPU_CLONES
+#endif
+
+// The rows' tensors as raw pointers, and the parameters as acc_t rows (LayerNorm's identity where
+// one is absent).
+template <typename scalar_t>
+struct TailRows {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* h;         // [M, d]
+  const scalar_t* x;         // [M, d] (the short cut) or nullptr
+  const scalar_t* grad_out;  // [M, d] (backward)
+  const acc_t* stats;        // [M, 2] mean, rstd (backward)
+  const acc_t* bias;         // [d]
+  const acc_t* gamma;        // [d]
+  const acc_t* beta;         // [d]
+  int64_t dim;
+};
+
+template <typename scalar_t>
+GFMRAG_CPU_CLONES void forward_rows(const TailRows<scalar_t>& t, at::opmath_type<scalar_t> eps, int64_t begin,
+                                    int64_t end, scalar_t* __restrict__ out, at::opmath_type<scalar_t>* __restrict__ stats,
+                                    at::opmath_type<scalar_t>* __restrict__ v) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t dim = t.dim;
+  const acc_t width = static_cast<acc_t>(dim);
+  const acc_t* __restrict__ b = t.bias;
+  const acc_t* __restrict__ gamma = t.gamma;
+  const acc_t* __restrict__ beta = t.beta;
+  for (int64_t r = begin; r < end; ++r) {
+    const scalar_t* __restrict__ hr = t.h + r * dim;
+    for (int64_t c = 0; c < dim; ++c) v[c] = tail_add(static_cast<acc_t>(hr[c]), b[c]);
+    const acc_t mean = lane_sum<acc_t>(dim, [&](int64_t c) { return v[c]; }) / width;
+    const acc_t var = lane_sum<acc_t>(dim, [&](int64_t c) {
+                        const acc_t centred = tail_sub(v[c], mean);
+                        return tail_mul(centred, centred);
+                      }) / width;
+    const acc_t rstd = tail_rstd(var, eps);
+    scalar_t* __restrict__ o = out + r * dim;
+    acc_t xhat;
+    if (t.x != nullptr) {
+      const scalar_t* __restrict__ xr = t.x + r * dim;
+      for (int64_t c = 0; c < dim; ++c) {
+        const acc_t y = tail_relu(tail_normalise(v[c], mean, rstd, gamma[c], beta[c], xhat));
+        o[c] = static_cast<scalar_t>(tail_add(y, static_cast<acc_t>(xr[c])));
+      }
+    } else {
+      for (int64_t c = 0; c < dim; ++c) {
+        o[c] = static_cast<scalar_t>(tail_relu(tail_normalise(v[c], mean, rstd, gamma[c], beta[c], xhat)));
+      }
+    }
+    stats[2 * r] = mean;
+    stats[2 * r + 1] = rstd;
+  }
+}
+
+// Rows [begin, end) of one chunk: grad_h, and the chunk's partial sums of the bias, ln_weight and
+// ln_bias gradients (p_bias, p_weight, p_beta, added to in row order). xhat and grad_xhat are
+// row-sized scratch buffers.
+template <typename scalar_t>
+GFMRAG_CPU_CLONES void backward_rows(const TailRows<scalar_t>& t, int64_t begin, int64_t end,
+                                     scalar_t* __restrict__ grad_h, at::opmath_type<scalar_t>* __restrict__ p_bias,
+                                     at::opmath_type<scalar_t>* __restrict__ p_weight,
+                                     at::opmath_type<scalar_t>* __restrict__ p_beta,
+                                     at::opmath_type<scalar_t>* __restrict__ xhat,
+                                     at::opmath_type<scalar_t>* __restrict__ grad_xhat) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t dim = t.dim;
+  const acc_t width = static_cast<acc_t>(dim);
+  const acc_t* __restrict__ b = t.bias;
+  const acc_t* __restrict__ gamma = t.gamma;
+  const acc_t* __restrict__ beta = t.beta;
+  for (int64_t r = begin; r < end; ++r) {
+    const scalar_t* __restrict__ hr = t.h + r * dim;
+    const scalar_t* __restrict__ gr = t.grad_out + r * dim;
+    const acc_t mean = t.stats[2 * r], rstd = t.stats[2 * r + 1];
+    for (int64_t c = 0; c < dim; ++c) {
+      acc_t xh;
+      const acc_t y = tail_normalise(tail_add(static_cast<acc_t>(hr[c]), b[c]), mean, rstd, gamma[c], beta[c], xh);
+      // The ReLU's gradient: threshold_backward's rule, so a NaN output passes its gradient.
+      // (Loaded before the select, so that the loop has no branch and vectorises.)
+      const acc_t g = static_cast<acc_t>(gr[c]);
+      const acc_t grad_y = y <= acc_t(0) ? acc_t(0) : g;
+      xhat[c] = xh;
+      grad_xhat[c] = tail_mul(grad_y, gamma[c]);
+      p_weight[c] = tail_add(p_weight[c], tail_mul(grad_y, xh));
+      p_beta[c] = tail_add(p_beta[c], grad_y);
+    }
+    const acc_t a_mean = lane_sum<acc_t>(dim, [&](int64_t c) { return grad_xhat[c]; }) / width;
+    const acc_t b_mean = lane_sum<acc_t>(dim, [&](int64_t c) { return tail_mul(grad_xhat[c], xhat[c]); }) / width;
+    scalar_t* __restrict__ gh = grad_h + r * dim;
+    for (int64_t c = 0; c < dim; ++c) {
+      const acc_t grad_v = tail_input_grad(grad_xhat[c], xhat[c], rstd, a_mean, b_mean);
+      gh[c] = static_cast<scalar_t>(grad_v);
+      p_bias[c] = tail_add(p_bias[c], grad_v);
+    }
+  }
+}
+
+// The parameters of one call as acc_t rows, kept alive with the pointers into them.
+template <typename scalar_t, typename param_t>
+struct TailParams {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<acc_t> bias, gamma, beta;
+  TailParams(const std::optional<at::Tensor>& b, const std::optional<at::Tensor>& g,
+             const std::optional<at::Tensor>& be, int64_t dim)
+      : bias(param_row<acc_t, param_t>(b, dim, acc_t(0))),
+        gamma(param_row<acc_t, param_t>(g, dim, acc_t(1))),
+        beta(param_row<acc_t, param_t>(be, dim, acc_t(0))) {}
+  void into(TailRows<scalar_t>& t) const {
+    t.bias = bias.data();
+    t.gamma = gamma.data();
+    t.beta = beta.data();
+  }
+};
+
 template <typename scalar_t, typename param_t>
 void forward_kernel(const at::Tensor& h, const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& bias,
                     const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias,
                     double eps, const DenseTailArgs& a, at::Tensor& out, at::Tensor& stats) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t dim = a.dim;
-  const std::vector<acc_t> b = param_row<acc_t, param_t>(bias, dim, acc_t(0));
-  const std::vector<acc_t> gamma = param_row<acc_t, param_t>(ln_weight, dim, acc_t(1));
-  const std::vector<acc_t> beta = param_row<acc_t, param_t>(ln_bias, dim, acc_t(0));
-  const scalar_t* hp = h.const_data_ptr<scalar_t>();
-  const scalar_t* xp = x ? x->const_data_ptr<scalar_t>() : nullptr;
-  scalar_t* op = out.mutable_data_ptr<scalar_t>();
-  acc_t* sp = stats.mutable_data_ptr<acc_t>();
-  const acc_t eps_acc = static_cast<acc_t>(eps);
-  const acc_t width = static_cast<acc_t>(dim);
-  const int64_t grain = std::max<int64_t>(1, 16384 / dim);
+  const TailParams<scalar_t, param_t> params(bias, ln_weight, ln_bias, a.dim);
+  TailRows<scalar_t> t{};
+  t.h = h.const_data_ptr<scalar_t>();
+  t.x = x ? x->const_data_ptr<scalar_t>() : nullptr;
+  t.dim = a.dim;
+  params.into(t);
+  scalar_t* o = out.mutable_data_ptr<scalar_t>();
+  acc_t* s = stats.mutable_data_ptr<acc_t>();
+  const int64_t grain = std::max<int64_t>(1, 16384 / a.dim);
   at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> v(dim);
-    for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* hr = hp + r * dim;
-      for (int64_t c = 0; c < dim; ++c) v[c] = tail_add(static_cast<acc_t>(hr[c]), b[c]);
-      const acc_t mean = lane_sum<acc_t>(dim, [&](int64_t c) { return v[c]; }) / width;
-      const acc_t var = lane_sum<acc_t>(dim, [&](int64_t c) {
-                          const acc_t centred = tail_sub(v[c], mean);
-                          return tail_mul(centred, centred);
-                        }) / width;
-      const acc_t rstd = tail_rstd(var, eps_acc);
-      scalar_t* o = op + r * dim;
-      acc_t xhat;
-      if (xp != nullptr) {
-        const scalar_t* xr = xp + r * dim;
-        for (int64_t c = 0; c < dim; ++c) {
-          const acc_t y = tail_relu(tail_normalise(v[c], mean, rstd, gamma[c], beta[c], xhat));
-          o[c] = static_cast<scalar_t>(tail_add(y, static_cast<acc_t>(xr[c])));
-        }
-      } else {
-        for (int64_t c = 0; c < dim; ++c) {
-          o[c] = static_cast<scalar_t>(tail_relu(tail_normalise(v[c], mean, rstd, gamma[c], beta[c], xhat)));
-        }
-      }
-      sp[2 * r] = mean;
-      sp[2 * r + 1] = rstd;
-    }
+    std::vector<acc_t> v(a.dim);
+    forward_rows<scalar_t>(t, static_cast<acc_t>(eps), begin, end, o, s, v.data());
   });
-}
-
-// One row of the backward's first sweep: the normalised values xhat, the gradient reaching them
-// (grad_xhat = ReLU-masked grad_out * gamma), and the row's terms of the LayerNorm parameter
-// gradients. Restrict-qualified so that the loop vectorises.
-template <typename scalar_t, typename acc_t>
-inline void row_grads(const scalar_t* __restrict__ h, const scalar_t* __restrict__ grad_out,
-                      const acc_t* __restrict__ bias, const acc_t* __restrict__ gamma, const acc_t* __restrict__ beta,
-                      acc_t mean, acc_t rstd, int64_t dim, acc_t* __restrict__ xhat, acc_t* __restrict__ grad_xhat,
-                      acc_t* __restrict__ p_weight, acc_t* __restrict__ p_beta) {
-  for (int64_t c = 0; c < dim; ++c) {
-    acc_t xh;
-    const acc_t y = tail_normalise(tail_add(static_cast<acc_t>(h[c]), bias[c]), mean, rstd, gamma[c], beta[c], xh);
-    // The ReLU's gradient: threshold_backward's rule, so a NaN output passes its gradient.
-    // (Loaded before the select, so that the loop has no branch.)
-    const acc_t g = static_cast<acc_t>(grad_out[c]);
-    const acc_t grad_y = y <= acc_t(0) ? acc_t(0) : g;
-    xhat[c] = xh;
-    grad_xhat[c] = tail_mul(grad_y, gamma[c]);
-    p_weight[c] = tail_add(p_weight[c], tail_mul(grad_y, xh));
-    p_beta[c] = tail_add(p_beta[c], grad_y);
-  }
 }
 
 template <typename scalar_t, typename param_t>
@@ -136,40 +209,23 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& h, const at::
                      at::Tensor& grad_params) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t dim = a.dim, rows = a.rows;
-  const std::vector<acc_t> b = param_row<acc_t, param_t>(bias, dim, acc_t(0));
-  const std::vector<acc_t> gamma = param_row<acc_t, param_t>(ln_weight, dim, acc_t(1));
-  const std::vector<acc_t> beta = param_row<acc_t, param_t>(ln_bias, dim, acc_t(0));
-  const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
-  const scalar_t* hp = h.const_data_ptr<scalar_t>();
-  const acc_t* sp = stats.const_data_ptr<acc_t>();
-  scalar_t* ghp = grad_h.mutable_data_ptr<scalar_t>();
-  const acc_t width = static_cast<acc_t>(dim);
+  const TailParams<scalar_t, param_t> params(bias, ln_weight, ln_bias, dim);
+  TailRows<scalar_t> t{};
+  t.h = h.const_data_ptr<scalar_t>();
+  t.grad_out = grad_out.const_data_ptr<scalar_t>();
+  t.stats = stats.const_data_ptr<acc_t>();
+  t.dim = dim;
+  params.into(t);
+  scalar_t* gh = grad_h.mutable_data_ptr<scalar_t>();
   const int64_t num_chunks = num_row_chunks(rows);
   // Per chunk: partial sums of the bias, ln_weight and ln_bias gradients, [chunks, 3, d].
-  std::vector<acc_t> partials(num_chunks * kNumParamGrads * dim);
+  std::vector<acc_t> partials(num_chunks * kNumParamGrads * dim, acc_t(0));
   at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     std::vector<acc_t> xhat(dim), grad_xhat(dim);
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      acc_t* p_bias = partials.data() + chunk * kNumParamGrads * dim;
-      acc_t* p_weight = p_bias + dim;
-      acc_t* p_beta = p_weight + dim;
-      std::fill(p_bias, p_bias + kNumParamGrads * dim, acc_t(0));
-      const int64_t row_end = std::min(rows, (chunk + 1) * kRowsPerChunk);
-      for (int64_t r = chunk * kRowsPerChunk; r < row_end; ++r) {
-        const scalar_t* hr = hp + r * dim;
-        const scalar_t* gr = gp + r * dim;
-        const acc_t mean = sp[2 * r], rstd = sp[2 * r + 1];
-        row_grads(hr, gr, b.data(), gamma.data(), beta.data(), mean, rstd, dim, xhat.data(), grad_xhat.data(),
-                  p_weight, p_beta);
-        const acc_t a_mean = lane_sum<acc_t>(dim, [&](int64_t c) { return grad_xhat[c]; }) / width;
-        const acc_t b_mean = lane_sum<acc_t>(dim, [&](int64_t c) { return tail_mul(grad_xhat[c], xhat[c]); }) / width;
-        scalar_t* gh = ghp + r * dim;
-        for (int64_t c = 0; c < dim; ++c) {
-          const acc_t grad_v = tail_input_grad(grad_xhat[c], xhat[c], rstd, a_mean, b_mean);
-          gh[c] = static_cast<scalar_t>(grad_v);
-          p_bias[c] = tail_add(p_bias[c], grad_v);
-        }
-      }
+      acc_t* p = partials.data() + chunk * kNumParamGrads * dim;
+      backward_rows<scalar_t>(t, chunk * kRowsPerChunk, std::min(rows, (chunk + 1) * kRowsPerChunk), gh, p, p + dim,
+                              p + 2 * dim, xhat.data(), grad_xhat.data());
     }
   });
   param_t* out = grad_params.mutable_data_ptr<param_t>();
