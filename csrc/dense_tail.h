@@ -12,8 +12,9 @@
 // one fixed order, the same on the CPU and the GPU: 32 lanes, lane l summing channels l, l + 32,
 // l + 64, ... in turn, then lanes combined pairwise as a butterfly (offsets 16, 8, 4, 2, 1). A
 // warp computes it with one lane per lane; the CPU with an array of 32 partial sums. Parameter
-// gradients are summed per chunk of kRowsPerChunk rows (rows in order), then over the chunks in
-// order. So CPU and CUDA results agree bit for bit, and no result depends on the thread count.
+// gradients are summed per chunk of kRowsPerChunk rows (rows in order), the chunks' sums per group
+// of kChunksPerGroup chunks (in order), then the groups' sums (in order). So CPU and CUDA results
+// agree bit for bit, and no result depends on the thread count.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -26,10 +27,12 @@
 namespace gfmrag_fast {
 
 constexpr int kTailLanes = 32;            // lanes of the canonical row reduction (a warp)
-constexpr int64_t kRowsPerChunk = 128;    // rows per partial sum of the parameter gradients
+constexpr int64_t kRowsPerChunk = 64;     // rows per partial sum of the parameter gradients
+constexpr int64_t kChunksPerGroup = 64;   // partial sums added per group, before the groups are
 constexpr int kNumParamGrads = 3;         // rows of grad_params: bias, ln_weight, ln_bias
 
-C10_HOST_DEVICE inline int64_t num_row_chunks(int64_t rows) { return (rows + kRowsPerChunk - 1) / kRowsPerChunk; }
+C10_HOST_DEVICE inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+C10_HOST_DEVICE inline int64_t num_row_chunks(int64_t rows) { return ceil_div(rows, kRowsPerChunk); }
 
 // Shapes and options of one call, after the shared checks.
 struct DenseTailArgs {

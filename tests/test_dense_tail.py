@@ -88,9 +88,10 @@ def test_different_widths_without_residual(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("rows,width", [(1, 1), (129, 70), (300, 64)])
+@pytest.mark.parametrize("rows,width", [(1, 1), (129, 70), (300, 64), (64 * 64 + 100, 5)])
 def test_shapes_across_chunks_and_lanes(device, rows, width):
-    """One channel, widths that are not multiples of 32, more rows than one chunk (128)."""
+    """One channel, widths that are not multiples of 32, more rows than one chunk (64) and than
+    one group of chunks (64 x 64) of the parameter gradients' sums."""
     check_against_reference(device, torch.float64, True, PARAM_SETS["all"], d_in=width, d_out=width, rows=rows)
 
 

@@ -3,7 +3,8 @@
 // Forward: rows in parallel, one pass over memory per row (h and x read, out written); the row is
 // kept in a thread-local buffer for the three sweeps LayerNorm needs (mean, variance, output).
 // Backward: chunks of kRowsPerChunk rows in parallel; each chunk writes grad_h for its rows and its
-// partial sums of the three parameter gradients, which are then added over the chunks in order.
+// partial sums of the three parameter gradients, which are then added over the chunks in the
+// order of dense_tail.h (per group of chunks, then the groups).
 // Row sums follow the 32-lane order of dense_tail.h, so results match the CUDA kernels bit for bit.
 #include "../dense_tail.h"
 
@@ -165,6 +166,16 @@ GFMRAG_CPU_CLONES void backward_rows(const TailRows<scalar_t>& t, int64_t begin,
   }
 }
 
+// out[j] = Σ_{i in [begin, end)} in[i, j], i in order, for j < columns (rows of `columns` values).
+template <typename acc_t>
+void sum_rows(const acc_t* in, int64_t begin, int64_t end, int64_t columns, acc_t* __restrict__ out) {
+  std::fill(out, out + columns, acc_t(0));
+  for (int64_t i = begin; i < end; ++i) {
+    const acc_t* __restrict__ row = in + i * columns;
+    for (int64_t j = 0; j < columns; ++j) out[j] = tail_add(out[j], row[j]);
+  }
+}
+
 // The parameters of one call as acc_t rows, kept alive with the pointers into them.
 template <typename scalar_t, typename param_t>
 struct TailParams {
@@ -228,14 +239,20 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& h, const at::
                               p + 2 * dim, xhat.data(), grad_xhat.data());
     }
   });
-  param_t* out = grad_params.mutable_data_ptr<param_t>();
-  at::parallel_for(0, kNumParamGrads * dim, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      acc_t sum = 0;
-      for (int64_t chunk = 0; chunk < num_chunks; ++chunk) sum = tail_add(sum, partials[chunk * kNumParamGrads * dim + j]);
-      out[j] = static_cast<param_t>(sum);
+  // Chunks' sums added per group of kChunksPerGroup, then the groups' sums: the CUDA kernels' order.
+  const int64_t columns = kNumParamGrads * dim;
+  const int64_t num_groups = ceil_div(num_chunks, kChunksPerGroup);
+  std::vector<acc_t> groups(num_groups * columns);
+  at::parallel_for(0, num_groups, 1, [&](int64_t group_begin, int64_t group_end) {
+    for (int64_t g = group_begin; g < group_end; ++g) {
+      sum_rows(partials.data(), g * kChunksPerGroup, std::min(num_chunks, (g + 1) * kChunksPerGroup), columns,
+               groups.data() + g * columns);
     }
   });
+  std::vector<acc_t> total(columns);
+  sum_rows(groups.data(), 0, num_groups, columns, total.data());
+  param_t* out = grad_params.mutable_data_ptr<param_t>();
+  for (int64_t j = 0; j < columns; ++j) out[j] = static_cast<param_t>(total[j]);
 }
 
 std::tuple<at::Tensor, at::Tensor> dense_tail_norm_cpu(const at::Tensor& h, const std::optional<at::Tensor>& x,

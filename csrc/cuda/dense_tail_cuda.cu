@@ -5,7 +5,7 @@
 // once; the row sums are warp butterflies. Backward: one warp per chunk of kRowsPerChunk rows,
 // rows in order; per row the same register-resident sweeps write grad_h, and each lane adds its
 // channels' parameter-gradient terms to per-chunk partial sums in registers. A second kernel adds
-// the [chunks, 3, d] partials over the chunks in order (one thread per column): no atomics.
+// the [chunks, 3, d] partials in a fixed order (per group of chunks, then the groups): no atomics.
 //
 // The arithmetic is dense_tail.h's, whose _rn intrinsics keep nvcc from contracting products and
 // sums into FMAs, and the row sums follow its 32-lane order: results equal the CPU kernels' bit
@@ -18,6 +18,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zero.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -200,15 +201,28 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad_out, const sca
   });
 }
 
-// grad_params[j] = Σ_chunk partials[chunk, j] in chunk order, one thread per j < 3 * dim.
-template <typename acc_t, typename param_t>
-__global__ void combine_partials_kernel(const acc_t* __restrict__ partials, int64_t num_chunks, int64_t columns,
-                                        param_t* __restrict__ grad_params) {
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (j >= columns) return;
+// out[g, j] = Σ_{i in group g} in[i, j] for groups of `group` consecutive rows of `columns` values,
+// i in order: one thread per (g, j). Run twice: the chunks' partial sums per group, then the
+// groups' sums into the parameter gradients (the order of dense_tail.h).
+template <typename acc_t, typename out_t>
+__global__ void sum_row_groups_kernel(const acc_t* __restrict__ in, int64_t rows, int64_t columns, int64_t group,
+                                      out_t* __restrict__ out) {
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (item >= ceil_div(rows, group) * columns) return;
+  const int64_t g = item / columns, j = item - g * columns;
+  const int64_t end = rows < (g + 1) * group ? rows : (g + 1) * group;
   acc_t sum = 0;
-  for (int64_t chunk = 0; chunk < num_chunks; ++chunk) sum = tail_add(sum, partials[chunk * columns + j]);
-  grad_params[j] = static_cast<param_t>(sum);
+  for (int64_t i = g * group; i < end; ++i) sum = tail_add(sum, in[i * columns + j]);
+  out[item] = static_cast<out_t>(sum);
+}
+
+template <typename acc_t, typename out_t>
+void sum_row_groups(const acc_t* in, int64_t rows, int64_t columns, int64_t group, out_t* out, cudaStream_t stream) {
+  const int64_t items = ceil_div(rows, group) * columns;
+  if (items == 0) return;
+  const dim3 grid(static_cast<unsigned int>(ceil_div(items, kBlockThreads)));
+  sum_row_groups_kernel<acc_t, out_t><<<grid, kBlockThreads, 0, stream>>>(in, rows, columns, group, out);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
@@ -262,7 +276,10 @@ std::tuple<at::Tensor, at::Tensor> dense_tail_norm_backward_cuda(const at::Tenso
   at::Tensor grad_params = at::empty({kNumParamGrads, a.dim}, h.options().dtype(a.param_dtype));
   const int64_t num_chunks = num_row_chunks(a.rows);
   const int64_t columns = kNumParamGrads * a.dim;
-  at::Tensor partials = at::empty({num_chunks, columns}, h.options().dtype(stats_dtype(h.scalar_type())));
+  const int64_t num_groups = ceil_div(num_chunks, kChunksPerGroup);
+  const auto acc_options = h.options().dtype(stats_dtype(h.scalar_type()));
+  at::Tensor partials = at::empty({num_chunks, columns}, acc_options);
+  at::Tensor groups = at::empty({num_groups, columns}, acc_options);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "dense_tail_norm_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     with_param_type<scalar_t>(a.param_dtype, [&](auto tag) {
@@ -277,11 +294,14 @@ std::tuple<at::Tensor, at::Tensor> dense_tail_norm_backward_cuda(const at::Tenso
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
       }
-      // Also with no rows, so that the parameter gradients are written (zeros).
-      const dim3 grid(static_cast<unsigned int>((columns + kBlockThreads - 1) / kBlockThreads));
-      combine_partials_kernel<acc_t, param_t><<<grid, kBlockThreads, 0, stream>>>(
-          partials.const_data_ptr<acc_t>(), num_chunks, columns, grad_params.mutable_data_ptr<param_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (num_chunks == 0) {
+        grad_params.zero_();
+        return;
+      }
+      sum_row_groups(partials.const_data_ptr<acc_t>(), num_chunks, columns, kChunksPerGroup,
+                     groups.mutable_data_ptr<acc_t>(), stream);
+      sum_row_groups(groups.const_data_ptr<acc_t>(), num_groups, columns, num_groups,
+                     grad_params.mutable_data_ptr<param_t>(), stream);
     });
   });
   return {grad_h, grad_params};

@@ -186,9 +186,11 @@ print("dense_tail grid done", tail_count, tail_fails, flush=True)
 # widths through every channels-per-lane variant and their edges, chunk edges, empty inputs, NaNs
 for D in (1, 31, 32, 33, 64, 65, 128, 129, 256, 300, 512, 513, 1024):
     check_tail(9, D, torch.float32, torch.float32, PARAM_SETS[0], True, seed=D)
-for M in (0, 1, 127, 128, 129, 257):
+for M in (0, 1, 63, 64, 65, 257):
     check_tail(M, 40, torch.float32, torch.float32, PARAM_SETS[0], M % 2 == 1, seed=M)
     check_tail(M, 40, torch.bfloat16, torch.float32, PARAM_SETS[0], True, seed=M)
+# more chunks than one group (64 x 64 rows): the two-stage sum of the parameter gradients
+check_tail(64 * 64 * 2 + 70, 3, torch.float32, torch.float32, PARAM_SETS[0], False, seed=4)
 check_tail(20, 33, torch.float32, torch.float32, PARAM_SETS[0], True, nan=True)
 check_tail(20, 33, torch.float64, torch.float64, PARAM_SETS[2], False, nan=True)
 # a grid smaller than the rows and chunks: the grid-stride loops
