@@ -77,8 +77,9 @@ class GeneralizedRelationalConv(nn.Module):
         if fused:
             # Under autocast the fused tail computes in the low precision: one low-precision copy of
             # x (and of the boundary) then serves the aggregation, the update and the tail's products.
-            dtype = compute_dtype(x)
-            x, boundary = x.to(dtype), x.to(dtype) if boundary is x else boundary.to(dtype)
+            cast = x.to(compute_dtype(x))
+            boundary = cast if boundary is x else boundary.to(cast.dtype)
+            x = cast
         relation = self.relation_projection(relation)
         update = neighbourhood_update(x, relation, boundary, graph, self.message_func, self.aggregate_func)
         return layer_tail(x, update, self.linear, self.layer_norm, self.activation, residual, fused=fused)
