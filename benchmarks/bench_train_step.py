@@ -362,10 +362,11 @@ def test_train_step(measure, case, kind, dtype, impl):
 
 
 # ------------------------------------------------------------------------------------- script
-def run_profiles(devices: List[str], rounds: int, impls: Optional[List[str]] = None) -> List[dict]:
+def run_profiles(devices: List[str], rounds: int, impls: Optional[List[str]] = None,
+                 cases: Optional[List[str]] = None) -> List[dict]:
     rows = []
     for case in CASES:
-        if case.device not in devices or not available(case):
+        if case.device not in devices or not available(case) or (cases and case.name not in cases):
             continue
         for kind in case.kinds:
             for dtype in DTYPES[case.device]:
@@ -416,6 +417,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     parser.add_argument("--impl", action="append", help="only these implementations (repeatable)")
+    parser.add_argument("--case", action="append", help="only these cases (repeatable): " +
+                        ", ".join(case.name for case in CASES))
     parser.add_argument("--rounds", type=int, default=3, help="timed steps per case (median)")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
@@ -425,7 +428,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads"
           + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
     print_header()
-    rows = run_profiles(devices, args.rounds, args.impl)
+    rows = run_profiles(devices, args.rounds, args.impl, args.case)
     print_ratios(rows)
     if args.json:
         with open(args.json, "w") as f:

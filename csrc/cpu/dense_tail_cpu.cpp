@@ -123,9 +123,9 @@ GFMRAG_CPU_CLONES void forward_rows(const TailRows<scalar_t>& t, at::opmath_type
   }
 }
 
-// Rows [begin, end) of one chunk: grad_h, and the chunk's partial sums of the bias, ln_weight and
-// ln_bias gradients (p_bias, p_weight, p_beta, added to in row order). xhat and grad_xhat are
-// row-sized scratch buffers.
+// Rows [begin, end) of one chunk: grad_h (pointing at row `begin`), and the chunk's partial sums of
+// the bias, ln_weight and ln_bias gradients (p_bias, p_weight, p_beta, added to in row order).
+// xhat and grad_xhat are row-sized scratch buffers.
 template <typename scalar_t>
 GFMRAG_CPU_CLONES void backward_rows(const TailRows<scalar_t>& t, int64_t begin, int64_t end,
                                      scalar_t* __restrict__ grad_h, at::opmath_type<scalar_t>* __restrict__ p_bias,
@@ -157,7 +157,7 @@ GFMRAG_CPU_CLONES void backward_rows(const TailRows<scalar_t>& t, int64_t begin,
     }
     const acc_t a_mean = lane_sum<acc_t>(dim, [&](int64_t c) { return grad_xhat[c]; }) / width;
     const acc_t b_mean = lane_sum<acc_t>(dim, [&](int64_t c) { return tail_mul(grad_xhat[c], xhat[c]); }) / width;
-    scalar_t* __restrict__ gh = grad_h + r * dim;
+    scalar_t* __restrict__ gh = grad_h + (r - begin) * dim;
     for (int64_t c = 0; c < dim; ++c) {
       const acc_t grad_v = tail_input_grad(grad_xhat[c], xhat[c], rstd, a_mean, b_mean);
       gh[c] = static_cast<scalar_t>(grad_v);
@@ -193,53 +193,30 @@ struct TailParams {
   }
 };
 
-template <typename scalar_t, typename param_t>
-void forward_kernel(const at::Tensor& h, const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& bias,
-                    const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias,
-                    double eps, const DenseTailArgs& a, at::Tensor& out, at::Tensor& stats) {
+// Backward rows [row_begin, row_end) (whole chunks, or the last rows), in parallel over chunks:
+// grad_h for them (pointing at row_begin), and their chunks' partial sums into `partials`
+// ([chunks, 3, d], indexed by the chunk's number in the whole tensor).
+template <typename scalar_t>
+void backward_chunks(const TailRows<scalar_t>& t, int64_t row_begin, int64_t row_end, scalar_t* grad_h,
+                     at::opmath_type<scalar_t>* partials) {
   using acc_t = at::opmath_type<scalar_t>;
-  const TailParams<scalar_t, param_t> params(bias, ln_weight, ln_bias, a.dim);
-  TailRows<scalar_t> t{};
-  t.h = h.const_data_ptr<scalar_t>();
-  t.x = x ? x->const_data_ptr<scalar_t>() : nullptr;
-  t.dim = a.dim;
-  params.into(t);
-  scalar_t* o = out.mutable_data_ptr<scalar_t>();
-  acc_t* s = stats.mutable_data_ptr<acc_t>();
-  const int64_t grain = std::max<int64_t>(1, 16384 / a.dim);
-  at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> v(a.dim);
-    forward_rows<scalar_t>(t, static_cast<acc_t>(eps), begin, end, o, s, v.data());
+  const int64_t dim = t.dim;
+  const int64_t first = row_begin / kRowsPerChunk, last = ceil_div(row_end, kRowsPerChunk);
+  at::parallel_for(first, last, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    std::vector<acc_t> xhat(dim), grad_xhat(dim);
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      acc_t* p = partials + chunk * kNumParamGrads * dim;
+      const int64_t begin = chunk * kRowsPerChunk, end = std::min(row_end, begin + kRowsPerChunk);
+      backward_rows<scalar_t>(t, begin, end, grad_h + (begin - row_begin) * dim, p, p + dim, p + 2 * dim,
+                              xhat.data(), grad_xhat.data());
+    }
   });
 }
 
-template <typename scalar_t, typename param_t>
-void backward_kernel(const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& stats,
-                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& ln_weight,
-                     const std::optional<at::Tensor>& ln_bias, const DenseTailArgs& a, at::Tensor& grad_h,
-                     at::Tensor& grad_params) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t dim = a.dim, rows = a.rows;
-  const TailParams<scalar_t, param_t> params(bias, ln_weight, ln_bias, dim);
-  TailRows<scalar_t> t{};
-  t.h = h.const_data_ptr<scalar_t>();
-  t.grad_out = grad_out.const_data_ptr<scalar_t>();
-  t.stats = stats.const_data_ptr<acc_t>();
-  t.dim = dim;
-  params.into(t);
-  scalar_t* gh = grad_h.mutable_data_ptr<scalar_t>();
-  const int64_t num_chunks = num_row_chunks(rows);
-  // Per chunk: partial sums of the bias, ln_weight and ln_bias gradients, [chunks, 3, d].
-  std::vector<acc_t> partials(num_chunks * kNumParamGrads * dim, acc_t(0));
-  at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    std::vector<acc_t> xhat(dim), grad_xhat(dim);
-    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      acc_t* p = partials.data() + chunk * kNumParamGrads * dim;
-      backward_rows<scalar_t>(t, chunk * kRowsPerChunk, std::min(rows, (chunk + 1) * kRowsPerChunk), gh, p, p + dim,
-                              p + 2 * dim, xhat.data(), grad_xhat.data());
-    }
-  });
-  // Chunks' sums added per group of kChunksPerGroup, then the groups' sums: the CUDA kernels' order.
+// grad_params [3, d] from the chunks' partial sums, in the order of dense_tail.h: per group of
+// kChunksPerGroup chunks, then the groups (as the CUDA kernels add them).
+template <typename acc_t, typename param_t>
+void combine_partials(const std::vector<acc_t>& partials, int64_t num_chunks, int64_t dim, param_t* out) {
   const int64_t columns = kNumParamGrads * dim;
   const int64_t num_groups = ceil_div(num_chunks, kChunksPerGroup);
   std::vector<acc_t> groups(num_groups * columns);
@@ -251,8 +228,32 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& h, const at::
   });
   std::vector<acc_t> total(columns);
   sum_rows(groups.data(), 0, num_groups, columns, total.data());
-  param_t* out = grad_params.mutable_data_ptr<param_t>();
   for (int64_t j = 0; j < columns; ++j) out[j] = static_cast<param_t>(total[j]);
+}
+
+template <typename scalar_t>
+TailRows<scalar_t> tail_rows(const at::Tensor& h, const at::Tensor* x, const at::Tensor* grad_out,
+                             const at::Tensor* stats, int64_t dim) {
+  TailRows<scalar_t> t{};
+  t.h = h.const_data_ptr<scalar_t>();
+  t.x = x ? x->const_data_ptr<scalar_t>() : nullptr;
+  t.grad_out = grad_out ? grad_out->const_data_ptr<scalar_t>() : nullptr;
+  t.stats = stats ? stats->const_data_ptr<at::opmath_type<scalar_t>>() : nullptr;
+  t.dim = dim;
+  return t;
+}
+
+// Forward rows [begin, end): out and stats, rows in parallel.
+template <typename scalar_t>
+void forward_block(const TailRows<scalar_t>& t, double eps, int64_t begin, int64_t end, at::Tensor& out,
+                   at::Tensor& stats) {
+  using acc_t = at::opmath_type<scalar_t>;
+  scalar_t* o = out.mutable_data_ptr<scalar_t>();
+  acc_t* s = stats.mutable_data_ptr<acc_t>();
+  at::parallel_for(begin, end, std::max<int64_t>(1, 16384 / t.dim), [&](int64_t b, int64_t e) {
+    std::vector<acc_t> v(t.dim);
+    forward_rows<scalar_t>(t, static_cast<acc_t>(eps), b, e, o, s, v.data());
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> dense_tail_norm_cpu(const at::Tensor& h, const std::optional<at::Tensor>& x,
@@ -264,7 +265,10 @@ std::tuple<at::Tensor, at::Tensor> dense_tail_norm_cpu(const at::Tensor& h, cons
   at::Tensor stats = at::empty({a.rows, 2}, h.options().dtype(stats_dtype(h.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "dense_tail_norm_cpu", [&] {
     with_param_type<scalar_t>(a.param_dtype, [&](auto tag) {
-      forward_kernel<scalar_t, typename decltype(tag)::type>(h, x, bias, ln_weight, ln_bias, eps, a, out, stats);
+      const TailParams<scalar_t, typename decltype(tag)::type> params(bias, ln_weight, ln_bias, a.dim);
+      TailRows<scalar_t> t = tail_rows<scalar_t>(h, x ? &*x : nullptr, nullptr, nullptr, a.dim);
+      params.into(t);
+      forward_block(t, eps, 0, a.rows, out, stats);
     });
   });
   return {out, stats};
@@ -279,9 +283,16 @@ std::tuple<at::Tensor, at::Tensor> dense_tail_norm_backward_cpu(const at::Tensor
   at::Tensor grad_h = at::empty_like(h);
   at::Tensor grad_params = at::empty({kNumParamGrads, a.dim}, h.options().dtype(a.param_dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "dense_tail_norm_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     with_param_type<scalar_t>(a.param_dtype, [&](auto tag) {
-      backward_kernel<scalar_t, typename decltype(tag)::type>(grad_out, h, stats, bias, ln_weight, ln_bias, a,
-                                                              grad_h, grad_params);
+      using param_t = typename decltype(tag)::type;
+      const TailParams<scalar_t, param_t> params(bias, ln_weight, ln_bias, a.dim);
+      TailRows<scalar_t> t = tail_rows<scalar_t>(h, nullptr, &grad_out, &stats, a.dim);
+      params.into(t);
+      const int64_t num_chunks = num_row_chunks(a.rows);
+      std::vector<acc_t> partials(num_chunks * kNumParamGrads * a.dim);
+      backward_chunks(t, 0, a.rows, grad_h.mutable_data_ptr<scalar_t>(), partials.data());
+      combine_partials(partials, num_chunks, a.dim, grad_params.mutable_data_ptr<param_t>());
     });
   });
   return {grad_h, grad_params};
