@@ -193,22 +193,19 @@ struct TailParams {
   }
 };
 
-// Backward rows [row_begin, row_end) (whole chunks, or the last rows), in parallel over chunks:
-// grad_h for them (pointing at row_begin), and their chunks' partial sums into `partials`
-// ([chunks, 3, d], indexed by the chunk's number in the whole tensor).
+// The backward over all rows, chunks in parallel: grad_h, and each chunk's partial sums of the
+// parameter gradients into `partials` ([chunks, 3, d]).
 template <typename scalar_t>
-void backward_chunks(const TailRows<scalar_t>& t, int64_t row_begin, int64_t row_end, scalar_t* grad_h,
-                     at::opmath_type<scalar_t>* partials) {
+void backward_chunks(const TailRows<scalar_t>& t, int64_t rows, scalar_t* grad_h, at::opmath_type<scalar_t>* partials) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t dim = t.dim;
-  const int64_t first = row_begin / kRowsPerChunk, last = ceil_div(row_end, kRowsPerChunk);
-  at::parallel_for(first, last, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+  at::parallel_for(0, num_row_chunks(rows), 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     std::vector<acc_t> xhat(dim), grad_xhat(dim);
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       acc_t* p = partials + chunk * kNumParamGrads * dim;
-      const int64_t begin = chunk * kRowsPerChunk, end = std::min(row_end, begin + kRowsPerChunk);
-      backward_rows<scalar_t>(t, begin, end, grad_h + (begin - row_begin) * dim, p, p + dim, p + 2 * dim,
-                              xhat.data(), grad_xhat.data());
+      const int64_t begin = chunk * kRowsPerChunk, end = std::min(rows, begin + kRowsPerChunk);
+      backward_rows<scalar_t>(t, begin, end, grad_h + begin * dim, p, p + dim, p + 2 * dim, xhat.data(),
+                              grad_xhat.data());
     }
   });
 }
@@ -243,16 +240,15 @@ TailRows<scalar_t> tail_rows(const at::Tensor& h, const at::Tensor* x, const at:
   return t;
 }
 
-// Forward rows [begin, end): out and stats, rows in parallel.
+// The forward over all rows, rows in parallel: out and stats.
 template <typename scalar_t>
-void forward_block(const TailRows<scalar_t>& t, double eps, int64_t begin, int64_t end, at::Tensor& out,
-                   at::Tensor& stats) {
+void forward_all(const TailRows<scalar_t>& t, double eps, int64_t rows, at::Tensor& out, at::Tensor& stats) {
   using acc_t = at::opmath_type<scalar_t>;
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
   acc_t* s = stats.mutable_data_ptr<acc_t>();
-  at::parallel_for(begin, end, std::max<int64_t>(1, 16384 / t.dim), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / t.dim), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> v(t.dim);
-    forward_rows<scalar_t>(t, static_cast<acc_t>(eps), b, e, o, s, v.data());
+    forward_rows<scalar_t>(t, static_cast<acc_t>(eps), begin, end, o, s, v.data());
   });
 }
 
@@ -268,7 +264,7 @@ std::tuple<at::Tensor, at::Tensor> dense_tail_norm_cpu(const at::Tensor& h, cons
       const TailParams<scalar_t, typename decltype(tag)::type> params(bias, ln_weight, ln_bias, a.dim);
       TailRows<scalar_t> t = tail_rows<scalar_t>(h, x ? &*x : nullptr, nullptr, nullptr, a.dim);
       params.into(t);
-      forward_block(t, eps, 0, a.rows, out, stats);
+      forward_all(t, eps, a.rows, out, stats);
     });
   });
   return {out, stats};
@@ -291,7 +287,7 @@ std::tuple<at::Tensor, at::Tensor> dense_tail_norm_backward_cpu(const at::Tensor
       params.into(t);
       const int64_t num_chunks = num_row_chunks(a.rows);
       std::vector<acc_t> partials(num_chunks * kNumParamGrads * a.dim);
-      backward_chunks(t, 0, a.rows, grad_h.mutable_data_ptr<scalar_t>(), partials.data());
+      backward_chunks(t, a.rows, grad_h.mutable_data_ptr<scalar_t>(), partials.data());
       combine_partials(partials, num_chunks, a.dim, grad_params.mutable_data_ptr<param_t>());
     });
   });
