@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check (DESIGN §5): build for sm_90, CUDA tests, a compute-sanitizer memcheck, the
-# benchmarks, and a summary.json. Meant for the lent H100 machine; finishes in under 8 minutes.
+# benchmarks, the training-step breakdown (step_profile.json), and a summary.json. Meant for the lent H100 machine; finishes in under 8 minutes.
 #
 #   bash benchmarks/gpu_check.sh [OUTPUT_DIR]      # default: $OUT, else ./gpu_check_out
 #
@@ -37,7 +37,8 @@ step "tests of the ops and models (CPU and CUDA parametrisations)"
 TIMEOUT_ARGS=()
 "${PY}" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_ARGS=(--timeout=240)
 timeout 240 "${PY}" -m pytest tests/test_rel_aggregate.py tests/test_triple_sampling.py tests/test_ops_hardening.py \
-  tests/test_models.py tests/test_losses_metrics.py -q -p no:cacheprovider "${TIMEOUT_ARGS[@]}" \
+  tests/test_models.py tests/test_dense_tail.py tests/test_dense.py tests/test_losses_metrics.py -q -p no:cacheprovider \
+  "${TIMEOUT_ARGS[@]}" \
   --junitxml="${OUT_DIR}/tests.xml" >"${OUT_DIR}/tests.log" 2>&1 || status=1
 tail -3 "${OUT_DIR}/tests.log"
 
@@ -54,9 +55,15 @@ step "benchmarks"
 # CUDA cases only: the CPU ones are measured on the development machines.
 # Each case's result is in bench.json as soon as it is measured, so the time limit loses little.
 GFMRAG_BENCH_JSON="${OUT_DIR}/bench.json" timeout 300 "${PY}" -m pytest benchmarks/bench_triple_sampling.py \
-  benchmarks/bench_rel_aggregate.py benchmarks/bench_train_step.py -q -p no:cacheprovider -k cuda \
+  benchmarks/bench_rel_aggregate.py benchmarks/bench_dense_tail.py benchmarks/bench_train_step.py -q \
+  -p no:cacheprovider -k cuda \
   --benchmark-columns=median,min,rounds >"${OUT_DIR}/bench.log" 2>&1 || status=1
 grep -A100 "benchmark ratios" "${OUT_DIR}/bench.log" | head -60
+
+step "training-step breakdown (fused vs plain dense tail)"
+timeout 150 "${PY}" benchmarks/bench_train_step.py --device cuda --impl kernel --impl plain_tail \
+  --json "${OUT_DIR}/step_profile.json" >"${OUT_DIR}/step_profile.log" 2>&1 || status=1
+tail -12 "${OUT_DIR}/step_profile.log"
 
 step "summary"
 "${PY}" benchmarks/summarize.py "${OUT_DIR}" || status=1

@@ -2,7 +2,7 @@
 
 import torch
 
-from gfmrag_fast.ops import AGGREGATES, MESSAGES, easy_edge_mask, negative_sampling, rel_aggregate
+from gfmrag_fast.ops import AGGREGATES, MESSAGES, dense_tail, easy_edge_mask, negative_sampling, rel_aggregate
 from gfmrag_fast.synthetic import synthetic_kg
 
 torch.manual_seed(0)
@@ -19,5 +19,15 @@ for dtype in (torch.float32, torch.bfloat16):
                 w = torch.rand(graph.num_edges, device="cuda", dtype=dtype, requires_grad=True)
                 out = rel_aggregate(x, rel, graph, w, mask, message, aggregate)
                 out.float().square().sum().backward()
+# dense_tail: every channels-per-lane variant and its edges, one or several row chunks, with and
+# without parameters and short cut, float32 and bfloat16 (float32 parameters, as under autocast).
+for dtype in (torch.float32, torch.bfloat16):
+    for rows, dim in ((1, 1), (130, 33), (300, 64), (50, 129), (40, 512), (9, 1024)):
+        for full in (True, False):
+            x, u = (torch.randn(rows, dim, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
+            weight = torch.randn(dim, 2 * dim, device="cuda", dtype=dtype, requires_grad=True)
+            params = [torch.randn(dim, device="cuda", requires_grad=True) if full else None for _ in range(3)]
+            out = dense_tail(x, u, weight, *params, residual=full)
+            out.float().square().sum().backward()
 torch.cuda.synchronize()
 print("memcheck case ran: all ops, options and dtypes")

@@ -1,70 +1,26 @@
-"""The dense tail of a GFM-RAG layer, ``relu(layer_norm(x W1ᵀ + u W2ᵀ + b)) + x``, as one autograd
-function that stores less for the backward.
+"""The dense tail of a GFM-RAG layer: ``activation(layer_norm(linear(cat[x, update]))) (+ x)``.
 
-Unfused, autograd keeps four node-sized tensors per layer for the backward:
+``cat[x, update]`` is never built: the linear's weight [d_out, 2 d_in] is split into its x half and
+its update half, ``h = x W[:, :d_in]ᵀ + update W[:, d_in:]ᵀ + b``.
 
-* the update ``u``, for ``W2``'s gradient;
-* the linear output ``h``, LayerNorm's input;
-* the ReLU output;
-* the layer output, which is the next layer's input.
-
-The fused function drops the ReLU output. It keeps ``u`` and ``h`` with LayerNorm's per-row mean
-and 1/std, and recomputes the ReLU mask in the backward in one elementwise pass. That is a quarter
-less activation memory, for the same matrix products, and the ReLU and the short cut run in place
-in the forward. Gradients are the same up to rounding.
-
-Used in float32/float64 training with LayerNorm, ReLU and the short cut, which is GFM-RAG's
-configuration. Other cases (autocast, no LayerNorm, other activations) take the unfused path.
+GFM-RAG's configuration (LayerNorm, ReLU; with or without the short cut) runs the fused
+:func:`gfmrag_fast.ops.dense_tail` op: the two products in BLAS / cuBLAS, then bias, LayerNorm,
+ReLU and short cut in one pass, with a backward that recomputes the normalised values and the ReLU
+mask instead of storing them (one node-sized tensor less per layer than autograd keeps), in
+float32, float64, and under float16/bfloat16 autocast. Other configurations (no LayerNorm, another
+activation) run the same math in plain PyTorch.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+from torch import nn
+from torch.nn import functional as F
 
-
-class _DenseUpdate(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, update, weight, bias, ln_weight, ln_bias, eps: float, residual: bool):
-        # x, update: [M, d_in]; weight: [d_out, 2 d_in] (x half, update half); bias: [d_out] or None
-        d_in = x.shape[-1]
-        h = torch.addmm(bias, update, weight[:, d_in:].t()) if bias is not None else update @ weight[:, d_in:].t()
-        h = torch.addmm(h, x, weight[:, :d_in].t())
-        y, mean, rstd = torch.native_layer_norm(h, (h.shape[-1],), ln_weight, ln_bias, eps)
-        out = y.relu_()
-        if residual:
-            out = out.add_(x)
-        ctx.residual, ctx.has_bias = residual, bias is not None
-        ctx.save_for_backward(x, update, weight, h, mean, rstd, ln_weight, ln_bias)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, update, weight, h, mean, rstd, ln_weight, ln_bias = ctx.saved_tensors
-        d_in = x.shape[-1]
-        # ReLU passed where the LayerNorm output was positive: recompute its sign from h.
-        normed = (h - mean) * rstd
-        if ln_weight is not None:
-            normed = torch.addcmul(ln_bias, normed, ln_weight) if ln_bias is not None else normed * ln_weight
-        grad_y = grad_out * (normed > 0)
-        del normed
-        grad_h, grad_ln_weight, grad_ln_bias = torch.ops.aten.native_layer_norm_backward(
-            grad_y, h, [h.shape[-1]], mean, rstd, ln_weight, ln_bias,
-            [True, ln_weight is not None, ln_bias is not None],
-        )
-        grad_x = grad_update = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_h @ weight[:, :d_in]
-            if ctx.residual:
-                grad_x = grad_x.add_(grad_out)
-        if ctx.needs_input_grad[1]:
-            grad_update = grad_h @ weight[:, d_in:]
-        if ctx.needs_input_grad[2]:
-            grad_weight = torch.cat([grad_h.t() @ x, grad_h.t() @ update], dim=1)
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            grad_bias = grad_h.sum(0)
-        return grad_x, grad_update, grad_weight, grad_bias, grad_ln_weight, grad_ln_bias, None, None
+from ..ops import dense_tail
+from ..ops.dense_tail import dense_tail_supports
 
 
 def dense_update(
@@ -72,10 +28,66 @@ def dense_update(
     update: torch.Tensor,  # [M, d_in]
     weight: torch.Tensor,  # [d_out, 2 d_in]
     bias: Optional[torch.Tensor],  # [d_out]
-    layer_norm: torch.nn.LayerNorm,
+    layer_norm: nn.LayerNorm,
     residual: bool,
 ) -> torch.Tensor:  # [M, d_out]
-    """``relu(layer_norm(x @ W[:, :d_in]ᵀ + update @ W[:, d_in:]ᵀ + b)) (+ x)``, storing u and h."""
-    return _DenseUpdate.apply(
-        x, update, weight, bias, layer_norm.weight, layer_norm.bias, layer_norm.eps, residual
-    )
+    """``relu(layer_norm(x @ W[:, :d_in]ᵀ + update @ W[:, d_in:]ᵀ + b)) (+ x)`` through the fused op."""
+    return dense_tail(x, update, weight, bias, layer_norm.weight, layer_norm.bias, layer_norm.eps, residual)
+
+
+def fusable(
+    x: torch.Tensor,  # [..., d_in]
+    linear: nn.Linear,
+    layer_norm: Optional[nn.LayerNorm],
+    activation: Optional[Callable],
+) -> bool:
+    """Whether :func:`dense_update` can compute this tail: LayerNorm over the last dimension and
+    ReLU, an update as wide as x (not pna's 12 d), on a device with kernels, x in the weight's dtype
+    (or autocast, which the op applies)."""
+    if layer_norm is None or activation not in (F.relu, torch.relu):
+        return False
+    if tuple(layer_norm.normalized_shape) != (linear.out_features,) or linear.in_features != 2 * x.shape[-1]:
+        return False
+    if not dense_tail_supports(x.device, linear.out_features):
+        return False
+    return torch.is_autocast_enabled(x.device.type) or x.dtype == linear.weight.dtype
+
+
+def plain_tail(
+    x: torch.Tensor,  # [..., d_in]
+    update: torch.Tensor,  # [..., d_in]
+    linear: nn.Linear,
+    layer_norm: Optional[nn.LayerNorm],
+    activation: Optional[Callable],
+    residual: bool,
+) -> torch.Tensor:  # [..., d_out]
+    """The same tail in plain PyTorch, for any LayerNorm / activation configuration."""
+    d = x.shape[-1]
+    weight = linear.weight
+    # addmm accumulates the x half into the update half inside the GEMM (no extra pass).
+    h = F.linear(update, weight[:, d:], linear.bias).flatten(0, -2)
+    h = torch.addmm(h, x.flatten(0, -2).to(h.dtype), weight[:, :d].t().to(h.dtype))
+    h = h.view(*x.shape[:-1], linear.out_features)
+    if layer_norm is not None:
+        h = layer_norm(h)
+    if activation is not None:
+        h = activation(h)
+    return h + x if residual else h
+
+
+def layer_tail(
+    x: torch.Tensor,  # [..., d_in]
+    update: torch.Tensor,  # [..., d_in]
+    linear: nn.Linear,
+    layer_norm: Optional[nn.LayerNorm],
+    activation: Optional[Callable],
+    residual: bool,
+    fused: bool = True,
+) -> torch.Tensor:  # [..., d_out]
+    """The tail of a layer: fused where :func:`fusable` says so (and ``fused``), else plain."""
+    if fused and fusable(x, linear, layer_norm, activation):
+        if update.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            update = update.to(x.dtype)
+        out = dense_update(x.flatten(0, -2), update.flatten(0, -2), linear.weight, linear.bias, layer_norm, residual)
+        return out.view(*x.shape[:-1], linear.out_features)
+    return plain_tail(x, update, linear, layer_norm, activation, residual)

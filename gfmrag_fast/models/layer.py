@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .aggregation import AGGREGATES, MESSAGES, PreparedGraph, neighbourhood_update
-from .dense import dense_update
+from .aggregation import AGGREGATES, MESSAGES, PreparedGraph, compute_dtype, neighbourhood_update
+from .dense import fusable, layer_tail
 
 
 class GeneralizedRelationalConv(nn.Module):
@@ -27,6 +27,8 @@ class GeneralizedRelationalConv(nn.Module):
     built: linear's weight is split into its x half and its update half,
     ``h = x @ W[:, :d_in].T + update @ W[:, d_in:].T + b``, so the state-dict keys
     (``linear.{weight,bias}``, ``layer_norm.*``, ``relation_projection.{0,2}.*``) stay the original's.
+    With LayerNorm and ReLU (GFM-RAG's configuration) everything after ``linear`` is the fused
+    ``dense_tail`` op (see ``models.dense``).
     The relation projection runs once per call on the shared [2R, d_in] table, not once per query.
     """
 
@@ -57,8 +59,8 @@ class GeneralizedRelationalConv(nn.Module):
         self.relation_projection = nn.Sequential(
             nn.Linear(input_dim, input_dim), nn.ReLU(), nn.Linear(input_dim, input_dim)
         )
-        # The fused dense tail keeps three node-sized tensors per layer for the backward instead of
-        # four (models.dense); off only to compare against the unfused path.
+        # The fused dense tail (models.dense: the dense_tail op) for GFM-RAG's configuration; off
+        # only to compare against the plain PyTorch tail.
         self.fused_dense = True
 
     def forward(
@@ -69,35 +71,18 @@ class GeneralizedRelationalConv(nn.Module):
         graph: PreparedGraph,
         residual: bool = False,  # add x to the output (the entity model's short cut)
     ) -> torch.Tensor:  # [B, N, d_out]
-        relation = self.relation_projection(relation)
-        update = neighbourhood_update(x, relation, boundary, graph, self.message_func, self.aggregate_func)
         if residual and self.output_dim != self.input_dim:
             raise ValueError(f"a short cut needs d_out == d_in, got {self.output_dim} and {self.input_dim}")
-        weight = self.linear.weight
-        d = self.input_dim
-        if self._fusable(x, update):
-            out = dense_update(x.flatten(0, -2), update.flatten(0, -2), weight, self.linear.bias, self.layer_norm, residual)
-            return out.view(*x.shape[:-1], self.output_dim)
-        # addmm accumulates the x half into the update half inside the GEMM (no extra pass).
-        h = F.linear(update, weight[:, d:], self.linear.bias).flatten(0, -2)
-        h = torch.addmm(h, x.flatten(0, -2).to(h.dtype), weight[:, :d].t().to(h.dtype))
-        h = h.view(*x.shape[:-1], self.output_dim)
-        if self.layer_norm is not None:
-            h = self.layer_norm(h)
-        if self.activation is not None:
-            h = self.activation(h)
-        return h + x if residual else h
-
-    def _fusable(self, x: torch.Tensor, update: torch.Tensor) -> bool:
-        """GFM-RAG's configuration outside autocast: the fused dense tail applies (models.dense)."""
-        return (
-            self.fused_dense
-            and self.layer_norm is not None
-            and self.activation is F.relu
-            and x.dtype in (torch.float32, torch.float64)
-            and update.dtype == x.dtype == self.linear.weight.dtype
-            and not torch.is_autocast_enabled(x.device.type)
-        )
+        fused = self.fused_dense and fusable(x, self.linear, self.layer_norm, self.activation)
+        if fused:
+            # Under autocast the fused tail computes in the low precision: one low-precision copy of
+            # x (and of the boundary) then serves the aggregation, the update and the tail's products.
+            cast = x.to(compute_dtype(x))
+            boundary = cast if boundary is x else boundary.to(cast.dtype)
+            x = cast
+        relation = self.relation_projection(relation)
+        update = neighbourhood_update(x, relation, boundary, graph, self.message_func, self.aggregate_func)
+        return layer_tail(x, update, self.linear, self.layer_norm, self.activation, residual, fused=fused)
 
     def extra_repr(self) -> str:
         return (

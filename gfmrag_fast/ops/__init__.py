@@ -1,6 +1,7 @@
 """Custom ops of gfmrag_fast (C++/CUDA kernels with autograd) and their pure-PyTorch references."""
 
 from . import _library  # noqa: F401  (loads the compiled library first)
+from .dense_tail import dense_tail, dense_tail_reference
 from .graph import RelGraph
 from .rel_aggregate import AGGREGATES, MESSAGES, rel_aggregate, rel_aggregate_reference
 from .sampling_reference import easy_edge_mask_reference, negative_sampling_reference
@@ -18,4 +19,6 @@ __all__ = [
     "negative_sampling_reference",
     "easy_edge_mask",
     "easy_edge_mask_reference",
+    "dense_tail",
+    "dense_tail_reference",
 ]

@@ -189,11 +189,74 @@ for (N, T, R, chunk, seed), B, per_query, D in itertools.product(
               reported.tolist())
 print("balance done", flush=True)
 
+
+# --- dense_tail: forward (out, stats) and backward (grad_h, grad_params) must match bit for bit:
+# both kernels follow the row-sum order of csrc/dense_tail.h.
+tail_count = tail_fails = 0
+
+
+def check_tail(M, D, dtype, param_dtype, params, residual, seed=0, nan=False):
+    global tail_count, tail_fails
+    tail_count += 1
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(M, D, generator=g) * 3 + 0.5).to(dtype)
+    x = torch.randn(M, D, generator=g).to(dtype) if residual else None
+    bias, ln_weight, ln_bias = (torch.randn(D, generator=g).to(param_dtype) if name in params else None
+                                for name in ("bias", "ln_weight", "ln_bias"))
+    if nan and h.numel() > 5:
+        h.view(-1)[5] = float("nan")
+    go = torch.randn(M, D, generator=g).to(dtype)
+    res = {}
+    oc, sc = cpu.dense_tail_norm(h, x, bias, ln_weight, ln_bias, 1e-5)
+    oe, se = emu.dense_tail_norm(h, x, bias, ln_weight, ln_bias, 1e-5)
+    res["out"], res["stats"] = same(oc, oe), same(sc, se)
+    gc, pc = cpu.dense_tail_norm_backward(go, h, sc, bias, ln_weight, ln_bias)
+    ge, pe = emu.dense_tail_norm_backward(go, h, sc, bias, ln_weight, ln_bias)
+    res["grad_h"], res["grad_params"] = same(gc, ge), same(pc, pe)
+    bad = [k for k, v in res.items() if not v]
+    if bad:
+        tail_fails += 1
+        print("FAIL dense_tail", dict(M=M, D=D, dtype=dtype, param_dtype=param_dtype, params=params,
+                                      residual=residual, nan=nan), bad)
+
+
+PARAM_SETS = [("bias", "ln_weight", "ln_bias"), (), ("ln_weight",), ("bias", "ln_bias")]
+for dtype in dtypes:
+    for param_dtype in {dtype, torch.float32} if dtype in (torch.half, torch.bfloat16) else {dtype}:
+        for params, residual in itertools.product(PARAM_SETS, (True, False)):
+            for M, D in ((7, 5), (130, 64)):
+                check_tail(M, D, dtype, param_dtype, params, residual, seed=M + D)
+print("dense_tail grid done", tail_count, tail_fails, flush=True)
+# widths through every channels-per-lane variant and their edges, chunk edges, empty inputs, NaNs
+for D in (1, 31, 32, 33, 64, 65, 128, 129, 256, 300, 512, 513, 1024):
+    check_tail(9, D, torch.float32, torch.float32, PARAM_SETS[0], True, seed=D)
+for M in (0, 1, 63, 64, 65, 257):
+    check_tail(M, 40, torch.float32, torch.float32, PARAM_SETS[0], M % 2 == 1, seed=M)
+    check_tail(M, 40, torch.bfloat16, torch.float32, PARAM_SETS[0], True, seed=M)
+# more chunks than one group (64 x 64 rows): the two-stage sum of the parameter gradients
+check_tail(64 * 64 * 2 + 70, 3, torch.float32, torch.float32, PARAM_SETS[0], False, seed=4)
+check_tail(20, 33, torch.float32, torch.float32, PARAM_SETS[0], True, nan=True)
+check_tail(20, 33, torch.float64, torch.float64, PARAM_SETS[2], False, nan=True)
+# a grid smaller than the rows and chunks: the grid-stride loops
+for cap in (1, 2):
+    emu.set_max_grid(cap)
+    for M, D, dtype in ((300, 40, torch.float32), (270, 70, torch.float64), (9, 8, torch.half)):
+        check_tail(M, D, dtype, dtype, PARAM_SETS[0], True, seed=cap)
+emu.set_max_grid(2**31 - 1)
+try:
+    emu.dense_tail_norm(torch.randn(2, 1025), None, None, None, None, 1e-5)
+    tail_fails += 1
+    print("FAIL dense_tail: d = 1025 was not refused")
+except ValueError as exc:
+    assert "d_out <= 1024" in str(exc), exc
+print("dense_tail done", tail_count, "fails", tail_fails, flush=True)
+
 print(f"cuda emulator: {count} configurations, {fails} failed; all-masked and B = 0 cases: {edge_fails} failed; "
-      f"balance report = counted visits: {balance_fails} failed")
+      f"balance report = counted visits: {balance_fails} failed; dense_tail: {tail_count} configurations, "
+      f"{tail_fails} failed")
 
 # --- csrc/cuda/triple_index_cuda.cu (check_triple_index.py)
 import check_triple_index  # noqa: E402
 
 triple_index_fails = check_triple_index.main()
-sys.exit(1 if fails or edge_fails or balance_fails or triple_index_fails else 0)
+sys.exit(1 if fails or edge_fails or balance_fails or tail_fails or triple_index_fails else 0)

@@ -1,86 +1,25 @@
-// Host emulation of the CUDA kernels: one std::thread per lane, warps run one at a time.
-#include <barrier>
-#include <thread>
-#include <vector>
-#include <cstdint>
-#include <stdexcept>
-#include <ATen/core/Tensor.h>
-#include <optional>
+// The gfmrag_emu op library: schemas of the emulated kernels (registered for the CPU key by each
+// build/emu_<name>.cpp) and the emulator's own controls.
+#include "emu_runtime.h"
+
 #include <ATen/ops/zeros.h>
-#define __global__
-#define __device__
-#define __forceinline__ inline
-struct dim3 { unsigned x, y, z; dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {} };
-struct uint3_ { unsigned x = 0, y = 0, z = 0; };
-thread_local uint3_ blockIdx, threadIdx;
-thread_local dim3 blockDim, gridDim;
-#include <atomic>
-static std::atomic<long> g_vec_access{0}, g_scalar_access{0};
-static long g_max_block = 0;
-using cudaStream_t = void*;
-namespace at { namespace cuda {
-struct OptionalCUDAGuard { template <class T> explicit OptionalCUDAGuard(T&&) {} };
-inline cudaStream_t getCurrentCUDAStream() { return nullptr; }
-}}
-#define C10_CUDA_KERNEL_LAUNCH_CHECK() ((void)0)
-inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
-inline double __dadd_rn(double a, double b) { volatile double r = a + b; return r; }
-struct WarpCtx { std::barrier<>* bar; double vals[32]; };
-thread_local WarpCtx* warp_ctx = nullptr;
-static long g_launched_threads = 0;
-template <typename T>
-T __shfl_down_sync(unsigned mask, T v, int offset) {
-  if (mask != 0xffffffffu) throw std::runtime_error("mask");
-  const int lane = threadIdx.x % 32;
-  warp_ctx->vals[lane] = static_cast<double>(v);
-  warp_ctx->bar->arrive_and_wait();
-  T r = lane + offset < 32 ? static_cast<T>(warp_ctx->vals[lane + offset]) : v;
-  warp_ctx->bar->arrive_and_wait();
+#include <torch/library.h>
+
+#include <algorithm>
+
+std::vector<int64_t> emu_stats() {
+  std::vector<int64_t> r{g_vec_access.load(), g_scalar_access.load(), g_launched_threads, g_max_block};
+  g_vec_access = 0; g_scalar_access = 0; g_launched_threads = 0; g_max_block = 0;
   return r;
 }
-template <typename... P, typename... A>
-void emu_launch(dim3 grid, int block, int shmem, cudaStream_t, void (*k)(P...), A... args) {
-  if (grid.x == 0 || block % 32 || block > 1024 || shmem != 0) throw std::runtime_error("bad launch");
-  if (block > g_max_block) g_max_block = block;
-  for (unsigned bx = 0; bx < grid.x; ++bx) {
-    for (int w = 0; w < block / 32; ++w) {
-      std::barrier<> bar(32);
-      WarpCtx ctx{&bar, {}};
-      std::vector<std::thread> ts;
-      for (int lane = 0; lane < 32; ++lane) {
-        ts.emplace_back([&, lane] {
-          blockIdx.x = bx; threadIdx.x = w * 32 + lane; blockDim = dim3(block); gridDim = grid; warp_ctx = &ctx;
-          k(args...);
-          // A lane that leaves early must stop being counted so the others do not hang.
-          bar.arrive_and_drop();
-        });
-      }
-      for (auto& t : ts) t.join();
-      g_launched_threads += 32;
-    }
-  }
-}
-// Edge visits of every thread group, counted while the kernels run (rel_aggregate_kernels.h's
-// hooks) for comparison with the balance report: per (kernel, pass, group), while enabled.
-#include <algorithm>
-#include <map>
-#include <mutex>
-#include <tuple>
-static std::mutex g_visit_mutex;
-static std::map<std::tuple<int, int, int64_t>, int64_t> g_visits;
-static bool g_count_visits = false;
-inline void emu_count(int kernel, int pass, int64_t item, int64_t visits) {
-  if (!g_count_visits) return;
-  const std::lock_guard<std::mutex> lock(g_visit_mutex);
-  g_visits[{kernel, pass, item}] += visits;
-}
-#define GFMRAG_FAST_COUNT_GROUP(kernel, pass, item) emu_count(static_cast<int>(kernel), static_cast<int>(pass), item, 0)
-#define GFMRAG_FAST_COUNT_VISIT(kernel, pass, item) emu_count(static_cast<int>(kernel), static_cast<int>(pass), item, 1)
+void emu_max_grid(int64_t n) { g_max_grid_blocks = n; }
+
 // Per kernel (the Kernel enum's order): groups, most visits of one group, all visits counted since
 // the last call; counting goes on while keep_counting.
 at::Tensor emu_visits(bool keep_counting) {
   at::Tensor r = at::zeros({4, 3}, at::kLong);
   int64_t* v = r.mutable_data_ptr<int64_t>();
+  const std::lock_guard<std::mutex> lock(g_visit_mutex);
   for (const auto& [key, visits] : g_visits) {
     int64_t* k = v + std::get<0>(key) * 3;
     k[0] += 1;
@@ -91,4 +30,15 @@ at::Tensor emu_visits(bool keep_counting) {
   g_count_visits = keep_counting;
   return r;
 }
-#include "emu_body.inc"
+
+TORCH_LIBRARY(gfmrag_emu, m) {
+  m.def("stats() -> int[]", &emu_stats);
+  m.def("set_max_grid(int n) -> ()", &emu_max_grid);
+  m.def("visits(bool keep_counting) -> Tensor", &emu_visits);
+  m.def("rel_aggregate(Tensor x, Tensor relation, Tensor[] graph, Tensor? edge_weight, Tensor? edge_mask, str message, str aggregate, bool node_major=False) -> (Tensor, Tensor)");
+  m.def("rel_aggregate_backward_x(Tensor grad_out, Tensor x, Tensor relation, Tensor aux, Tensor[] graph, Tensor? edge_weight, Tensor? edge_mask, str message, str aggregate, bool node_major=False) -> Tensor");
+  m.def("rel_aggregate_backward_relation(Tensor grad_out, Tensor x, Tensor relation, Tensor aux, Tensor[] graph, Tensor? edge_weight, Tensor? edge_mask, str message, str aggregate, bool node_major=False) -> Tensor");
+  m.def("rel_aggregate_backward_edge_weight(Tensor grad_out, Tensor x, Tensor relation, Tensor aux, Tensor[] graph, Tensor? edge_weight, Tensor? edge_mask, str message, str aggregate, bool node_major=False) -> Tensor");
+  m.def("dense_tail_norm(Tensor h, Tensor? x, Tensor? bias, Tensor? ln_weight, Tensor? ln_bias, float eps) -> (Tensor, Tensor)");
+  m.def("dense_tail_norm_backward(Tensor grad_out, Tensor h, Tensor stats, Tensor? bias, Tensor? ln_weight, Tensor? ln_bias) -> (Tensor, Tensor)");
+}

@@ -1,0 +1,262 @@
+"""dense_tail: parity with the reference over dtypes and options, gradients, opcheck, compile, errors."""
+
+import pytest
+import torch
+from torch.library import opcheck
+from torch.nn import functional as F
+
+from conftest import DEVICES
+from gfmrag_fast.ops import dense_tail, dense_tail_reference
+
+ops = torch.ops.gfmrag_fast
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+# Error allowed relative to the largest reference value: the low-precision products round h.
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+# (bias, ln_weight, ln_bias) present
+PARAM_SETS = {"all": (True, True, True), "none": (False, False, False), "no_bias": (False, True, True),
+              "ln_weight_only": (True, True, False)}
+
+
+def make_inputs(device, dtype, rows=37, d_in=24, d_out=24, params=(True, True, True), param_dtype=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + shift).to(device, dtype)
+
+    x, update = rand(rows, d_in), rand(rows, d_in)
+    weight = rand(d_out, 2 * d_in, scale=(2 * d_in) ** -0.5)
+    pdtype = param_dtype or dtype
+    bias, ln_weight, ln_bias = (
+        rand(d_out, scale=s, shift=m).to(pdtype) if present else None
+        for present, s, m in zip(params, (0.5, 0.3, 0.3), (0.0, 1.0, 0.1))
+    )
+    return x, update, weight, bias, ln_weight, ln_bias
+
+
+def leaves(tensors):
+    return [None if t is None else t.detach().clone().requires_grad_(True) for t in tensors]
+
+
+def assert_close_scaled(actual, expected, tol, name=""):
+    """|actual - expected| <= tol * (max(1, max |expected|) + |expected|), on float64 copies."""
+    assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
+    actual, expected = actual.double(), expected.double()
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * max(scale, 1.0), msg=name)
+
+
+def check_against_reference(device, dtype, residual, params, d_in=24, d_out=24, rows=37, param_dtype=None,
+                            transform=lambda t: t):
+    inputs = make_inputs(device, dtype, rows, d_in, d_out, params, param_dtype)
+    ours = leaves(inputs)
+    out = dense_tail(*[None if t is None else transform(t) for t in ours], eps=1e-5, residual=residual)
+    assert out.dtype == dtype and out.shape == (rows, d_out) and out.device.type == device
+    grad_out = torch.randn(rows, d_out, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    out.backward(grad_out.to(device, dtype))
+    # The reference in float64 from the same (rounded) values.
+    ref = leaves([None if t is None else t.double() for t in inputs])
+    expected = dense_tail_reference(*ref, eps=1e-5, residual=residual)
+    expected.backward(grad_out.to(device))
+    tol = TOLERANCE[dtype]
+    assert_close_scaled(out, expected, tol, "out")
+    for name, a, b in zip(("x", "update", "weight", "bias", "ln_weight", "ln_bias"), ours, ref):
+        if a is None:
+            continue
+        assert a.grad.dtype == a.dtype, name
+        assert_close_scaled(a.grad, b.grad, 4 * tol, name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("params", list(PARAM_SETS.values()), ids=list(PARAM_SETS))
+def test_matches_reference(device, dtype, residual, params):
+    check_against_reference(device, dtype, residual, params)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_float32_parameters_with_low_precision_inputs(device, dtype):
+    """The autocast case: parameters stay float32 and get float32 gradients."""
+    check_against_reference(device, dtype, True, PARAM_SETS["all"], param_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_different_widths_without_residual(device, dtype):
+    check_against_reference(device, dtype, False, PARAM_SETS["all"], d_in=10, d_out=33)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows,width", [(1, 1), (129, 70), (300, 64), (64 * 64 + 100, 5), (600, 520)])
+def test_shapes_across_chunks_and_lanes(device, rows, width):
+    """One channel, widths that are not multiples of 32, more rows than one chunk (64) and than
+    one group of chunks (64 x 64) of the parameter gradients' sums."""
+    check_against_reference(device, torch.float64, True, PARAM_SETS["all"], d_in=width, d_out=width, rows=rows)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs(device):
+    def non_contiguous(t):
+        if t.dim() != 2:
+            return torch.stack([t, t], 1)[:, 0]
+        return t.t().contiguous().t()
+
+    check_against_reference(device, torch.float32, True, PARAM_SETS["all"], transform=non_contiguous)
+    x, update, weight, bias, ln_weight, ln_bias = leaves(make_inputs(device, torch.float32))
+    out = dense_tail(x, update, weight, bias, ln_weight, ln_bias)
+    grad_out = torch.randn_like(out)
+    (grad_x,) = torch.autograd.grad(out, x, grad_out.t().contiguous().t())
+    torch.testing.assert_close(grad_x, torch.autograd.grad(dense_tail(x, update, weight, bias, ln_weight, ln_bias), x,
+                                                           grad_out)[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_no_rows(device, dtype):
+    x, update, weight, bias, ln_weight, ln_bias = leaves(make_inputs(device, dtype, rows=0))
+    out = dense_tail(x, update, weight, bias, ln_weight, ln_bias)
+    assert out.shape == (0, 24)
+    out.sum().backward()
+    assert x.grad.shape == (0, 24) and update.grad.shape == (0, 24)
+    for p in (weight, bias, ln_weight, ln_bias):
+        assert torch.equal(p.grad, torch.zeros_like(p))
+
+
+def test_gradcheck():
+    for residual in (True, False):
+        for params in PARAM_SETS.values():
+            inputs = leaves(make_inputs("cpu", torch.float64, rows=9, d_in=5, d_out=5 if residual else 7, params=params))
+
+            def fn(*tensors, residual=residual):
+                return dense_tail(*tensors, eps=1e-5, residual=residual)
+
+            assert torch.autograd.gradcheck(fn, tuple(inputs), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    x, update, weight, bias, ln_weight, ln_bias = make_inputs(device, torch.float32, rows=40, d_in=8, d_out=8)
+    for t in (x, update, weight, bias, ln_weight, ln_bias):
+        t.requires_grad_(True)
+    opcheck(ops.dense_tail.default, (x, update, weight, bias, ln_weight, ln_bias, 1e-5, True))
+    opcheck(ops.dense_tail.default, (x, update, weight, None, None, None, 1e-5, False))
+    with torch.no_grad():
+        out, h, stats = ops.dense_tail(x, update, weight, bias, ln_weight, ln_bias, 1e-5, True)
+    plain = [t.detach() for t in (x, update, weight, bias, ln_weight, ln_bias)]
+    grad_out = torch.randn_like(out)
+    opcheck(ops.dense_tail_backward.default,
+            (grad_out, *plain[:3], h, stats, *plain[3:], True, [True, False, True]))
+    opcheck(ops.dense_tail_norm.default, (h, plain[0], *plain[3:], 1e-5))
+    opcheck(ops.dense_tail_norm_backward.default, (grad_out, h, stats, *plain[3:]))
+
+
+def test_torch_compile_fullgraph():
+    x, update, weight, bias, ln_weight, ln_bias = leaves(make_inputs("cpu", torch.float32, rows=50, d_in=16, d_out=16))
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def layer(x, update):
+        return dense_tail(x * 2, update, weight, bias, ln_weight, ln_bias).sum(-1)
+
+    out = layer(x, update)
+    out.square().sum().backward()
+    grads = [t.grad.clone() for t in (x, update, weight, bias)]
+    for t in (x, update, weight, bias):
+        t.grad = None
+    expected = dense_tail(x * 2, update, weight, bias, ln_weight, ln_bias).sum(-1)
+    expected.square().sum().backward()
+    torch.testing.assert_close(out, expected)
+    for got, t in zip(grads, (x, update, weight, bias)):
+        torch.testing.assert_close(got, t.grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic(device):
+    """The op gives the same bits run to run; its fused passes also for any thread count (the
+    products are BLAS's, whose sums may depend on the thread count)."""
+    # 9,000 rows: several chunks and groups of chunks
+    inputs = make_inputs(device, torch.float32, rows=9000, d_in=32, d_out=32)
+    grad_out = torch.randn(9000, 32, generator=torch.Generator().manual_seed(3)).to(device)
+    runs = []
+    for _ in range(2):
+        tensors = leaves(inputs)
+        out = dense_tail(*tensors)
+        runs.append([out] + list(torch.autograd.grad(out, tensors, grad_out)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+    x, update, weight, bias, ln_weight, ln_bias = inputs
+    h = update * 3 + 0.5
+    threads = torch.get_num_threads()
+    kernel_runs = []
+    try:
+        for num_threads in (threads, 1):
+            torch.set_num_threads(num_threads)
+            out, stats = ops.dense_tail_norm(h, x, bias, ln_weight, ln_bias, 1e-5)
+            kernel_runs.append([out, stats, *ops.dense_tail_norm_backward(grad_out, h, stats, bias, ln_weight, ln_bias)])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*kernel_runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast(device):
+    """Under autocast the products run in bfloat16 and the output is bfloat16; LayerNorm's
+    statistics and the parameters' gradients stay float32."""
+    inputs = leaves(make_inputs(device, torch.float32, rows=64, d_in=32, d_out=32))
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = dense_tail(*inputs)
+    assert out.dtype == torch.bfloat16
+    out.float().square().sum().backward()
+    ref = leaves(inputs)
+    expected = dense_tail_reference(*[t.to(torch.bfloat16).double() if i < 3 else t.double() for i, t in enumerate(ref)])
+    assert_close_scaled(out, expected, 3e-2, "out")
+    for t in inputs:
+        assert t.grad.dtype == torch.float32 and torch.isfinite(t.grad).all()
+
+
+def test_nan_propagates_like_the_reference():
+    x, update, weight, bias, ln_weight, ln_bias = make_inputs("cpu", torch.float32, rows=4, d_in=8, d_out=8)
+    x[1, 3] = float("nan")
+    out = dense_tail(x, update, weight, bias, ln_weight, ln_bias)
+    expected = dense_tail_reference(x, update, weight, bias, ln_weight, ln_bias)
+    assert torch.equal(out.isnan(), expected.isnan())
+    torch.testing.assert_close(out[~out.isnan()], expected[~expected.isnan()])
+
+
+def test_bad_inputs_name_the_argument():
+    x, update, weight, bias, ln_weight, ln_bias = make_inputs("cpu", torch.float32, rows=5, d_in=4, d_out=4)
+    cases = [
+        (dict(x=x[None]), r"x must have shape \[M, d_in\]"),
+        (dict(x=x.long()), "x must be float32, float64, float16 or bfloat16"),
+        (dict(update=update[:, :3]), r"update must have shape \[M, d_in\] = \[5, 4\]"),
+        (dict(update=update.double()), "update has dtype Double but x has Float"),
+        (dict(weight=weight[:, :7]), r"weight must have shape \[d_out, 2 \* d_in\] = \[d_out, 8\]"),
+        (dict(bias=bias[:3]), r"bias must have shape \[d_out\] = \[4\]"),
+        (dict(ln_weight=ln_weight.double()), "ln_weight has dtype Double but x has Float"),
+        (dict(ln_bias=ln_bias[None]), r"ln_bias must have shape \[d_out\]"),
+        (dict(weight=torch.randn(6, 8)), "residual=True .* needs d_out == d_in"),
+        (dict(eps=-1.0), "eps must be finite and >= 0"),
+    ]
+    base = dict(x=x, update=update, weight=weight, bias=bias, ln_weight=ln_weight, ln_bias=ln_bias)
+    for change, message in cases:
+        with pytest.raises(ValueError, match=message):
+            dense_tail(**{**base, **change})
+    with pytest.raises(ValueError, match="bias, ln_weight and ln_bias must share one dtype"):
+        dense_tail(x.bfloat16(), update.bfloat16(), weight.bfloat16(), bias, ln_weight.bfloat16(), None)
+    with pytest.raises(TypeError, match="update must be a tensor"):
+        dense_tail(x, update.tolist(), weight)
+    with pytest.raises(ValueError, match="stats must have shape"):
+        ops.dense_tail_norm_backward(x, x, torch.zeros(5, 3), None, None, None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
+def test_cuda_width_limit_and_mixed_devices():
+    x, update, weight, bias, ln_weight, ln_bias = make_inputs("cuda", torch.float32, rows=3, d_in=1100, d_out=1100)
+    with pytest.raises(ValueError, match="d_out <= 1024"):
+        dense_tail(x, update, weight, bias, ln_weight, ln_bias)
+    x, update, weight, bias, ln_weight, ln_bias = make_inputs("cuda", torch.float32, rows=3, d_in=4, d_out=4)
+    with pytest.raises(ValueError, match="ln_weight is on cpu but x is on cuda"):
+        dense_tail(x, update, weight, bias, ln_weight.cpu(), ln_bias)
