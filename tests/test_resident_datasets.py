@@ -1,0 +1,243 @@
+"""Many datasets in bounded memory (issue 13, item 1): the owner of the resident datasets, the epoch
+plan over groups of them, and both tasks training and evaluating 12 datasets with 3 in memory."""
+
+import functools
+import math
+import threading
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.utils.data import DistributedSampler
+
+from gfmrag_fast.atomic_io import read_jsonl
+from gfmrag_fast.data import LazyDataset, ResidentDatasets
+from gfmrag_fast.models import build_model
+from gfmrag_fast.training import DistEnv, Trainer, TrainOptions
+from gfmrag_fast.training.epoch_plan import EpochPlan, shard_indices
+from gfmrag_fast.training.kg_task import KGCompletionTask, describe_kg_dataset
+from gfmrag_fast.training.qa_task import QAFinetuneTask, describe_qa_dataset
+
+from conftest import Census
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny graphs: one thread is fastest, and OpenMP threads spinning on a shared CPU are slow."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --- the owner: ResidentDatasets ------------------------------------------------------------
+def gated(names, gates=None, broken=()):
+    """LazyDatasets whose loads wait for their gate (if any); those in ``broken`` fail."""
+    def load(name):
+        if gates:
+            assert gates[name].wait(10)
+        if name in broken:
+            raise ValueError(f"{name} is broken")
+        return SimpleNamespace(data_name=name)
+
+    return [LazyDataset(name, functools.partial(load, name)) for name in names]
+
+
+def test_background_loads_take_free_slots_only():
+    gates = {name: threading.Event() for name in "abcdef"}
+    pool = ResidentDatasets(gated("abcdef", gates), lambda ds: ds, max_resident=3, workers=2)
+    pool.plan(list("abcdef"))
+    assert pool.resident == ["a", "b", "c"]  # three slots: d waits, although a thread is free soon
+    for gate in gates.values():
+        gate.set()
+    assert [pool.hold(name).data_name for name in "abc"] == ["a", "b", "c"]
+    assert pool.resident == ["a", "b", "c"]  # every slot held: still nothing more
+    pool.release("a")  # a's slot goes to d, the next planned
+    assert pool.resident == ["b", "c", "d"] and pool.events[-2:] == [("evict", "a"), ("load", "d")]
+    pool.release("b")
+    pool.release("c")
+    assert sorted(pool.resident) == ["d", "e", "f"]
+    assert [pool.hold(name).data_name for name in "def"] == ["d", "e", "f"]
+    assert pool.peak_resident == 3 and pool.stats()["loads"] == 6
+    pool.close()
+
+
+def test_released_dataset_stays_until_its_slot_is_needed():
+    loads = []
+    sources = [LazyDataset(name, functools.partial(lambda n: loads.append(n) or SimpleNamespace(data_name=n), name))
+               for name in "abc"]
+    pool = ResidentDatasets(sources, lambda ds: ds, max_resident=2, workers=0)
+    for name in "aba":  # a is still resident the second time: not loaded again
+        pool.hold(name)
+        pool.release(name)
+    assert loads == ["a", "b"]
+    pool.get("c")  # needs a slot: b, the least recently used, goes
+    assert pool.resident == ["a", "c"] and ("evict", "b") in pool.events and pool.peak_resident == 2
+
+
+def test_more_datasets_in_use_than_the_limit_is_an_error():
+    pool = ResidentDatasets(gated("abc"), lambda ds: ds, max_resident=2)
+    pool.hold("a")
+    pool.hold("b")
+    with pytest.raises(RuntimeError, match=r"dataset 'c' is needed while 2 others are in use \(a, b\): more than "
+                                           r"max_datasets_in_memory = 2"):
+        pool.hold("c")
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_failed_load_reaches_the_caller_and_frees_its_slot(workers):
+    pool = ResidentDatasets(gated(["ok", "bad"], broken=["bad"]), lambda ds: ds, max_resident=1, workers=workers)
+    pool.plan(["bad", "ok"])
+    with pytest.raises(ValueError, match="bad is broken"):
+        pool.hold("bad")
+    assert pool.hold("ok").data_name == "ok" and pool.resident == ["ok"]
+    pool.close()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_resident=0), r"datasets.max_datasets_in_memory must be at least 1 \(or null: all\), got 0"),
+    (dict(workers=-1), "datasets.data_loading_workers must be 0 or more, got -1"),
+])
+def test_limits_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ResidentDatasets(gated("ab"), lambda ds: ds, **kwargs)
+
+
+def test_two_datasets_of_one_name_are_refused():
+    with pytest.raises(ValueError, match="two different datasets are named 'a'"):
+        ResidentDatasets(gated("aa"), lambda ds: ds)
+
+
+# --- the epoch plan ---------------------------------------------------------------------------
+@pytest.mark.parametrize("size, world_size", [(10, 1), (10, 3), (2, 5), (7, 2)])
+def test_shards_are_distributed_samplers(size, world_size):
+    for rank in range(world_size):
+        sampler = DistributedSampler(range(size), num_replicas=world_size, rank=rank, shuffle=True, seed=7)
+        sampler.set_epoch(3)
+        assert shard_indices(size, epoch=3, seed=7, rank=rank, world_size=world_size).tolist() == list(sampler)
+
+
+SIZES = [5, 7, 2, 9, 4, 3, 6]
+
+
+def test_plan_walks_groups_covers_every_item_and_is_the_same_on_every_rank():
+    plans = [EpochPlan(SIZES, batch_size=2, epoch=1, seed=3, rank=rank, world_size=2, group_size=3) for rank in (0, 1)]
+    assert plans[0].dataset.tolist() == plans[1].dataset.tolist()  # every rank steps through the same datasets
+    plan = plans[0]
+    assert sorted(i for group in plan.groups for i in group) == list(range(7)) and [len(g) for g in plan.groups] == [3, 3, 1]
+    # The steps are the groups one after the other: group g's datasets only in its own stretch.
+    position = 0
+    for group in plan.groups:
+        count = sum(plan.num_batches[i] for i in group)
+        assert set(plan.dataset[position:position + count].tolist()) == set(group)
+        position += count
+    assert position == len(plan)
+    seen = {i: [] for i in range(7)}
+    for rank_plan in plans:
+        for step in range(len(rank_plan)):
+            i, items = rank_plan.items(step)
+            assert len(items) <= 2
+            seen[i] += items.tolist()
+    for i, size in enumerate(SIZES):
+        per_rank = math.ceil(size / 2)
+        assert sorted(set(seen[i])) == list(range(size)) and len(seen[i]) == 2 * per_rank  # padded as DDP pads
+    orders = {tuple(EpochPlan(SIZES, 2, epoch, seed=3, group_size=3).dataset.tolist()) for epoch in range(4)}
+    assert len(orders) > 1  # shuffled per epoch
+
+
+def test_a_step_cap_leaves_later_datasets_unvisited():
+    full = EpochPlan(SIZES, batch_size=2, epoch=0, seed=0, group_size=3)
+    capped = EpochPlan(SIZES, batch_size=2, epoch=0, seed=0, group_size=3, max_steps=4)
+    assert len(capped) == 4 and capped.dataset.tolist() == full.dataset[:4].tolist()
+    assert set(capped.first_use_order()) == set(full.dataset[:4].tolist())
+    assert capped.first_use_order(2) == list(dict.fromkeys(full.dataset[2:4].tolist()))
+
+
+# --- 12 datasets, 3 in memory: both tasks ------------------------------------------------------
+def small_model(kind):
+    torch.manual_seed(0)
+    target, entity = (("GNNRetriever", "QueryNBFNet") if kind == "qa" else ("QueryGNN", "EntityNBFNet"))
+    return build_model({"_target_": f"gfmrag.models.{target}", "rel_emb_dim": 8,
+                        "entity_model": {"_target_": f"gfmrag.ultra.models.{entity}", "input_dim": 8,
+                                         "hidden_dims": [8, 8], "message_func": "distmult", "aggregate_func": "sum",
+                                         "short_cut": True, "layer_norm": True}})
+
+
+def make_task(kind, train_sets, valid_sets, **kwargs):
+    if kind == "qa":
+        losses = [{"name": "bce", "loss": {"_target_": "gfmrag.losses.BCELoss", "adversarial_temperature": 0.2},
+                   "cfg": {"weight": 0.3}}, {"name": "pcr", "loss": {"_target_": "gfmrag.losses.ListCELoss"},
+                                             "cfg": {"weight": 0.7}}]
+        from gfmrag_fast.models.doc_ranker import IDFWeightedTopKRanker
+
+        return QAFinetuneTask(train_sets, valid_sets, losses, IDFWeightedTopKRanker, ["mrr", "recall@2"], 2, 2, True,
+                              None, {}, torch.device("cpu"), seed=5, **kwargs)
+    return KGCompletionTask(train_sets, valid_sets, num_negative=4, strict_negative=True, adversarial_temperature=1.0,
+                            batch_size=4, eval_batch_size=8, metrics=["mrr", "hits@1"], fast_test=None,
+                            text_emb_conf={}, device=torch.device("cpu"), seed=5, **kwargs)
+
+
+DESCRIBE = {"qa": describe_qa_dataset, "kg": describe_kg_dataset}
+METRIC = {"qa": "ent_mrr", "kg": "mrr"}
+
+
+def run(kind, task, folder, record=None):
+    model = small_model(kind)
+    if record is not None:  # before every forward pass, training and evaluation
+        model.register_forward_pre_hook(lambda module, args: record())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    options = TrainOptions(num_epoch=2, metric=METRIC[kind], metric_split="valid" if kind == "kg" else None,
+                           save_pretrained=False, log_interval=10)
+    trainer = Trainer(model, optimizer, task, options, str(folder), DistEnv())
+    trainer.fit()
+    return model.state_dict(), read_jsonl(folder / "metrics.jsonl")
+
+
+@pytest.mark.parametrize("kind", ["qa", "kg"])
+def test_twelve_datasets_three_in_memory_train_and_evaluate_as_with_all_resident(many_datasets_root, tmp_path, kind):
+    names = [f"{kind}{k:02d}" for k in range(12)]
+    census = Census(many_datasets_root, kind)
+    describe = functools.partial(DESCRIBE[kind], train=True)
+    sets = census.lazy(names, describe)
+    task = make_task(kind, sets, sets, max_datasets_in_memory=3, data_loading_workers=2)
+    counts = []
+    trained = {}
+    loss = task.loss
+
+    def recording_loss(model, item):
+        index, batch = item
+        trained.setdefault(names[index], []).extend(batch["ids"] if kind == "qa" else map(tuple, batch.tolist()))
+        return loss(model, item)
+
+    task.loss = recording_loss
+    weights, rows = run(kind, task, tmp_path / "bounded",
+                        record=lambda: counts.append((census.alive(), len(task.datasets.resident))))
+
+    # Never more than 3 datasets alive (loaded objects, counted by weak reference) nor resident.
+    assert max(alive for alive, _ in counts) <= 3 and max(resident for _, resident in counts) <= 3
+    assert task.datasets.peak_resident == 3
+    # Each epoch trains and evaluates all 12, and only the last 3 of one walk can still be resident
+    # for the next: the others were freed and loaded again.
+    assert len(census.loaded) >= 12 + 3 * 9
+    # Each epoch trains every question / triple of every dataset exactly once.
+    loaded = {name: census.load(name) for name in names}
+    for name, ds in loaded.items():
+        if kind == "qa":
+            expected = ds.split("train").ids
+        else:
+            g = ds.graph
+            expected = list(map(tuple, torch.stack([g.target_edge_index[0], g.target_edge_index[1],
+                                                    g.target_edge_type], 1).tolist()))
+        assert sorted(trained[name]) == sorted(2 * expected), name
+    for epoch in (0, 1):
+        assert list(dict.fromkeys(row["dataset"] for row in rows if row["epoch"] == epoch)) == names
+
+    # The same epochs (groups of 3) with all 12 datasets resident give the same weights and metrics.
+    reference = make_task(kind, sets, sets, max_datasets_in_memory=3)
+    reference.datasets = ResidentDatasets(list(loaded.values()), reference._prepare, max_resident=None)
+    ref_weights, ref_rows = run(kind, reference, tmp_path / "resident")
+    assert weights.keys() == ref_weights.keys()
+    for key in weights:
+        assert torch.equal(weights[key], ref_weights[key]), key
+    assert rows == ref_rows
+    task.datasets.close()
