@@ -126,3 +126,51 @@ class Census:
         cls = QADataset if self.kind == "qa" else KGDataset
         infos = [describe(cls(self.root, name, text_emb_model=HashEmb())) for name in names]
         return [LazyDataset(name, functools.partial(self.load, name), info) for name, info in zip(names, infos)]
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny graphs: one thread is fastest, and OpenMP threads spinning on a shared CPU are slow."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small_model(kind):
+    """A 2 x 8 GNNRetriever ("qa") or QueryGNN ("kg") over 8-d text embeddings, seeded."""
+    from gfmrag_fast.models import build_model
+
+    torch.manual_seed(0)
+    target, entity = (("GNNRetriever", "QueryNBFNet") if kind == "qa" else ("QueryGNN", "EntityNBFNet"))
+    return build_model({"_target_": f"gfmrag.models.{target}", "rel_emb_dim": 8,
+                        "entity_model": {"_target_": f"gfmrag.ultra.models.{entity}", "input_dim": 8,
+                                         "hidden_dims": [8, 8], "message_func": "distmult", "aggregate_func": "sum",
+                                         "short_cut": True, "layer_norm": True}})
+
+
+def make_task(kind, train_sets, valid_sets, **kwargs):
+    """The fine-tuning ("qa") or pre-training ("kg") task with small batches (GFM-RAG's losses)."""
+    from gfmrag_fast.models.doc_ranker import IDFWeightedTopKRanker
+    from gfmrag_fast.training.kg_task import KGCompletionTask
+    from gfmrag_fast.training.qa_task import QAFinetuneTask
+
+    if kind == "qa":
+        losses = [{"name": "bce", "loss": {"_target_": "gfmrag.losses.BCELoss", "adversarial_temperature": 0.2},
+                   "cfg": {"weight": 0.3}}, {"name": "pcr", "loss": {"_target_": "gfmrag.losses.ListCELoss"},
+                                             "cfg": {"weight": 0.7}}]
+        return QAFinetuneTask(train_sets, valid_sets, losses, IDFWeightedTopKRanker, ["mrr", "recall@2"], 2, 2, True,
+                              None, {}, torch.device("cpu"), seed=5, **kwargs)
+    return KGCompletionTask(train_sets, valid_sets, num_negative=4, strict_negative=True, adversarial_temperature=1.0,
+                            batch_size=4, eval_batch_size=8, metrics=["mrr", "hits@1"], fast_test=None,
+                            text_emb_conf={}, device=torch.device("cpu"), seed=5, **kwargs)
+
+
+def describe_for(kind):
+    from gfmrag_fast.training.kg_task import describe_kg_dataset
+    from gfmrag_fast.training.qa_task import describe_qa_dataset
+
+    return describe_qa_dataset if kind == "qa" else describe_kg_dataset
+
+
+METRIC = {"qa": "ent_mrr", "kg": "mrr"}

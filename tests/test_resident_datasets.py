@@ -12,23 +12,12 @@ from torch.utils.data import DistributedSampler
 
 from gfmrag_fast.atomic_io import read_jsonl
 from gfmrag_fast.data import LazyDataset, ResidentDatasets
-from gfmrag_fast.models import build_model
 from gfmrag_fast.training import DistEnv, Trainer, TrainOptions
 from gfmrag_fast.training.epoch_plan import EpochPlan, shard_indices
-from gfmrag_fast.training.kg_task import KGCompletionTask, describe_kg_dataset
-from gfmrag_fast.training.qa_task import QAFinetuneTask, describe_qa_dataset
 
-from conftest import Census
+from conftest import METRIC, Census, describe_for, make_task, small_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny graphs: one thread is fastest, and OpenMP threads spinning on a shared CPU are slow."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # --- the owner: ResidentDatasets ------------------------------------------------------------
 def gated(names, gates=None, broken=()):
@@ -154,33 +143,6 @@ def test_a_step_cap_leaves_later_datasets_unvisited():
 
 
 # --- 12 datasets, 3 in memory: both tasks ------------------------------------------------------
-def small_model(kind):
-    torch.manual_seed(0)
-    target, entity = (("GNNRetriever", "QueryNBFNet") if kind == "qa" else ("QueryGNN", "EntityNBFNet"))
-    return build_model({"_target_": f"gfmrag.models.{target}", "rel_emb_dim": 8,
-                        "entity_model": {"_target_": f"gfmrag.ultra.models.{entity}", "input_dim": 8,
-                                         "hidden_dims": [8, 8], "message_func": "distmult", "aggregate_func": "sum",
-                                         "short_cut": True, "layer_norm": True}})
-
-
-def make_task(kind, train_sets, valid_sets, **kwargs):
-    if kind == "qa":
-        losses = [{"name": "bce", "loss": {"_target_": "gfmrag.losses.BCELoss", "adversarial_temperature": 0.2},
-                   "cfg": {"weight": 0.3}}, {"name": "pcr", "loss": {"_target_": "gfmrag.losses.ListCELoss"},
-                                             "cfg": {"weight": 0.7}}]
-        from gfmrag_fast.models.doc_ranker import IDFWeightedTopKRanker
-
-        return QAFinetuneTask(train_sets, valid_sets, losses, IDFWeightedTopKRanker, ["mrr", "recall@2"], 2, 2, True,
-                              None, {}, torch.device("cpu"), seed=5, **kwargs)
-    return KGCompletionTask(train_sets, valid_sets, num_negative=4, strict_negative=True, adversarial_temperature=1.0,
-                            batch_size=4, eval_batch_size=8, metrics=["mrr", "hits@1"], fast_test=None,
-                            text_emb_conf={}, device=torch.device("cpu"), seed=5, **kwargs)
-
-
-DESCRIBE = {"qa": describe_qa_dataset, "kg": describe_kg_dataset}
-METRIC = {"qa": "ent_mrr", "kg": "mrr"}
-
-
 def run(kind, task, folder, record=None):
     model = small_model(kind)
     if record is not None:  # before every forward pass, training and evaluation
@@ -197,7 +159,7 @@ def run(kind, task, folder, record=None):
 def test_twelve_datasets_three_in_memory_train_and_evaluate_as_with_all_resident(many_datasets_root, tmp_path, kind):
     names = [f"{kind}{k:02d}" for k in range(12)]
     census = Census(many_datasets_root, kind)
-    describe = functools.partial(DESCRIBE[kind], train=True)
+    describe = functools.partial(describe_for(kind), train=True)
     sets = census.lazy(names, describe)
     task = make_task(kind, sets, sets, max_datasets_in_memory=3, data_loading_workers=2)
     counts = []
