@@ -3,6 +3,10 @@ plan over groups of them, and both tasks training and evaluating 12 datasets wit
 
 import functools
 import math
+import os
+import re
+import subprocess
+import sys
 import threading
 from types import SimpleNamespace
 
@@ -10,6 +14,7 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
+import gfmrag_fast
 from gfmrag_fast.atomic_io import read_jsonl
 from gfmrag_fast.data import LazyDataset, ResidentDatasets
 from gfmrag_fast.training import DistEnv, Trainer, TrainOptions
@@ -203,3 +208,50 @@ def test_twelve_datasets_three_in_memory_train_and_evaluate_as_with_all_resident
         assert torch.equal(weights[key], ref_weights[key]), key
     assert rows == ref_rows
     task.datasets.close()
+
+
+# --- the workflows --------------------------------------------------------------------------------
+CONFIG_DIR = os.path.join(os.path.dirname(gfmrag_fast.__file__), "workflow", "config")
+
+
+@pytest.mark.parametrize("workflow", ["finetune", "pretrain"])
+def test_workflow_configs_carry_the_keys(workflow):
+    from hydra import compose, initialize_config_dir
+
+    from gfmrag_fast.workflow.common import dataset_options, train_options
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        default = compose(workflow)
+        changed = compose(workflow, overrides=["datasets.max_datasets_in_memory=3", "datasets.data_loading_workers=0",
+                                               "train.save_interval=50"])
+    # Defaults keep a few datasets resident all run long, loading in the background; epoch-end checkpoints.
+    assert dataset_options(default) == {"max_datasets_in_memory": 10, "data_loading_workers": 2}
+    assert train_options(default, True).save_interval is None
+    assert dataset_options(changed) == {"max_datasets_in_memory": 3, "data_loading_workers": 0}
+    assert train_options(changed, True).save_interval == 50
+
+
+@pytest.mark.slow
+def test_pretrain_two_processes_three_datasets_two_in_memory(many_datasets_root, tmp_path):
+    """torchrun with gloo: both ranks walk the same groups (DDP would hang otherwise); rank 0 logs
+    the throughput and writes step checkpoints holding both ranks' generators."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    names = "[kg00,kg01,kg02]"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "gfmrag_fast.workflow.pretrain", f"datasets.root={many_datasets_root}", f"datasets.train_names={names}",
+         f"datasets.valid_names={names}", "datasets.max_datasets_in_memory=2", "datasets.data_loading_workers=1",
+         "model.entity_model.input_dim=8", "model.entity_model.hidden_dims=[8,8]", "train.batch_size=4",
+         "train.num_epoch=1", "train.save_interval=2", "train.log_interval=1", "task.num_negative=4",
+         f"hydra.run.dir={tmp_path}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [(row["dataset"], row["split"]) for row in rows] == [(f"kg0{k}", split) for k in range(3)
+                                                                  for split in ("valid", "test")]
+    assert re.search(r"epoch 0 step 1 loss \S+ \| [\d.]+ steps/s, [\d.]+ queries/s", output)
+    assert "at most 2 of 2 resident" in output
+    state = torch.load(tmp_path / "model_last.pth", weights_only=True)
+    assert (state["epoch"], state["step"], state["world_size"], len(state["rank_rng"])) == (1, 0, 2, 2)
+    assert not torch.equal(state["rank_rng"][0]["torch"], state["rank_rng"][1]["torch"])  # seeded per rank
