@@ -80,7 +80,7 @@ def test_killed_mid_epoch_and_resumed_equals_the_uninterrupted_run(many_datasets
     last = tmp_path / "run" / "model_last.pth"
     state = load_training_state(str(last))  # weights_only=True, as every load
     assert (state["epoch"], state["step"]) == (1, resume_at) and state["best_epoch"] == 0
-    assert state["epoch_loss"].shape == () and state["run_id"] == load_training_state(
+    assert state["epoch_loss"].shape == (1,) and state["run_id"] == load_training_state(
         str(tmp_path / "run" / "model_best.pth"))["run_id"]
 
     resumed, task, census, _ = trainer_for(kind, many_datasets_root, tmp_path / "run")
@@ -209,7 +209,8 @@ def test_a_mid_epoch_checkpoint_without_its_epoch_loss_is_refused(tmp_path):
     del state["epoch_loss"]
     path = tmp_path / "model_last.pth"
     torch.save(state, path)
-    with pytest.raises(CheckpointError, match=rf"checkpoint {path}: written at step 3 of epoch 0 but without"):
+    with pytest.raises(CheckpointError, match=rf"checkpoint {path}: written at step 3 of epoch 0 but without the "
+                                              r"epoch's loss so far"):
         apply_checkpoint(toy_trainer(tmp_path / "again", [0.5, 0.1]), str(path), DistEnv())
 
 

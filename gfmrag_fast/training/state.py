@@ -6,7 +6,7 @@ A training checkpoint (``model_last.pth``, ``model_best.pth``, ``model_epoch_<e>
      "best_score": float, "best_epoch": int or None, "run_id": str,
      "history": [{"epoch", "loss", <metric>}], "rng": {"torch", "cuda", "python", "numpy"},
      "rank_rng": [rng of every rank] (several processes), "world_size": int,
-     "epoch_loss": tensor (mid-epoch only: the sum of the epoch's losses so far)}
+     "epoch_loss": tensor [world size] (mid-epoch only: each rank's sum of the epoch's losses so far)}
 
 ``step`` is 0 at an epoch's end (the checkpoint after epoch ``epoch - 1``; older checkpoints have no
 ``step``) and k > 0 in a checkpoint written mid-epoch (``train.save_interval``) after k steps of

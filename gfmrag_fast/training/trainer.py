@@ -117,8 +117,9 @@ class Trainer:
     def state(self, next_epoch: int, step: int = 0, epoch_loss: Optional[torch.Tensor] = None,
               rngs: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
         """The training checkpoint after epoch ``next_epoch - 1`` or, with ``step`` > 0, after
-        ``step`` steps of epoch ``next_epoch`` whose losses sum to ``epoch_loss`` (see
-        :mod:`.state`); ``rngs``: every rank's generators (default: this process's)."""
+        ``step`` steps of epoch ``next_epoch`` whose losses sum to ``epoch_loss`` [world size]
+        on each rank (see :mod:`.state`); ``rngs``: every rank's generators (default: this
+        process's)."""
         rngs = rngs or [capture_rng()]
         state = {
             "model": self.raw_model.state_dict(),
@@ -135,7 +136,7 @@ class Trainer:
         if len(rngs) > 1:
             state["rank_rng"] = rngs
         if step:
-            state["epoch_loss"] = epoch_loss.detach().cpu()
+            state["epoch_loss"] = epoch_loss
         return state
 
     def resume(self, state: Dict[str, Any], source: Optional[str] = None) -> None:
@@ -146,10 +147,14 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.start_epoch = int(state["epoch"])
         self.start_step = int(state.get("step", 0))
-        self._resumed_loss = state.get("epoch_loss") if self.start_step else None
-        if self.start_step and self._resumed_loss is None:
+        epoch_loss = state.get("epoch_loss")
+        if self.start_step and (epoch_loss is None or epoch_loss.dim() != 1 or not len(epoch_loss)):
             raise CheckpointError(f"checkpoint {source}: written at step {self.start_step} of epoch {self.start_epoch} "
-                                  "but without the epoch's loss so far (epoch_loss)")
+                                  "but without the epoch's loss so far (epoch_loss, one value per rank)")
+        if self.start_step:
+            # This rank's sum, to the bit; the mean of them after a change of the number of processes.
+            self._resumed_loss = (epoch_loss[self.env.rank] if len(epoch_loss) == self.env.world_size
+                                  else epoch_loss.float().mean())
         self.best_score = float(state.get("best_score", -math.inf))
         best_epoch = state.get("best_epoch")
         self.best_epoch = None if best_epoch is None else int(best_epoch)
@@ -273,10 +278,12 @@ class Trainer:
 
     def _save_step(self, epoch: int, done: int, epoch_loss: torch.Tensor) -> None:
         """model_last.pth after ``done`` steps of ``epoch`` (every rank takes part: their
-        generators are gathered)."""
-        rngs = self.env.gather_objects(capture_rng())
+        generators and loss sums are gathered)."""
+        parts = self.env.gather_objects((capture_rng(), epoch_loss.detach().cpu()))
         if self.env.is_main:
-            atomic_torch_save(self.state(epoch, step=done, epoch_loss=epoch_loss, rngs=rngs), self._path(LAST))
+            rngs, losses = zip(*parts)
+            atomic_torch_save(self.state(epoch, step=done, epoch_loss=torch.stack(losses), rngs=list(rngs)),
+                              self._path(LAST))
 
     def evaluate(self, epoch: int) -> List[Dict[str, Any]]:
         self.model.eval()
