@@ -70,11 +70,11 @@ class EpochPlan:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.sizes, self.batch_size = [int(size) for size in sizes], int(batch_size)
         self.epoch, self.seed, self.rank, self.world_size = int(epoch), int(seed), int(rank), int(world_size)
-        group_size = len(self.sizes) if group_size is None else int(group_size)
+        group_size = max(1, len(self.sizes) if group_size is None else int(group_size))
         self.num_batches = [math.ceil(math.ceil(size / self.world_size) / self.batch_size) for size in self.sizes]
         order = list(range(len(self.sizes)))
         random.Random(f"groups {self.seed} {self.epoch}").shuffle(order)
-        self.groups: List[List[int]] = [order[i:i + max(group_size, 1)] for i in range(0, len(order), max(group_size, 1))]
+        self.groups: List[List[int]] = [order[i:i + group_size] for i in range(0, len(order), group_size)]
         steps: List[int] = []
         for g, group in enumerate(self.groups):
             if max_steps is not None and len(steps) >= max_steps:
@@ -88,8 +88,7 @@ class EpochPlan:
         self.batch = np.zeros(len(steps), dtype=np.int64)  # [S] which of that dataset's batches
         seen: Dict[int, int] = {}
         for step, i in enumerate(steps):
-            self.batch[step] = seen.get(i, 0)
-            seen[i] = self.batch[step] + 1
+            self.batch[step] = seen[i] = seen.get(i, -1) + 1
         self.last_step = {i: step for step, i in enumerate(steps)}  # dataset -> its last step
         self._shards: Dict[int, torch.Tensor] = {}
 
