@@ -17,7 +17,7 @@ from torch_geometric.data import Data
 import gfmrag_fast.models.aggregation as aggregation
 from gfmrag_fast.losses import adversarial_bce, list_ce
 from gfmrag_fast.models.checkpoint import build_model
-from gfmrag_fast.models.graph_cache import rel_graph_of
+from gfmrag_fast.data import prepare_graph
 from gfmrag_fast.ops import easy_edge_mask, negative_sampling, rel_aggregate_reference
 from gfmrag_fast.synthetic import synthetic_kg
 
@@ -38,7 +38,7 @@ def graph_of(device):
     rg = synthetic_kg(n, t, r2, seed=0)
     rel_emb = torch.randn(r2, text_dim, generator=torch.Generator().manual_seed(2))
     data = Data(edge_index=rg.edge_index, edge_type=rg.edge_type, num_nodes=n, num_relations=r2, rel_emb=rel_emb)
-    return data.to(device)
+    return prepare_graph(data, device)  # its RelGraph prepared once, as training does
 
 
 def model_of(kind, device):
@@ -85,7 +85,7 @@ def make_step(kind, device, dtype):
             pred = model(graph, inputs).float()
             return 0.3 * adversarial_bce(pred, targets, 0.2) + 0.7 * list_ce(pred, targets)
     else:
-        rg = rel_graph_of(graph, torch.device(device))
+        rg = graph.rel_graph
         pick = torch.randint(0, graph.edge_index.size(1) // 2, (batch,), generator=gen).to(device)
         triples = torch.stack([graph.edge_index[0, pick], graph.edge_index[1, pick], graph.edge_type[pick]], 1)
         target = torch.zeros(batch, num_negative + 1, device=device)

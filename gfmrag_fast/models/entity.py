@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .aggregation import PreparedGraph
-from .graph_cache import num_relations_of, rel_graph_of
+from .graph_input import num_relations_of, rel_graph_of
 from .layer import GeneralizedRelationalConv
 
 # Accepted for compatibility with GFM-RAG/ULTRA configs; they change nothing here (see NBFNet).
