@@ -22,6 +22,7 @@ from ..losses import adversarial_bce
 from ..metrics import check_link_prediction_metrics, link_prediction_metrics, link_prediction_ranks
 from ..models.checkpoint import save_pretrained
 from ..models.graph_cache import num_relations_of, rel_graph_of
+from ..models.partition import partition_graph
 from ..ops import TripleIndex, easy_edge_mask, negative_sampling
 from .distributed import DistEnv
 from .tasks_common import interleaved_batches, shard
@@ -51,6 +52,8 @@ class KGCompletionTask:
             triples (None: all of them).
         text_emb_conf: the text model config written into ``config.json`` by save_pretrained.
         seed: shuffling of the training triples (the same on every rank) and the fast_test sample.
+        graph_partition: "none", or "contiguous" / "metis" to split each graph's nodes over the
+            ranks (:func:`gfmrag_fast.models.partition.partition_graph`).
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class KGCompletionTask:
         text_emb_conf: Dict[str, Any],
         device: torch.device,
         seed: int = 0,
+        graph_partition: str = "none",
     ):
         if int(num_negative) <= 0:
             raise ValueError(f"task.num_negative must be a positive integer, got {num_negative}")
@@ -81,6 +85,7 @@ class KGCompletionTask:
         self.metrics = check_link_prediction_metrics(metrics)
         self.fast_test = None if fast_test is None else int(fast_test)
         self.text_emb_conf, self.device, self.seed = text_emb_conf, device, int(seed)
+        self.graph_partition = graph_partition
         # One device copy of each graph, kept for the whole run: the model and the samplers then
         # share its cached RelGraph and TripleIndex (keyed by the tensors' identity).
         self._graphs: Dict[int, Any] = {}
@@ -97,7 +102,7 @@ class KGCompletionTask:
     def graph_of(self, ds) -> Any:
         key = id(ds)
         if key not in self._graphs:
-            self._graphs[key] = ds.graph.to(self.device)
+            self._graphs[key] = partition_graph(ds.graph, self.graph_partition).to(self.device)
         return self._graphs[key]
 
     # --- training ------------------------------------------------------------------------

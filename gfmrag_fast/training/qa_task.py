@@ -9,6 +9,7 @@ import torch
 
 from ..metrics import retrieval_metrics
 from ..models.checkpoint import save_pretrained
+from ..models.partition import partition_graph
 from .distributed import DistEnv
 from .tasks_common import gather_mean, interleaved_batches, resolve_loss, shard
 
@@ -68,6 +69,7 @@ class QAFinetuneTask:
         text_emb_conf: Dict[str, Any],
         device: torch.device,
         seed: int = 0,
+        graph_partition: str = "none",
     ):
         self.train_sets, self.valid_sets = list(train_sets), list(valid_sets)
         for ds in self.train_sets:
@@ -81,12 +83,14 @@ class QAFinetuneTask:
         # Per dataset, moved to the device once: graph, entity weights, ent2doc, ranker.
         self._prepared: Dict[int, Tuple[Any, Any, torch.Tensor, Any]] = {}
         self._init_entities_weight = init_entities_weight
+        # "contiguous" / "metis": each graph's nodes split over the ranks (models.partition).
+        self.graph_partition = graph_partition
         self._make_ranker = make_ranker
 
     def _prepare(self, ds) -> Tuple[Any, Any, torch.Tensor, Any]:
         key = id(ds)
         if key not in self._prepared:
-            graph = ds.graph.to(self.device)
+            graph = partition_graph(ds.graph, self.graph_partition).to(self.device)
             weight = ds.entities_weight().to(self.device) if self._init_entities_weight else None
             ent2doc = ds.ent2doc.coalesce().to(self.device)
             self._prepared[key] = (graph, weight, ent2doc, self._make_ranker(ent2doc))

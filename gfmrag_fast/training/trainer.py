@@ -26,12 +26,13 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from .distributed import DistEnv
+from .distributed import DistEnv, broadcast_parameters, sum_gradients
 from .state import capture_rng, load_training_state, restore_rng
 from ..atomic_io import (
     append_jsonl, atomic_jsonl, atomic_torch_save, atomic_write, read_jsonl, remove_stale_temporaries,
 )
 from ..models.checkpoint import CheckpointError
+from ..models.partition import PARTITION_METHODS
 
 LAST, BEST = "model_last.pth", "model_best.pth"
 
@@ -66,14 +67,24 @@ class TrainOptions:
     dtype: str = "float32"  # or "bfloat16": autocast for forward and loss
     max_grad_norm: Optional[float] = None
     compile: bool = False  # torch.compile the training forward (fuses the dense per-node work)
+    graph_partition: str = "none"  # or contiguous / metis: the ranks split each graph's nodes (models.partition)
 
 
 class Trainer:
     def __init__(self, model, optimizer, task: Task, options: TrainOptions, output_dir: str, env: DistEnv):
         self.raw_model = model.to(env.device)
+        if options.graph_partition not in PARTITION_METHODS:
+            raise ValueError(f"train.graph_partition must be one of {PARTITION_METHODS}, got {options.graph_partition!r}")
+        # Graph-partitioned: the ranks are one data-parallel replica that splits the graph's nodes.
+        # The task sees a one-rank data environment (every rank gets the same batches), and the
+        # gradients are summed over ranks, not averaged as DDP would (models.partition).
+        self.partitioned = env.distributed and options.graph_partition != "none"
+        self.data_env = DistEnv(device=env.device) if self.partitioned else env
+        if self.partitioned:
+            broadcast_parameters(self.raw_model)
         self.model = (
             DistributedDataParallel(self.raw_model, device_ids=[env.device] if env.device.type == "cuda" else None)
-            if env.distributed
+            if env.distributed and not self.partitioned
             else self.raw_model
         )
         if options.compile:
@@ -176,7 +187,7 @@ class Trainer:
     def train_epoch(self, epoch: int) -> float:
         self.model.train()
         total, count = torch.zeros((), device=self.env.device), 0
-        batches = self.task.train_batches(epoch, self.env)
+        batches = self.task.train_batches(epoch, self.data_env)
         progress = None
         if self.env.is_main:
             from tqdm import tqdm
@@ -192,6 +203,8 @@ class Trainer:
                 loss, logs = self.task.loss(self.model, batch)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if self.partitioned:
+                sum_gradients(self.raw_model)
             if self.options.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.options.max_grad_norm)
             self.optimizer.step()
@@ -217,7 +230,7 @@ class Trainer:
     def evaluate(self, epoch: int) -> List[Dict[str, Any]]:
         self.model.eval()
         with torch.no_grad(), self._autocast():
-            rows = self.task.evaluate(self.raw_model, self.env)
+            rows = self.task.evaluate(self.raw_model, self.data_env)
         rows = [{"epoch": epoch, **row} for row in rows]
         if self.env.is_main:
             for row in rows:

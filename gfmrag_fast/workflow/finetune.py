@@ -1,6 +1,7 @@
 """Fine-tune a GFM-RAG retriever: ``python -m gfmrag_fast.workflow.finetune [overrides]``.
 
-Multi-GPU: ``torchrun --nproc_per_node=8 -m gfmrag_fast.workflow.finetune``.
+Multi-GPU: ``torchrun --nproc_per_node=8 -m gfmrag_fast.workflow.finetune``; a KG too big for one GPU:
+``torchrun --nproc_per_node=8 -m gfmrag_fast.workflow.finetune train.graph_partition=metis``.
 """
 
 import json
@@ -14,7 +15,8 @@ from ..training import Trainer
 from ..training.distributed import shutdown
 from ..training.qa_task import QAFinetuneTask
 from .common import (
-    apply_checkpoint, build_datasets, build_model_from_config, build_optimizer, setup, text_emb_config, train_options,
+    apply_checkpoint, build_datasets, build_model_from_config, build_optimizer, graph_partition, setup,
+    text_emb_config, train_options,
 )
 
 log = logging.getLogger("gfmrag_fast")
@@ -47,6 +49,7 @@ def run(cfg: DictConfig) -> dict:
             doc_ranker_factory(cfg.doc_ranker), cfg.task.metric, cfg.train.batch_size,
             cfg.train.get("eval_batch_size", cfg.train.batch_size), cfg.train.init_entities_weight,
             cfg.train.fast_test, text_emb_config(cfg), env.device, seed=int(cfg.seed),
+            graph_partition=graph_partition(cfg),
         )
         optimizer = build_optimizer(cfg.optimizer, model.parameters())
         trainer = Trainer(model, optimizer, task, train_options(cfg, bool(valid_sets)), output_dir, env)
