@@ -293,13 +293,14 @@ class GraphPartition:
 
         While the context is open, an op that saves the joined tensor for its backward stores the
         owned part and the halo instead (the owned part is the layer's input, stored anyway), so
-        the join is not kept twice per layer."""
+        the join is not kept twice per layer; unless saved tensors already go to other hooks
+        (activation checkpointing, which stores nothing of the layer)."""
         if x.shape[1] != self.num_owned:
             raise ValueError(f"partitioned graph: expected the {self.num_owned} owned nodes' states, "
                              f"got {x.shape[1]} rows")
         halo = _HaloExchange.apply(x, self.plan, self.group)
         source = torch.cat([x, halo.to(x.dtype)], dim=1)
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or _has_saved_tensor_hooks():
             yield source
             return
         key = (source.data_ptr(), source.shape, source.dtype)
@@ -357,6 +358,11 @@ class GraphPartition:
         p = self.plan
         return (f"GraphPartition({self.method}, rank {p.rank}/{p.num_parts}: {p.num_owned} of {p.num_nodes} nodes, "
                 f"{p.edge_ids.numel()} of {p.num_edges} edges, halo {p.num_halo}, sends {sum(p.send_counts)})")
+
+
+def _has_saved_tensor_hooks() -> bool:
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(True) is not None
 
 
 def partition_of(graph) -> Optional[GraphPartition]:
