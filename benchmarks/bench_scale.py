@@ -243,8 +243,12 @@ def fit_bytes(rows: List[Dict]) -> Dict[str, float]:
     measurement (one process: owned = N, halo = 0). ``whole`` is what every rank holds for the
     whole graph: the relation features of every layer (2R grows with N) and the [B, N] scores."""
     ok = [r for r in rows if not r.get("oom")]
+    peaks = [r["peak_bytes"] for r in ok]
+    if all(r["procs"] == 1 for r in ok):  # nothing tells owned from whole-graph bytes: all per owned node
+        own, const = least_squares([[r["num_nodes"] for r in ok], [1.0] * len(ok)], peaks)
+        return {"own": own, "halo": 0.0, "whole": 0.0, "const": const}
     columns = [[r["owned"] for r in ok], [r["halo"] for r in ok], [r["num_nodes"] for r in ok], [1.0] * len(ok)]
-    own, halo, whole, const = least_squares(columns, [r["peak_bytes"] for r in ok])
+    own, halo, whole, const = least_squares(columns, peaks)
     return {"own": own, "halo": halo, "whole": whole, "const": const}
 
 
@@ -287,19 +291,22 @@ def report(cfg: Config, rows: List[Dict], verify: List[Dict], fit: Dict, shares,
         return f"{b / 2**20:,.1f}"
 
     p = cfg.procs
+    methods = cfg.methods if p > 1 else []
     print(f"\n## fine-tune step, B = {cfg.batch}, {cfg.layers} x {cfg.dim}, text dim {cfg.text_dim}, {cfg.device}, "
           f"median of {cfg.steps} steps", file=out)
     print("| graph (N) | edges | 1 process: ms, peak MiB | " + " | ".join(
-        f"{p} x {m}: ms, peak MiB per rank, halo nodes per rank, MiB sent per layer (all ranks)" for m in cfg.methods)
+        f"{p} x {m}: ms, peak MiB per rank, halo nodes per rank, MiB sent per layer (all ranks)" for m in methods)
         + " |", file=out)
-    print("| --- " * (3 + len(cfg.methods)) + "|", file=out)
+    print("| --- " * (3 + len(methods)) + "|", file=out)
     for name in dict.fromkeys(r["graph"] for r in rows if r["procs"] == 1):
         single = [r for r in rows if r["graph"] == name and r["procs"] == 1]
-        cells = [name if single[0].get("oom") else f"{name} ({single[0]['num_nodes']:,})",
+        shown = name if single[0].get("oom") or f"{single[0]['num_nodes']:,}" in name else \
+            f"{name} ({single[0]['num_nodes']:,})"
+        cells = [shown,
                  "-" if single[0].get("oom") else f"{single[0]['num_edges']:,}"]
         cells.append("OOM" if not single or single[0].get("oom") else
                      f"{single[0]['step_ms']:,.0f}, {mib(single[0]['peak_bytes'])}")
-        for m in cfg.methods:
+        for m in methods:
             ranks = sorted((r for r in rows if r["graph"] == name and r["procs"] == p and r["method"] == m),
                            key=lambda r: r["rank"])
             if not ranks or any(r.get("oom") for r in ranks):
@@ -326,6 +333,8 @@ def report(cfg: Config, rows: List[Dict], verify: List[Dict], fit: Dict, shares,
           f"x{rel:.0f}; {rank_load(big, [(1.0, 0.0)]) / 1e3:,.0f} kB per node in one process. "
           f"Largest N whose step fits {GPU_BYTES / 1e9:.0f} GB per GPU:", file=out)
     print(f"- 1 GPU: {GPU_BYTES / rank_load(big, [(1.0, 0.0)]) / 1e3:,.0f}k nodes", file=out)
+    if cfg.procs == 1:
+        return  # no partitioned measurement: nothing to extrapolate several GPUs from
     for graph_name, by_method in shares.items():
         for method, by_parts in by_method.items():
             cells = [f"{parts} GPUs {GPU_BYTES / rank_load(big, sh) / 1e3:,.0f}k (fullest rank: "
@@ -350,9 +359,11 @@ def run(cfg: Config, out=sys.stdout) -> Dict:
             n_split = int((budget - fit["const"]) / rank_load(fit, shares_of(rows, cfg.procs, method))) // 1000 * 1000
             got = run_cases(cfg, cfg.procs, [(n_split, method)])
             verify.append(dict(max(got, key=lambda r: r.get("peak_bytes", math.inf)), budget_bytes=budget))
-    shares = {f"real-shape {max(cfg.sizes):,}": partition_shares(max(cfg.sizes), [2, 4, 8], cfg.seed)}
-    if cfg.kg:
-        shares[load_graph(cfg.kg, 1, 0)[0]] = partition_shares(cfg.kg, [2, 4, 8], cfg.seed)
+    shares = {}
+    if cfg.procs > 1:
+        shares[f"real-shape {max(cfg.sizes):,}"] = partition_shares(max(cfg.sizes), [2, 4, 8], cfg.seed)
+        if cfg.kg:
+            shares[load_graph(cfg.kg, 1, 0)[0]] = partition_shares(cfg.kg, [2, 4, 8], cfg.seed)
     report(cfg, rows, verify, fit, shares, out)
     return {"config": asdict(cfg), "rows": rows, "verify": verify, "fit": fit, "partition_shares": shares}
 
@@ -367,10 +378,15 @@ def main(argv=None) -> None:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     parser.add_argument("--budget-gib", type=float, default=defaults.budget_gib)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--kg", default=defaults.kg, help="a real kg.txt measured too (default: the bundled MuSiQue)")
+    parser.add_argument("--kg", default=defaults.kg,
+                        help="a real kg.txt measured too (default: the bundled MuSiQue; 'none': no real KG)")
     parser.add_argument("--json", help="also write every row as JSON here")
     args = parser.parse_args(argv)
+    if args.kg in ("none", ""):
+        args.kg = None
     cfg = Config(**{k: v for k, v in vars(args).items() if k != "json"})
+    if cfg.device == "cuda" and cfg.procs > torch.cuda.device_count():
+        parser.error(f"--procs {cfg.procs} needs as many GPUs, this machine has {torch.cuda.device_count()}")
     result = run(cfg)
     if args.json:
         with open(args.json, "w") as f:
@@ -379,7 +395,7 @@ def main(argv=None) -> None:
 
 def test_scale_small():
     """A quick sweep (no assertion on time): partitioned peaks below the single process's."""
-    cfg = Config(sizes=[3_000, 6_000], steps=1, dim=16, layers=3, text_dim=64, budget_gib=None)
+    cfg = Config(sizes=[3_000, 6_000], steps=1, dim=16, layers=3, text_dim=64, budget_gib=None, kg=None)
     result = run(cfg)
     single = {r["graph"]: r["peak_bytes"] for r in result["rows"] if r["procs"] == 1}
     for r in result["rows"]:
