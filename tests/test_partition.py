@@ -187,8 +187,17 @@ QA_CASES = [
 ]
 
 
-def _finetune_checks(rank, method):
-    graph = kg()
+def components(parts, size=12, seed=0):
+    """``parts`` disconnected copies of a small KG on consecutive ids: contiguous ranges split it
+    with no halo at all."""
+    one = kg(size, 25, seed=seed)
+    edge_index = torch.cat([one.edge_index + size * c for c in range(parts)], 1)
+    return Data(edge_index=edge_index, edge_type=one.edge_type.repeat(parts), num_nodes=size * parts,
+                num_relations=one.num_relations, rel_emb=one.rel_emb)
+
+
+def _finetune_checks(rank, method, graph=None, cases=QA_CASES):
+    graph = kg() if graph is None else graph
     part_graph = partition_graph(graph, method)
     assert part_graph.partition.num_owned < graph.num_nodes
     gen = torch.Generator().manual_seed(5)
@@ -203,7 +212,7 @@ def _finetune_checks(rank, method):
     edge_mask = torch.rand(num_edges, generator=gen) < 0.2
     edge_weight = torch.rand(num_edges, generator=gen) + 0.5
 
-    for name, cfg in QA_CASES:
+    for name, cfg in cases:
         with_edges = "edge mask" in name
 
         def loss_fn(model, g):
@@ -257,6 +266,9 @@ def _worker(rank, methods):
     for method in methods:
         _finetune_checks(rank, method)
         _pretrain_checks(rank, method)
+    no_halo = components(dist.get_world_size())
+    assert partition_graph(no_halo, "contiguous").partition.plan.num_halo == 0
+    _finetune_checks(rank, "contiguous", no_halo, QA_CASES[:2])
 
 
 # One spawn per job size (starting the processes is most of the time): every case inside.
