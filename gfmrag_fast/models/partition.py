@@ -299,7 +299,7 @@ class GraphPartition:
             raise ValueError(f"partitioned graph: expected the {self.num_owned} owned nodes' states, "
                              f"got {x.shape[1]} rows")
         halo = _HaloExchange.apply(x, self.plan, self.group)
-        source = torch.cat([x, halo.to(x.dtype)], dim=1)
+        source = torch.cat([x, halo], dim=1)
         if not torch.is_grad_enabled() or _has_saved_tensor_hooks():
             yield source
             return
@@ -401,11 +401,12 @@ def partition_graph(graph, method: str, group=None, seed: int = 0):
 def _broadcast_parts(part: Optional[torch.Tensor], header: torch.Tensor, group) -> torch.Tensor:
     """Rank 0's parts on every rank, after checking that every rank holds a graph of the same size."""
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    src = 0 if group is None else dist.get_global_rank(group, 0)
     first = header.clone().to(device)
-    dist.broadcast(first, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    dist.broadcast(first, src=src, group=group)
     if not torch.equal(first.cpu(), header):
         raise ValueError(f"graph partition: this rank's graph has (nodes, edges) = {header.tolist()}, rank 0's "
                          f"{first.cpu().tolist()}: every rank must load the same graph")
     buffer = (part if part is not None else torch.empty(int(header[0]), dtype=torch.long)).to(device)
-    dist.broadcast(buffer, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    dist.broadcast(buffer, src=src, group=group)
     return buffer.cpu()
