@@ -27,7 +27,7 @@ from ..models.graph_input import num_relations_of
 from ..ops import TripleIndex, easy_edge_mask, negative_sampling
 from .distributed import DistEnv
 from .epoch_plan import EpochPlan, walk_datasets, walk_steps
-from .tasks_common import dataset_info, shard
+from .tasks_common import GraphPartitions, dataset_info, shard
 
 HELD_OUT_SPLITS = ("valid", "test")
 
@@ -70,6 +70,10 @@ class KGCompletionTask:
             an epoch walks the training datasets in groups of that many (:class:`.EpochPlan`).
             Datasets are loaded objects or :class:`~gfmrag_fast.data.LazyDataset` described by
             :func:`describe_kg_dataset`.
+        graph_partition: "none", or "contiguous" / "metis" to split each graph's nodes over the
+            ranks (:func:`gfmrag_fast.models.partition.partition_graph`), done in the training
+            loop's thread when a dataset is first used and kept while it is resident
+            (:class:`.GraphPartitions`).
     """
 
     def __init__(
@@ -88,6 +92,7 @@ class KGCompletionTask:
         seed: int = 0,
         max_datasets_in_memory: Optional[int] = None,
         data_loading_workers: int = 0,
+        graph_partition: str = "none",
     ):
         if int(num_negative) <= 0:
             raise ValueError(f"task.num_negative must be a positive integer, got {num_negative}")
@@ -106,6 +111,8 @@ class KGCompletionTask:
         self.fast_test = None if fast_test is None else int(fast_test)
         self.text_emb_conf, self.device, self.seed = text_emb_conf, device, int(seed)
         self.max_datasets_in_memory = max_datasets_in_memory
+        self.graph_partition = graph_partition
+        self.partitions = GraphPartitions(graph_partition)  # the models' graphs, split in this thread
         # The one owner of the datasets' tensors and their device state.
         self.datasets = ResidentDatasets([*train_sets, *valid_sets], self._prepare, max_datasets_in_memory,
                                          data_loading_workers)
@@ -143,7 +150,8 @@ class KGCompletionTask:
         batch = negative_sampling(rel_graph, triples, self.num_negative, strict=self.strict_negative,
                                   check_values=False)  # [B, 1 + K, 3]
         edge_mask = easy_edge_mask(rel_graph, batch, check_values=False)  # [E]
-        pred = model(state.graph, batch, edge_mask=edge_mask)  # [B, 1 + K]
+        graph = self.partitions.graph(self.train_names[index], state)  # this rank's share when partitioned
+        pred = model(graph, batch, edge_mask=edge_mask)  # [B, 1 + K]
         target = torch.zeros_like(pred)
         target[:, 0] = 1
         return adversarial_bce(pred, target, self.adversarial_temperature), {}
@@ -174,7 +182,7 @@ class KGCompletionTask:
         state, rows = self.datasets.get(name), []
         for split, triples in state.extras["splits"]:
             mine = shard(len(triples), env)
-            ranks = self._ranks(model, state.graph, state.extras["filter_index"],
+            ranks = self._ranks(model, self.partitions.graph(name, state), state.extras["filter_index"],
                                 triples[mine.start:mine.stop].to(self.device))
             ranks = torch.cat([part for part in env.gather_objects(ranks.cpu())])
             rows.append({"dataset": name, "split": split, **link_prediction_metrics(ranks, self.metrics)})

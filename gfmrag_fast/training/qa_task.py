@@ -13,7 +13,7 @@ from ..metrics import retrieval_metrics
 from ..models.checkpoint import save_pretrained
 from .distributed import DistEnv
 from .epoch_plan import EpochPlan, walk_datasets, walk_steps
-from .tasks_common import dataset_info, gather_mean, resolve_loss, shard
+from .tasks_common import GraphPartitions, dataset_info, gather_mean, resolve_loss, shard
 
 
 class LossTerm:
@@ -67,6 +67,8 @@ class QAFinetuneTask:
     :func:`describe_qa_dataset`); at most ``max_datasets_in_memory`` of them are resident at a
     time (:class:`~gfmrag_fast.data.ResidentDatasets`, ``data_loading_workers`` loading ahead),
     and an epoch walks the training datasets in groups of that many (:class:`.EpochPlan`).
+    With ``graph_partition`` contiguous / metis the ranks split each graph's nodes
+    (:class:`.GraphPartitions`).
     Document scores for evaluation come from the configured ranker; document losses (if any)
     use the differentiable ``entity scores @ ent2doc``.
     """
@@ -87,6 +89,7 @@ class QAFinetuneTask:
         seed: int = 0,
         max_datasets_in_memory: Optional[int] = None,
         data_loading_workers: int = 0,
+        graph_partition: str = "none",
     ):
         self.train_names = [ds.data_name for ds in train_sets]
         self.train_sizes = [dataset_info(ds, "train", functools.partial(describe_qa_dataset, train=True))
@@ -101,6 +104,10 @@ class QAFinetuneTask:
         self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
         self.fast_test, self.text_emb_conf, self.device, self.seed = fast_test, text_emb_conf, device, seed
         self._init_entities_weight = init_entities_weight
+        # "contiguous" / "metis": each graph's nodes split over the ranks (models.partition), in
+        # the training loop's thread when a dataset is first used, kept while it is resident.
+        self.graph_partition = graph_partition
+        self.partitions = GraphPartitions(graph_partition)
         self._make_ranker = make_ranker
         self.max_datasets_in_memory = max_datasets_in_memory
         # The one owner of the datasets' tensors and their device state.
@@ -137,7 +144,8 @@ class QAFinetuneTask:
     def loss(self, model, item) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         index, batch = item
         state = self.datasets.get(self.train_names[index])
-        pred = model(state.graph, batch, entities_weight=state.entities_weight).float()  # [B, N]
+        graph = self.partitions.graph(self.train_names[index], state)  # this rank's share when partitioned
+        pred = model(graph, batch, entities_weight=state.entities_weight).float()  # [B, N]
         total = pred.new_zeros(())
         logs = {}
         for term in self.losses:
@@ -159,10 +167,11 @@ class QAFinetuneTask:
         count = len(state.dataset.split("test"))
         count = count if not self.fast_test else min(count, int(self.fast_test))
         mine = list(shard(count, env))
+        graph = self.partitions.graph(name, state)
         values: Dict[str, List[float]] = {}
         for start in range(0, len(mine), self.eval_batch_size):
             batch = self._batch(name, "test", mine[start:start + self.eval_batch_size])
-            pred = model(state.graph, batch, entities_weight=state.entities_weight).float()
+            pred = model(graph, batch, entities_weight=state.entities_weight).float()
             for prefix, scores, target in (
                 ("ent", pred, batch["supporting_entities_masks"]),
                 ("doc", state.extras["ranker"](pred), batch["supporting_docs_masks"]),

@@ -6,6 +6,8 @@ A training checkpoint (``model_last.pth``, ``model_best.pth``, ``model_epoch_<e>
      "best_score": float, "best_epoch": int or None, "run_id": str,
      "history": [{"epoch", "loss", <metric>}], "rng": {"torch", "cuda", "python", "numpy"},
      "rank_rng": [rng of every rank] (several processes), "world_size": int,
+     "data_world_size": int (the data-parallel shards of an epoch's batches: world_size, or 1 when
+     graph-partitioned),
      "epoch_loss": tensor [world size] (mid-epoch only: each rank's sum of the epoch's losses so far)}
 
 ``step`` is 0 at an epoch's end (the checkpoint after epoch ``epoch - 1``; older checkpoints have no
@@ -32,7 +34,8 @@ from ..models.checkpoint import CheckpointError, load_checkpoint_file
 TRAINING_KEYS = ("model", "optimizer", "epoch")
 _TYPES = {"model": Mapping, "optimizer": Mapping, "epoch": int, "step": int, "best_score": (int, float),
           "best_epoch": (int, type(None)), "run_id": str, "history": list, "rng": (Mapping, type(None)),
-          "rank_rng": (list, type(None)), "world_size": int, "epoch_loss": torch.Tensor}
+          "rank_rng": (list, type(None)), "world_size": int, "data_world_size": int,
+          "epoch_loss": torch.Tensor}
 
 
 def capture_rng() -> Dict[str, Any]:

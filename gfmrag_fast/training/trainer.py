@@ -34,12 +34,13 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from .distributed import DistEnv
+from .distributed import DistEnv, broadcast_parameters, sum_gradients
 from .state import capture_rng, load_training_state, restore_rng
 from ..atomic_io import (
     append_jsonl, atomic_jsonl, atomic_torch_save, atomic_write, read_jsonl, remove_stale_temporaries,
 )
 from ..models.checkpoint import CheckpointError
+from ..models.partition import PARTITION_METHODS
 
 LAST, BEST = "model_last.pth", "model_best.pth"
 
@@ -79,14 +80,24 @@ class TrainOptions:
     max_grad_norm: Optional[float] = None
     compile: bool = False  # torch.compile the training forward (fuses the dense per-node work)
     save_interval: Optional[int] = None  # steps: also write model_last.pth every that many steps of an epoch
+    graph_partition: str = "none"  # or contiguous / metis: the ranks split each graph's nodes (models.partition)
 
 
 class Trainer:
     def __init__(self, model, optimizer, task: Task, options: TrainOptions, output_dir: str, env: DistEnv):
         self.raw_model = model.to(env.device)
+        if options.graph_partition not in PARTITION_METHODS:
+            raise ValueError(f"train.graph_partition must be one of {PARTITION_METHODS}, got {options.graph_partition!r}")
+        # Graph-partitioned: the ranks are one data-parallel replica that splits the graph's nodes.
+        # The task sees a one-rank data environment (every rank gets the same batches), and the
+        # gradients are summed over ranks, not averaged as DDP would (models.partition).
+        self.partitioned = env.distributed and options.graph_partition != "none"
+        self.data_env = DistEnv(device=env.device) if self.partitioned else env
+        if self.partitioned:
+            broadcast_parameters(self.raw_model)
         self.model = (
             DistributedDataParallel(self.raw_model, device_ids=[env.device] if env.device.type == "cuda" else None)
-            if env.distributed
+            if env.distributed and not self.partitioned
             else self.raw_model
         )
         if options.compile:
@@ -132,6 +143,7 @@ class Trainer:
             "history": self.history,
             "rng": rngs[0],
             "world_size": self.env.world_size,
+            "data_world_size": self.data_env.world_size,
         }
         if len(rngs) > 1:
             state["rank_rng"] = rngs
@@ -166,10 +178,14 @@ class Trainer:
             restore_rng(rank_rng[self.env.rank])
         else:
             restore_rng(state.get("rng") or {})
-        if self.start_step and writers != self.env.world_size and self.env.is_main:
-            log.warning("resuming step %d of epoch %d with %d process(es), but %d wrote the checkpoint: the rest of "
-                        "the epoch is sharded anew, so it is not the run that was interrupted", self.start_step,
-                        self.start_epoch, self.env.world_size, writers)
+        # The epoch's batches are sharded over the data-parallel ranks: all of them, or one when
+        # graph-partitioned (every rank trains on the same batches, whatever the number of ranks).
+        shards = int(state.get("data_world_size", writers))
+        if self.start_step and shards != self.data_env.world_size and self.env.is_main:
+            log.warning("resuming step %d of epoch %d with the batches sharded %d way(s), but they were sharded %d "
+                        "way(s) when the checkpoint was written: the rest of the epoch is sharded anew, so it is "
+                        "not the run that was interrupted", self.start_step, self.start_epoch,
+                        self.data_env.world_size, shards)
         if self.env.is_main:
             self._restore_best(state, source)
             log.info("resumed at epoch %d%s (best %s so far: %.4f)", self.start_epoch,
@@ -232,7 +248,8 @@ class Trainer:
         where: Dict[str, int] = {"start": start} if start else {}
         if self.options.batch_per_epoch is not None:
             where["max_steps"] = int(self.options.batch_per_epoch)
-        batches = self.task.train_batches(epoch, self.env, **where)
+        # data_env: the task's view of the ranks (one rank when graph-partitioned: same batches everywhere)
+        batches = self.task.train_batches(epoch, self.data_env, **where)
         progress = None
         if self.env.is_main:
             from tqdm import tqdm
@@ -242,7 +259,7 @@ class Trainer:
                             dynamic_ncols=True, disable=not sys.stderr.isatty())
         began = time.time()
         queries_of = getattr(self.task, "queries", None)
-        window = _Throughput(self.env.world_size)
+        window = _Throughput(self.data_env.world_size)  # graph-partitioned ranks share their queries
         for step, batch in enumerate(batches, start=start):
             if self.options.batch_per_epoch is not None and step >= self.options.batch_per_epoch:
                 break
@@ -250,6 +267,8 @@ class Trainer:
                 loss, logs = self.task.loss(self.model, batch)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if self.partitioned:
+                sum_gradients(self.raw_model)
             if self.options.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.options.max_grad_norm)
             self.optimizer.step()
@@ -288,7 +307,7 @@ class Trainer:
     def evaluate(self, epoch: int) -> List[Dict[str, Any]]:
         self.model.eval()
         with torch.no_grad(), self._autocast():
-            rows = self.task.evaluate(self.raw_model, self.env)
+            rows = self.task.evaluate(self.raw_model, self.data_env)
         rows = [{"epoch": epoch, **row} for row in rows]
         if self.env.is_main:
             for row in rows:

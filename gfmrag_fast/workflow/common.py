@@ -31,7 +31,9 @@ def setup(cfg: DictConfig) -> tuple[DistEnv, str]:
     from hydra.core.hydra_config import HydraConfig
 
     env = init_distributed(str(cfg.train.get("device", "auto")), float(cfg.get("timeout", 60)))
-    seed = int(cfg.get("seed", 1024)) + env.rank
+    # Data-parallel ranks draw different random numbers; graph-partitioned ranks run one replica,
+    # so they must draw the same ones (the pre-training negatives).
+    seed = int(cfg.get("seed", 1024)) + (0 if graph_partition(cfg) != "none" else env.rank)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -50,6 +52,12 @@ def setup(cfg: DictConfig) -> tuple[DistEnv, str]:
     if env.is_main:
         log.info("config:\n%s", OmegaConf.to_yaml(cfg))
     return env, output_dir
+
+
+def graph_partition(cfg: DictConfig) -> str:
+    """``train.graph_partition``: none (null too), contiguous or metis."""
+    value = cfg.train.get("graph_partition")
+    return "none" if value is None else str(value)
 
 
 def text_emb_config(cfg: DictConfig) -> Dict[str, Any]:
@@ -102,7 +110,7 @@ def train_options(cfg: DictConfig, evaluate: bool, **overrides: Any) -> TrainOpt
         log_interval=cfg.train.log_interval, do_eval=bool(cfg.train.do_eval) and evaluate,
         save_best_only=cfg.train.save_best_only, save_pretrained=cfg.train.save_pretrained,
         metric=cfg.task.best_metric, dtype=cfg.train.dtype, compile=bool(cfg.train.get("compile", False)),
-        save_interval=cfg.train.get("save_interval"), **overrides,
+        save_interval=cfg.train.get("save_interval"), graph_partition=graph_partition(cfg), **overrides,
     )
 
 

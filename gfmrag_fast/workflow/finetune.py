@@ -1,6 +1,7 @@
 """Fine-tune a GFM-RAG retriever: ``python -m gfmrag_fast.workflow.finetune [overrides]``.
 
-Multi-GPU: ``torchrun --nproc_per_node=8 -m gfmrag_fast.workflow.finetune``.
+Multi-GPU: ``torchrun --nproc_per_node=8 -m gfmrag_fast.workflow.finetune``; a KG too big for one GPU:
+``torchrun --nproc_per_node=8 -m gfmrag_fast.workflow.finetune train.graph_partition=metis``.
 """
 
 import json
@@ -14,8 +15,8 @@ from ..training import Trainer
 from ..training.distributed import shutdown
 from ..training.qa_task import QAFinetuneTask, describe_qa_dataset
 from .common import (
-    apply_checkpoint, build_model_from_config, build_optimizer, dataset_options, scan_datasets, setup, text_emb_config,
-    train_options,
+    apply_checkpoint, build_model_from_config, build_optimizer, dataset_options, graph_partition, scan_datasets, setup,
+    text_emb_config, train_options,
 )
 
 log = logging.getLogger("gfmrag_fast")
@@ -57,6 +58,7 @@ def run(cfg: DictConfig) -> dict:
             doc_ranker_factory(cfg.doc_ranker), cfg.task.metric, cfg.train.batch_size,
             cfg.train.get("eval_batch_size", cfg.train.batch_size), cfg.train.init_entities_weight,
             cfg.train.fast_test, text_emb_config(cfg), env.device, seed=int(cfg.seed), **dataset_options(cfg),
+            graph_partition=graph_partition(cfg),
         )
         optimizer = build_optimizer(cfg.optimizer, model.parameters())
         trainer = Trainer(model, optimizer, task, train_options(cfg, bool(valid_sets)), output_dir, env)

@@ -1,6 +1,7 @@
 """Pre-train a GFM-RAG graph model on KG completion: ``python -m gfmrag_fast.workflow.pretrain [overrides]``.
 
-Multi-GPU: ``torchrun --nproc_per_node=8 -m gfmrag_fast.workflow.pretrain``.
+Multi-GPU: ``torchrun --nproc_per_node=8 -m gfmrag_fast.workflow.pretrain``; a KG too big for one GPU:
+``torchrun --nproc_per_node=8 -m gfmrag_fast.workflow.pretrain train.graph_partition=metis``.
 """
 
 import json
@@ -16,8 +17,8 @@ from ..training.distributed import shutdown
 from ..atomic_io import read_jsonl
 from ..training.kg_task import KGCompletionTask, describe_kg_dataset
 from .common import (
-    apply_checkpoint, build_model_from_config, build_optimizer, dataset_options, scan_datasets, setup, text_emb_config,
-    train_options,
+    apply_checkpoint, build_model_from_config, build_optimizer, dataset_options, graph_partition, scan_datasets, setup,
+    text_emb_config, train_options,
 )
 
 log = logging.getLogger("gfmrag_fast")
@@ -31,6 +32,7 @@ def build_task(cfg: DictConfig, train_sets: list, valid_sets: list, device) -> K
         batch_size=cfg.train.batch_size, eval_batch_size=cfg.train.get("eval_batch_size") or cfg.train.batch_size,
         metrics=cfg.task.metric, fast_test=cfg.train.get("fast_test"),
         text_emb_conf=text_emb_config(cfg), device=device, seed=int(cfg.seed), **dataset_options(cfg),
+        graph_partition=graph_partition(cfg),
     )
 
 
