@@ -47,10 +47,10 @@ from torch_geometric.data import Data
 
 import gfmrag_fast.models.aggregation as aggregation
 import gfmrag_fast.models.dense as dense
+from gfmrag_fast.data import prepare_graph
 from gfmrag_fast.data.readers import read_triples
 from gfmrag_fast.losses import adversarial_bce, list_ce
 from gfmrag_fast.models.checkpoint import build_model
-from gfmrag_fast.models.graph_cache import rel_graph_of
 from gfmrag_fast.ops import easy_edge_mask, negative_sampling, rel_aggregate_reference
 from gfmrag_fast.synthetic import synthetic_kg
 
@@ -116,7 +116,7 @@ def graph_of(case: Case) -> Data:
         edge_type = torch.cat([hrt[:, 2], hrt[:, 2] + r2 // 2])
     rel_emb = torch.randn(r2, case.text_dim, generator=torch.Generator().manual_seed(2))
     data = Data(edge_index=edge_index, edge_type=edge_type, num_nodes=n, num_relations=r2, rel_emb=rel_emb)
-    return data.to(case.device)
+    return prepare_graph(data, case.device)  # its RelGraph prepared once, as training does
 
 
 def model_of(case: Case, kind: str, impl: str) -> torch.nn.Module:
@@ -174,7 +174,7 @@ def make_step(case: Case, kind: str, impl: str, dtype: str) -> Step:
                 pred = pred.float()
                 return 0.3 * adversarial_bce(pred, targets, 0.2) + 0.7 * list_ce(pred, targets)
     else:
-        rg = rel_graph_of(graph, torch.device(device))
+        rg = graph.rel_graph
         num_triples = graph.edge_index.size(1) // 2
         pick = torch.randint(0, num_triples, (case.batch,), generator=gen).to(device)
         triples = torch.stack([graph.edge_index[0, pick], graph.edge_index[1, pick], graph.edge_type[pick]], 1)

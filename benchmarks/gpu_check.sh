@@ -65,6 +65,11 @@ timeout 150 "${PY}" benchmarks/bench_train_step.py --device cuda --impl kernel -
   --json "${OUT_DIR}/step_profile.json" >"${OUT_DIR}/step_profile.log" 2>&1 || status=1
 tail -12 "${OUT_DIR}/step_profile.log"
 
+step "scale: per-GPU memory of the fine-tune step against graph size (one GPU, GFM-RAG's 6 x 512, B = 8)"
+timeout 150 "${PY}" benchmarks/bench_scale.py --device cuda --procs 1 --sizes 10000 20000 40000 --batch 8 --dim 512 \
+  --budget-gib 20 --json "${OUT_DIR}/scale.json" >"${OUT_DIR}/scale.log" 2>&1 || status=1
+grep -v -i warn "${OUT_DIR}/scale.log" | tail -20
+
 step "summary"
 "${PY}" benchmarks/summarize.py "${OUT_DIR}" || status=1
 exit ${status}

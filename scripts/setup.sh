@@ -19,7 +19,7 @@ if [[ ! -x "${VENV}/bin/python" ]]; then
 fi
 PIP=("${VENV}/bin/python" -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install --upgrade pip setuptools wheel
-"${PIP[@]}" install "${TORCH_SPEC}" numpy ninja "pytest>=8" "pytest-benchmark>=4" expecttest scipy
+"${PIP[@]}" install "${TORCH_SPEC}" numpy ninja "pytest>=8" "pytest-benchmark>=4" expecttest scipy pymetis
 
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"

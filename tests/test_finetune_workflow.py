@@ -120,3 +120,23 @@ def test_empty_training_set_fails_naming_the_dataset(tmp_path):
     assert "training dataset 'tiny_qa' has no usable training question: it holds no question" in result.stderr
     assert not (out / "pretrained").exists() and not (out / "model_last.pth").exists()
 
+
+
+def test_torchrun_graph_partitioned_run_matches_one_process(data_root, tmp_path):
+    """train.graph_partition=contiguous under torchrun: both ranks train on the same batches over
+    half of the graph each; weights and metrics are the single-process run's."""
+    one, split = tmp_path / "one", tmp_path / "split"
+    args = [f"datasets.root={data_root}", *SMALL, "train.num_epoch=2"]
+    run([*args, f"hydra.run.dir={one}"], cwd=tmp_path)
+    out = run([*args, f"hydra.run.dir={split}", "train.graph_partition=contiguous"], cwd=tmp_path, torchrun=2)
+    assert "graph partition (contiguous)" in out.stderr + out.stdout
+    weights = [torch.load(folder / "model_last.pth", weights_only=True)["model"] for folder in (one, split)]
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-4, atol=1e-5, msg=key)
+    rows = [read_jsonl(folder / "metrics.jsonl") for folder in (one, split)]
+    assert [r["epoch"] for r in rows[1]] == [0, 1]  # rank 0 alone writes
+    for expected, actual in zip(*rows):
+        assert actual["questions"] == expected["questions"]
+        for key in ("ent_mrr", "ent_hits@10", "doc_recall@2", "doc_recall@5"):
+            assert actual[key] == pytest.approx(expected[key], abs=1e-6), key

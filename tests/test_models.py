@@ -303,35 +303,34 @@ def test_query_gnn_turns_head_corruption_into_tail_prediction():
     assert torch.allclose(model(graph, heads), model(graph, inverse))
 
 
-def test_rel_graph_cache_hit_miss_and_edits():
+def test_rel_graph_of_uses_a_prepared_graph_while_it_describes_it():
+    from gfmrag_fast.data import prepare_graph
+
     graph = make_graph()
-    prepared = rel_graph_of(graph)
-    assert rel_graph_of(graph) is prepared  # hit
-    other = make_graph(seed=5)
-    assert rel_graph_of(other) is not prepared  # a different graph
-    same_values = Data(edge_index=graph.edge_index.clone(), edge_type=graph.edge_type, num_nodes=graph.num_nodes,
-                       num_relations=graph.num_relations)
-    assert rel_graph_of(same_values) is not prepared  # keyed by tensor identity, not by value
-
-    graph.edge_index[0, 0] = (graph.edge_index[0, 0] + 1) % graph.num_nodes  # edited in place
-    rebuilt = rel_graph_of(graph)
-    assert rebuilt is not prepared and torch.equal(rebuilt.edge_index, graph.edge_index)
-    assert rel_graph_of(graph) is rebuilt
-    graph.edge_type = (graph.edge_type + 1) % graph.num_relations  # replaced
-    assert rel_graph_of(graph) is not rebuilt
-    assert torch.equal(rel_graph_of(graph).edge_type, graph.edge_type)
+    fresh = rel_graph_of(graph)
+    assert torch.equal(fresh.edge_index, graph.edge_index) and torch.equal(fresh.edge_type, graph.edge_type)
+    assert rel_graph_of(graph) is not fresh  # the models keep no cache: a bare graph is prepared per call
+    prepared = prepare_graph(graph, "cpu")
+    assert rel_graph_of(prepared) is prepared.rel_graph and rel_graph_of(prepared) is prepared.rel_graph
+    assert torch.equal(prepared.edge_index, graph.edge_index) and torch.equal(prepared.rel_emb, graph.rel_emb)
+    same_values = Data(edge_index=prepared.edge_index.clone(), edge_type=prepared.edge_type, num_nodes=graph.num_nodes,
+                       num_relations=graph.num_relations, rel_graph=prepared.rel_graph)
+    assert rel_graph_of(same_values) is not prepared.rel_graph  # carried, but not describing these tensors
+    prepared.edge_type = (prepared.edge_type + 1) % graph.num_relations  # replaced
+    rebuilt = rel_graph_of(prepared)
+    assert rebuilt is not prepared.rel_graph and torch.equal(rebuilt.edge_type, prepared.edge_type)
 
 
-def test_rel_graph_cache_entry_goes_with_the_graph():
-    from gfmrag_fast.models import graph_cache
+def test_prepared_graph_goes_with_the_graph():
+    import weakref
 
-    graph = make_graph(seed=7)
-    before = len(graph_cache._CACHE)
-    rel_graph_of(graph)
-    assert len(graph_cache._CACHE) == before + 1
-    del graph
+    from gfmrag_fast.data import prepare_graph
+
+    prepared = prepare_graph(make_graph(seed=7), "cpu")
+    alive = weakref.ref(prepared.rel_graph)
+    del prepared
     gc.collect()
-    assert len(graph_cache._CACHE) == before
+    assert alive() is None  # nothing outside the graph holds its preparation
 
 
 def test_model_output_follows_graph_edits():

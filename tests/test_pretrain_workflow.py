@@ -324,3 +324,20 @@ def test_malformed_dataset_names_file_and_line(data_root, tmp_path):
                   "datasets.valid_names=[]"], cwd=tmp_path, check=False)
     assert result.returncode != 0
     assert f"{data_root / 'broken' / 'processed' / 'stage1' / 'kg.txt'}:3" in result.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_graph_partitioned_run_matches_one_process(first_run, data_root, tmp_path):
+    """train.graph_partition=contiguous: the ranks draw the same negatives and masks, so the epoch's
+    weights are the single-process run's (first_run's epoch 0)."""
+    out = run([f"datasets.root={data_root}", f"hydra.run.dir={tmp_path}", *SMALL, "train.num_epoch=1",
+               "task.num_negative=5", "train.graph_partition=contiguous"], cwd=tmp_path, torchrun=2)
+    assert "graph partition (contiguous)" in out.stderr + out.stdout
+    expected = torch.load(first_run[0] / "model_epoch_0.pth", weights_only=True)["model"]
+    actual = torch.load(tmp_path / "model_last.pth", weights_only=True)["model"]
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [(r["epoch"], r["split"]) for r in rows] == [(0, "valid"), (0, "test")]
+    for row, ref in zip(rows, read_jsonl(first_run[0] / "metrics.jsonl")):
+        assert row["mrr"] == pytest.approx(ref["mrr"], abs=1e-6)

@@ -251,6 +251,24 @@ def test_retrieve_ranks_documents(retriever, caplog):
         retriever.retrieve(["a?", "b?"], entities=[["alice"]])
 
 
+def test_retriever_prepares_its_graph_once(retriever, monkeypatch):
+    """The graph is prepared (RelGraph built) when the retriever is made, not per retrieve/explain call."""
+    from gfmrag_fast.models.graph_input import rel_graph_of
+    from gfmrag_fast.ops import RelGraph
+
+    built, init = [], RelGraph.__init__
+
+    def counting(self, *args, **kwargs):
+        built.append(1)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(RelGraph, "__init__", counting)
+    assert rel_graph_of(retriever.graph) is retriever.graph.rel_graph
+    retriever.retrieve("Where does Alice work?", top_k=2)
+    retriever.explain("Where does Bob live?", entities=["carol"], top_k_docs=1, top_k_paths=1)
+    assert built == []
+
+
 def test_question_with_no_linkable_entity(dataset, caplog):
     with caplog.at_level(logging.WARNING):
         gnn = GFMRetriever(tiny_model(), dataset, device="cpu")

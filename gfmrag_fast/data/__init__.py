@@ -28,19 +28,25 @@ from .cache import PROCESSING_VERSION, CacheError
 from .kg_dataset import KGDataset, resolve_text_emb_model
 from .qa_dataset import IndexLists, QADataset, QASplit
 from .readers import read_json, read_triples
+from .resident import LazyDataset, PreparedDataset, ResidentDatasets, prepare_dataset, prepare_graph
 
 __all__ = [
     "PROCESSING_VERSION",
     "CacheError",
     "IndexLists",
     "KGDataset",
+    "LazyDataset",
+    "PreparedDataset",
     "QACollate",
     "QADataset",
     "QASplit",
+    "ResidentDatasets",
     "collate_qa",
     "entities_weight",
     "index_mask",
     "load_datasets",
+    "prepare_dataset",
+    "prepare_graph",
     "read_json",
     "read_triples",
 ]

@@ -18,7 +18,7 @@ from .doc_ranker import (
     TopKRanker,
 )
 from .entity import EntityNBFNet, NBFNet, QueryNBFNet, to_tail_prediction
-from .graph_cache import rel_graph_of
+from .graph_input import rel_graph_of
 from .layer import GeneralizedRelationalConv
 from .retriever import GNNRetriever, QueryGNN
 

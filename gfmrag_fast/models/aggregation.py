@@ -31,6 +31,7 @@ Not checked against the original's numbers.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Callable, Optional
 
 import torch
@@ -45,13 +46,21 @@ PNA_EPS = 1e-6
 class PreparedGraph:
     """A graph ready for one forward pass: the RelGraph on the model's device, the optional edge
     weight [E] and edge mask [E] (bool, True = removed), and the unmasked in-degrees, computed at
-    most once per pass and shared by all layers."""
+    most once per pass and shared by all layers.
+
+    On a partitioned graph (``halo``, a :class:`~gfmrag_fast.models.partition.GraphPartition`),
+    ``graph`` is this rank's local graph: edges into its N owned nodes from the owned and halo
+    nodes. The layers then work on the owned nodes' states [B, N, d] and reach the other ranks
+    only through :meth:`source_states`, :meth:`owned` and :meth:`mean_over_nodes`; without a
+    halo these are the identity, the states themselves and a plain mean.
+    """
 
     def __init__(
         self,
         graph: RelGraph,
         edge_weight: Optional[torch.Tensor] = None,  # [E]
         edge_mask: Optional[torch.Tensor] = None,  # [E] bool
+        halo=None,
     ):
         num_edges = graph.num_edges
         if edge_weight is not None and edge_weight.shape != (num_edges,):
@@ -66,23 +75,40 @@ class PreparedGraph:
         self.graph = graph
         self.edge_weight = None if edge_weight is None else edge_weight.to(graph.device)
         self.edge_mask = edge_mask
+        self.halo = halo
         self._in_degree: Optional[torch.Tensor] = None
 
     @property
     def num_nodes(self) -> int:
-        return self.graph.num_nodes
+        """Nodes whose states the layers hold: all of them, or this rank's owned ones."""
+        return self.graph.num_nodes if self.halo is None else self.halo.num_owned
 
     def in_degree(self) -> torch.Tensor:  # [N] int64
         """Number of unmasked edges into each node."""
         if self._in_degree is None:
             if self.edge_mask is None:
-                self._in_degree = self.graph.in_degree.long()
+                degree = self.graph.in_degree.long()
             else:
                 # Integer index_add: deterministic, and no boolean indexing (a host sync on CUDA).
-                removed = torch.zeros(self.num_nodes, dtype=torch.long, device=self.edge_mask.device)
+                removed = torch.zeros(self.graph.num_nodes, dtype=torch.long, device=self.edge_mask.device)
                 removed.index_add_(0, self.graph.edge_index[0], self.edge_mask.long())
-                self._in_degree = self.graph.in_degree.long() - removed
+                degree = self.graph.in_degree.long() - removed
+            self._in_degree = degree[: self.num_nodes]
         return self._in_degree
+
+    def source_states(self, x: torch.Tensor):  # context manager: [B, N, d] -> [B, N_local, d]
+        """The states messages are gathered from: ``x``, followed on a partitioned graph by the
+        halo nodes' states fetched from the ranks that own them."""
+        return nullcontext(x) if self.halo is None else self.halo.source_states(x)
+
+    def owned(self, t: torch.Tensor) -> torch.Tensor:  # [B, N_local, ...] -> [B, N, ...]
+        """The rows of the nodes whose states the layers hold (an aggregation over the local graph
+        has rows for the halo nodes too, empty ones)."""
+        return t if self.halo is None else self.halo.owned_part(t)
+
+    def mean_over_nodes(self, values: torch.Tensor) -> torch.Tensor:  # [N] -> scalar
+        """The mean of a per-node quantity over every node of the graph, on every rank."""
+        return values.mean() if self.halo is None else self.halo.mean_over_nodes(values)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -114,18 +140,20 @@ def neighbourhood_update(
     weight = None if graph.edge_weight is None else graph.edge_weight.to(dtype)
     reduce = _fused_reduce if message != "rotate" else _materialised_reduce
 
-    def reduced(kind: str) -> torch.Tensor:
-        return reduce(x, relation, graph, weight, message, kind)
+    with graph.source_states(x) as source:
 
-    if aggregate == "sum":
-        return reduced("sum") + boundary
-    degree = graph.in_degree()
-    if aggregate == "mean":
-        return (reduced("sum") + boundary) / (degree + 1)[None, :, None].to(boundary.dtype)
-    has_in_edge = degree > 0
-    if aggregate in ("max", "min"):
-        return _with_boundary(reduced(aggregate), boundary, has_in_edge, aggregate)
-    return _pna(reduced, boundary, degree, has_in_edge)
+        def reduced(kind: str) -> torch.Tensor:
+            return graph.owned(reduce(source, relation, graph, weight, message, kind))
+
+        if aggregate == "sum":
+            return reduced("sum") + boundary
+        degree = graph.in_degree()
+        if aggregate == "mean":
+            return (reduced("sum") + boundary) / (degree + 1)[None, :, None].to(boundary.dtype)
+        has_in_edge = degree > 0
+        if aggregate in ("max", "min"):
+            return _with_boundary(reduced(aggregate), boundary, has_in_edge, aggregate)
+        return _pna(reduced, boundary, degree, has_in_edge, graph.mean_over_nodes)
 
 
 def _with_boundary(extremum, boundary, has_in_edge, kind):
@@ -134,7 +162,7 @@ def _with_boundary(extremum, boundary, has_in_edge, kind):
     return torch.where(has_in_edge[None, :, None], joined, boundary.to(joined.dtype))
 
 
-def _pna(reduced: Callable[[str], torch.Tensor], boundary, degree, has_in_edge) -> torch.Tensor:
+def _pna(reduced: Callable[[str], torch.Tensor], boundary, degree, has_in_edge, mean_over_nodes) -> torch.Tensor:
     """PNA aggregation as GFM-RAG/ULTRA wrote it: 4 aggregators × 3 degree scalers.
 
     With n(v) = deg(v) + 1 (the boundary counts as one message) and M the messages into v plus the
@@ -159,7 +187,7 @@ def _pna(reduced: Callable[[str], torch.Tensor], boundary, degree, has_in_edge) 
     std = (sq_mean - mean * mean).clamp(min=PNA_EPS).sqrt()
     features = torch.stack([mean, maximum.to(mean.dtype), minimum.to(mean.dtype), std], dim=-1).flatten(-2)
     scale = (degree + 1).to(mean.dtype).log()
-    scale = scale / scale.mean()
+    scale = scale / mean_over_nodes(scale)
     scalers = torch.stack([torch.ones_like(scale), scale, 1 / scale.clamp(min=1e-2)], dim=-1)  # [N, 3]
     return (features.unsqueeze(-1) * scalers[None, :, None, :]).flatten(-2)
 

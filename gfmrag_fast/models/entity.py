@@ -17,8 +17,9 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .aggregation import PreparedGraph
-from .graph_cache import num_relations_of, rel_graph_of
+from .graph_input import num_relations_of, rel_graph_of
 from .layer import GeneralizedRelationalConv
+from .partition import partition_of
 
 # Accepted for compatibility with GFM-RAG/ULTRA configs; they change nothing here (see NBFNet).
 _IGNORED = ("num_relation", "dependent", "num_beam", "path_topk")
@@ -140,7 +141,11 @@ class NBFNet(nn.Module):
         return out.squeeze(-1)
 
     def prepare(self, graph, device, edge_mask=None, edge_weight=None) -> PreparedGraph:
-        """The graph's cached RelGraph on ``device`` with this call's mask [E] and weight [E]."""
+        """The graph's cached RelGraph on ``device`` with this call's mask [E] and weight [E]; on a
+        partitioned graph, this rank's local graph with the mask and weight cut to its edges."""
+        partition = partition_of(graph)
+        if partition is not None:
+            return partition.to(device).prepare(edge_weight, edge_mask)
         return PreparedGraph(rel_graph_of(graph, device), edge_weight, edge_mask)
 
 
@@ -150,6 +155,10 @@ class QueryNBFNet(NBFNet):
     ``forward(graph, input [B, N, d0], relation_representations [2R, d0] | [B, 2R, d0],
     query [B, d0], edge_mask=None, edge_weight=None) -> [B, N]``: ``input`` is both the first
     layer's input and every layer's boundary; score = mlp(cat[x_L, query]).
+
+    On a partitioned graph (:mod:`.partition`) the layers hold this rank's owned nodes only:
+    ``input`` may be [B, N, d0] or the owned rows alone (cheaper), and the owned scores of all
+    ranks are combined, so every rank returns the same [B, N].
     """
 
     def forward(
@@ -162,8 +171,12 @@ class QueryNBFNet(NBFNet):
         edge_weight: Optional[torch.Tensor] = None,  # [E]
     ) -> torch.Tensor:  # [B, N]
         prepared = self.prepare(graph, input.device, edge_mask, edge_weight)
+        partition = prepared.halo
+        if partition is not None:
+            input = partition.owned_rows(input)
         hiddens = self.propagate(prepared, input, input, relation_representations)
-        return self.score(hiddens, query)
+        scores = self.score(hiddens, query)
+        return scores if partition is None else partition.gather_scores(scores)
 
 
 class EntityNBFNet(NBFNet):
@@ -180,6 +193,10 @@ class EntityNBFNet(NBFNet):
         boundary = query at node h_b, 0 elsewhere                   # [B, N, d0]
         x_L      = layers(boundary), every layer's boundary being ``boundary``
         score    = mlp(cat[x_L[b, t_i], query_b])                   # [B, 1+K]
+
+    On a partitioned graph (:mod:`.partition`) each rank holds its owned nodes' states, scores
+    the candidates it owns, and the ranks' scores are summed, so every rank returns the same
+    [B, 1+K].
     """
 
     def forward(
@@ -198,13 +215,25 @@ class EntityNBFNet(NBFNet):
             query = relation_representations[rel_index]
         else:
             query = relation_representations[torch.arange(len(rel_index), device=rel_index.device), rel_index]
-        num_nodes = int(graph.num_nodes)
-        boundary = query.new_zeros(len(head), num_nodes, query.shape[-1]).index_put(
-            (torch.arange(len(head), device=head.device), head), query, accumulate=True
+        prepared = self.prepare(graph, query.device, edge_mask, edge_weight)
+        partition = prepared.halo
+        source = query
+        if partition is not None:
+            head, owns_head = partition.local_ids(head)
+            source = query * owns_head.unsqueeze(-1).to(query.dtype)  # heads of other ranks add 0
+        boundary = query.new_zeros(len(head), prepared.num_nodes, query.shape[-1]).index_put(
+            (torch.arange(len(head), device=head.device), head), source, accumulate=True
         )
-        prepared = self.prepare(graph, boundary.device, edge_mask, edge_weight)
         hiddens = self.propagate(prepared, boundary, boundary, relation_representations)
-        return self.score(hiddens, query, index=t_index)
+        if partition is None:
+            return self.score(hiddens, query, index=t_index)
+        local, owned = partition.local_ids(t_index)
+        if local.shape[1] >= prepared.num_nodes:
+            # As many candidates as owned nodes (evaluation: all N): score the owned nodes once.
+            scores = self.score(hiddens, query).gather(1, local)
+        else:
+            scores = self.score(hiddens, query, index=local)
+        return partition.sum_over_ranks(torch.where(owned, scores, torch.zeros_like(scores)))
 
 
 def to_tail_prediction(h_index, t_index, r_index, num_direct_relations: int):

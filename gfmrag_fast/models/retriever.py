@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .entity import NBFNet, QueryNBFNet
+from .partition import partition_of
 
 
 class QueryGNN(nn.Module):
@@ -57,6 +58,8 @@ class GNNRetriever(QueryGNN):
     ``entities_weight`` [N] rescales each entity's share of the question (the original's
     argument: it multiplies the 0/1 question-entity mask, so weighted entities start with a
     scaled copy of q). State-dict keys: ``question_mlp.*``, ``rel_mlp.*``, ``entity_model.*``.
+    On a partitioned graph (``graph.partition``, :mod:`.partition`) x0 is built for this rank's
+    nodes only and the returned [B, N] logits are the same on every rank.
     """
 
     def __init__(self, entity_model: QueryNBFNet, rel_emb_dim: int, *args, **kwargs):
@@ -75,6 +78,11 @@ class GNNRetriever(QueryGNN):
         question = self.question_mlp(batch["question_embeddings"])  # [B, d0]
         relation = self.rel_mlp(graph.rel_emb)  # [2R, d0]
         mask = batch["question_entities_masks"]
+        partition = partition_of(graph)
+        if partition is not None:
+            # Graph-partitioned: this rank builds the input of its own nodes only.
+            mask = partition.owned_rows(mask)
+            entities_weight = None if entities_weight is None else partition.owned_rows(entities_weight, dim=0)
         if entities_weight is not None:
             mask = mask * entities_weight.unsqueeze(0)
         x0 = mask.to(question.dtype).unsqueeze(-1) * question.unsqueeze(1)

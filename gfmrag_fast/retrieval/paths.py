@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..models.aggregation import PreparedGraph
-from ..models.graph_cache import rel_graph_of
+from ..models.graph_input import rel_graph_of
 from ..models.retriever import GNNRetriever
 
 __all__ = ["Path", "edge_importance", "beam_search_paths", "layered_forward"]

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from ..data import QADataset
+from ..data import QADataset, prepare_graph
 from ..data.batch import index_mask
 from ..data.readers import clean_name, read_json
 from ..models.retriever import GNNRetriever
@@ -84,7 +84,8 @@ class GFMRetriever:
         self.dataset = dataset
         self.text_emb_model = dataset.text_emb_model
         self.batch_size = int(batch_size)
-        self.graph = dataset.graph.to(self.device)
+        # On the device with its RelGraph prepared once (not per retrieve/explain call).
+        self.graph = prepare_graph(dataset.graph, self.device)
         self.entities_weight = dataset.entities_weight().to(self.device) if init_entities_weight else None
         self.ent2doc = dataset.ent2doc.coalesce().to(self.device)
         self.doc_ranker = make_doc_ranker(doc_ranker, self.ent2doc, dataset.document_embeddings)

@@ -66,3 +66,26 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 60) -> DistE
 def shutdown(env: DistEnv) -> None:
     if env.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def broadcast_parameters(module: torch.nn.Module, src: int = 0) -> None:
+    """Rank ``src``'s parameters and buffers on every rank (what DDP does when it wraps a model)."""
+    for tensor in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(tensor.data, src=src)
+
+
+def sum_gradients(module: torch.nn.Module) -> None:
+    """Replaces every parameter's gradient by its sum over ranks, in one all-reduce per dtype.
+
+    For graph-partitioned training: every rank back-propagates the same loss through its own
+    nodes, so the loss's gradient is the sum of the ranks' gradients (DDP would average them).
+    Every rank must hold gradients for the same parameters."""
+    groups: dict = {}
+    for param in module.parameters():
+        if param.grad is not None:
+            groups.setdefault((param.grad.device, param.grad.dtype), []).append(param.grad)
+    for grads in groups.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        for grad, summed in zip(grads, flat.split([g.numel() for g in grads])):
+            grad.copy_(summed.view_as(grad))

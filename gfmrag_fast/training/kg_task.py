@@ -14,17 +14,20 @@ otherwise a fixed seeded sample of training triples (split "train", as the origi
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..data.resident import PreparedDataset, ResidentDatasets, device_guard, prepare_dataset
 from ..losses import adversarial_bce
 from ..metrics import check_link_prediction_metrics, link_prediction_metrics, link_prediction_ranks
 from ..models.checkpoint import save_pretrained
-from ..models.graph_cache import num_relations_of, rel_graph_of
+from ..models.graph_input import num_relations_of
 from ..ops import TripleIndex, easy_edge_mask, negative_sampling
 from .distributed import DistEnv
-from .tasks_common import interleaved_batches, shard
+from .epoch_plan import EpochPlan, walk_datasets, walk_steps
+from .tasks_common import GraphPartitions, dataset_info, shard
 
 HELD_OUT_SPLITS = ("valid", "test")
 
@@ -32,6 +35,17 @@ HELD_OUT_SPLITS = ("valid", "test")
 def training_triples(graph) -> torch.Tensor:  # [T, 3] rows (h, t, r)
     """The graph's training triples as (h, t, r) rows, from ``target_edge_index`` / ``target_edge_type``."""
     return torch.cat([graph.target_edge_index.t(), graph.target_edge_type.unsqueeze(1)], dim=1).long().contiguous()
+
+
+def describe_kg_dataset(ds, train: bool) -> Dict[str, Any]:
+    """What the task needs to know of a loaded KG dataset to plan without it: its number of
+    ``train`` triples and ``feat_dim``. A training dataset without triples is a ValueError."""
+    num_triples = int(ds.graph.target_edge_type.numel())
+    if train and not num_triples:
+        stats = getattr(ds, "stats", None) or {}
+        why = f" ({stats['skipped_lines']} line(s) of kg.txt skipped)" if stats.get("skipped_lines") else ""
+        raise ValueError(f"training dataset {ds.data_name!r} has no training triple{why}: nothing to pre-train on")
+    return {"train": num_triples, "feat_dim": int(ds.graph.rel_emb.shape[1])}
 
 
 class KGCompletionTask:
@@ -51,6 +65,15 @@ class KGCompletionTask:
             triples (None: all of them).
         text_emb_conf: the text model config written into ``config.json`` by save_pretrained.
         seed: shuffling of the training triples (the same on every rank) and the fast_test sample.
+        max_datasets_in_memory, data_loading_workers: at most that many datasets resident at a
+            time (:class:`~gfmrag_fast.data.ResidentDatasets`), loaded ahead by that many threads;
+            an epoch walks the training datasets in groups of that many (:class:`.EpochPlan`).
+            Datasets are loaded objects or :class:`~gfmrag_fast.data.LazyDataset` described by
+            :func:`describe_kg_dataset`.
+        graph_partition: "none", or "contiguous" / "metis" to split each graph's nodes over the
+            ranks (:func:`gfmrag_fast.models.partition.partition_graph`), done in the training
+            loop's thread when a dataset is first used and kept while it is resident
+            (:class:`.GraphPartitions`).
     """
 
     def __init__(
@@ -67,6 +90,9 @@ class KGCompletionTask:
         text_emb_conf: Dict[str, Any],
         device: torch.device,
         seed: int = 0,
+        max_datasets_in_memory: Optional[int] = None,
+        data_loading_workers: int = 0,
+        graph_partition: str = "none",
     ):
         if int(num_negative) <= 0:
             raise ValueError(f"task.num_negative must be a positive integer, got {num_negative}")
@@ -74,54 +100,65 @@ class KGCompletionTask:
             raise ValueError(
                 f"batch sizes must be positive, got batch_size={batch_size}, eval_batch_size={eval_batch_size}"
             )
-        self.train_sets, self.valid_sets = list(train_sets), list(valid_sets)
+        self.train_names = [ds.data_name for ds in train_sets]
+        self.valid_names = [ds.data_name for ds in valid_sets]
+        self.train_sizes = [dataset_info(ds, "train", functools.partial(describe_kg_dataset, train=True))
+                            for ds in train_sets]
         self.num_negative, self.strict_negative = int(num_negative), bool(strict_negative)
         self.adversarial_temperature = float(adversarial_temperature)
         self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
         self.metrics = check_link_prediction_metrics(metrics)
         self.fast_test = None if fast_test is None else int(fast_test)
         self.text_emb_conf, self.device, self.seed = text_emb_conf, device, int(seed)
-        # One device copy of each graph, kept for the whole run: the model and the samplers then
-        # share its cached RelGraph and TripleIndex (keyed by the tensors' identity).
-        self._graphs: Dict[int, Any] = {}
-        self._triples = [training_triples(ds.graph) for ds in self.train_sets]  # CPU, [T, 3] each
-        for ds, triples in zip(self.train_sets, self._triples):
-            if not len(triples):
-                stats = getattr(ds, "stats", None) or {}
-                why = f" ({stats['skipped_lines']} line(s) of kg.txt skipped)" if stats.get("skipped_lines") else ""
-                raise ValueError(
-                    f"training dataset {ds.data_name!r} has no training triple{why}: nothing to pre-train on"
-                )
-        self._eval_sets = [self._eval_set(ds) for ds in self.valid_sets]
+        self.max_datasets_in_memory = max_datasets_in_memory
+        self.graph_partition = graph_partition
+        self.partitions = GraphPartitions(graph_partition)  # the models' graphs, split in this thread
+        # The one owner of the datasets' tensors and their device state.
+        self.datasets = ResidentDatasets([*train_sets, *valid_sets], self._prepare, max_datasets_in_memory,
+                                         data_loading_workers)
 
-    def graph_of(self, ds) -> Any:
-        key = id(ds)
-        if key not in self._graphs:
-            self._graphs[key] = ds.graph.to(self.device)
-        return self._graphs[key]
+    def _prepare(self, ds) -> PreparedDataset:
+        """The graph on the device; for training, its TripleIndex (negatives, easy edges) and the
+        triples [T, 3] (host); for evaluation, the filter index and the evaluated triples."""
+        train = ds.data_name in self.train_names
+        prepared = prepare_dataset(ds, self.device, with_triple_index=train)
+        if train:
+            prepared.extras["triples"] = training_triples(ds.graph)
+        if ds.data_name in self.valid_names:
+            with device_guard(self.device):
+                prepared.extras["filter_index"], prepared.extras["splits"] = self._eval_parts(ds)
+        return prepared
 
     # --- training ------------------------------------------------------------------------
-    def train_batches(self, epoch: int, env: DistEnv):
-        collate = [torch.stack] * len(self._triples)
-        yield from interleaved_batches(self._triples, self.batch_size, epoch, env, collate, self.seed)
+    def train_batches(self, epoch: int, env: DistEnv, start: int = 0, max_steps: Optional[int] = None):
+        """(dataset index, triples [b, 3]) of steps ``start``... of ``epoch`` (at most ``max_steps``)."""
+        plan = EpochPlan(self.train_sizes, self.batch_size, epoch, self.seed, env.rank, env.world_size,
+                         self.max_datasets_in_memory, max_steps)
+        for i, items in walk_steps(plan, self.train_names, self.datasets, start):
+            yield i, self.datasets.get(self.train_names[i]).extras["triples"][items]
+
+    def queries(self, item) -> int:
+        """Training triples in a batch."""
+        return len(item[1])
 
     def loss(self, model, item: Tuple[int, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         index, triples = item  # triples [B, 3] (h, t, r)
-        graph = self.graph_of(self.train_sets[index])
-        rel_graph = rel_graph_of(graph)
+        state = self.datasets.get(self.train_names[index])
+        rel_graph = state.rel_graph
         triples = triples.to(rel_graph.device, non_blocking=True)
         # Triples come from the graph itself: no range check (it would sync the device).
         batch = negative_sampling(rel_graph, triples, self.num_negative, strict=self.strict_negative,
                                   check_values=False)  # [B, 1 + K, 3]
         edge_mask = easy_edge_mask(rel_graph, batch, check_values=False)  # [E]
+        graph = self.partitions.graph(self.train_names[index], state)  # this rank's share when partitioned
         pred = model(graph, batch, edge_mask=edge_mask)  # [B, 1 + K]
         target = torch.zeros_like(pred)
         target[:, 0] = 1
         return adversarial_bce(pred, target, self.adversarial_temperature), {}
 
     # --- evaluation ----------------------------------------------------------------------
-    def _eval_set(self, ds) -> Tuple[str, Any, TripleIndex, List[Tuple[str, torch.Tensor]]]:
-        """(name, graph, filter index, [(split, triples [n, 3])]) of one evaluation dataset."""
+    def _eval_parts(self, ds) -> Tuple[TripleIndex, List[Tuple[str, torch.Tensor]]]:
+        """(filter index, [(split, triples [n, 3])]) of one evaluation dataset."""
         graph = ds.graph
         train = training_triples(graph)
         held_out = [(split, getattr(graph, f"{split}_triples", None)) for split in HELD_OUT_SPLITS]
@@ -135,17 +172,20 @@ class KGCompletionTask:
         edge_type = torch.cat([known[:, 2], known[:, 2] + num_direct])
         filter_index = TripleIndex(edge_index.to(self.device), edge_type.to(self.device),
                                    int(graph.num_nodes), 2 * num_direct)
-        return ds.data_name, ds, filter_index, splits
+        return filter_index, splits
 
     def evaluate(self, model, env: DistEnv) -> List[Dict[str, Any]]:
-        rows = []
-        for name, ds, filter_index, splits in self._eval_sets:
-            graph = self.graph_of(ds)
-            for split, triples in splits:
-                mine = shard(len(triples), env)
-                ranks = self._ranks(model, graph, filter_index, triples[mine.start:mine.stop].to(self.device))
-                ranks = torch.cat([part for part in env.gather_objects(ranks.cpu())])
-                rows.append({"dataset": name, "split": split, **link_prediction_metrics(ranks, self.metrics)})
+        return [row for name in walk_datasets(self.valid_names, self.datasets)
+                for row in self._evaluate_dataset(model, name, env)]
+
+    def _evaluate_dataset(self, model, name: str, env: DistEnv) -> List[Dict[str, Any]]:
+        state, rows = self.datasets.get(name), []
+        for split, triples in state.extras["splits"]:
+            mine = shard(len(triples), env)
+            ranks = self._ranks(model, self.partitions.graph(name, state), state.extras["filter_index"],
+                                triples[mine.start:mine.stop].to(self.device))
+            ranks = torch.cat([part for part in env.gather_objects(ranks.cpu())])
+            rows.append({"dataset": name, "split": split, **link_prediction_metrics(ranks, self.metrics)})
         return rows
 
     def _ranks(self, model, graph, filter_index: TripleIndex, triples: torch.Tensor) -> torch.Tensor:

@@ -2,9 +2,17 @@
 
 A training checkpoint (``model_last.pth``, ``model_best.pth``, ``model_epoch_<e>.pth``) is a dict::
 
-    {"model": state_dict, "optimizer": state_dict, "epoch": next epoch to train,
+    {"model": state_dict, "optimizer": state_dict, "epoch": epoch to train next, "step": its next step,
      "best_score": float, "best_epoch": int or None, "run_id": str,
-     "history": [{"epoch", "loss", <metric>}], "rng": {"torch", "cuda", "python", "numpy"}}
+     "history": [{"epoch", "loss", <metric>}], "rng": {"torch", "cuda", "python", "numpy"},
+     "rank_rng": [rng of every rank] (several processes), "world_size": int,
+     "data_world_size": int (the data-parallel shards of an epoch's batches: world_size, or 1 when
+     graph-partitioned),
+     "epoch_loss": tensor [world size] (mid-epoch only: each rank's sum of the epoch's losses so far)}
+
+``step`` is 0 at an epoch's end (the checkpoint after epoch ``epoch - 1``; older checkpoints have no
+``step``) and k > 0 in a checkpoint written mid-epoch (``train.save_interval``) after k steps of
+epoch ``epoch``; ``model_best.pth`` is always an epoch's end.
 
 Only tensors and plain Python values: the RNG states of Python and numpy are stored as lists and
 tensors, not as the tuples and numpy arrays their ``getstate`` functions return, so loading a
@@ -24,8 +32,10 @@ import torch
 from ..models.checkpoint import CheckpointError, load_checkpoint_file
 
 TRAINING_KEYS = ("model", "optimizer", "epoch")
-_TYPES = {"model": Mapping, "optimizer": Mapping, "epoch": int, "best_score": (int, float),
-          "best_epoch": (int, type(None)), "run_id": str, "history": list, "rng": (Mapping, type(None))}
+_TYPES = {"model": Mapping, "optimizer": Mapping, "epoch": int, "step": int, "best_score": (int, float),
+          "best_epoch": (int, type(None)), "run_id": str, "history": list, "rng": (Mapping, type(None)),
+          "rank_rng": (list, type(None)), "world_size": int, "data_world_size": int,
+          "epoch_loss": torch.Tensor}
 
 
 def capture_rng() -> Dict[str, Any]:

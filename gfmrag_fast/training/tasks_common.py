@@ -1,14 +1,14 @@
-"""Pieces both training tasks share: per-rank batching over several datasets, loss configs."""
+"""Pieces both training tasks share: loss configs, evaluation shards, dataset sizes, graph partitions."""
 
 from __future__ import annotations
 
-import random
-from typing import Any, Callable, Dict, Iterator, List, Sequence
+from typing import Any, Callable, Dict, List
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from ..data.resident import LazyDataset, PreparedDataset
 from ..losses import adversarial_bce, list_ce
+from ..models.partition import PARTITION_METHODS, partition_graph, partition_of
 from .distributed import DistEnv
 
 # GFM-RAG's loss targets (and ours) -> function; keyword arguments come from the config.
@@ -31,30 +31,6 @@ def resolve_loss(spec: Dict[str, Any]) -> Callable[[torch.Tensor, torch.Tensor],
     return lambda pred, tgt: fn(pred, tgt, **spec)
 
 
-def interleaved_batches(
-    datasets: Sequence[Dataset],
-    batch_size: int,
-    epoch: int,
-    env: DistEnv,
-    collate_fns: Sequence[Callable | None],
-    seed: int = 0,
-) -> Iterator[tuple[int, Any]]:
-    """(dataset index, batch) pairs of one epoch: each dataset shuffled and sharded over ranks by a
-    DistributedSampler, the datasets' batches interleaved in a random order that is the same on
-    every rank (so DDP ranks step through the same graphs together)."""
-    loaders = []
-    for ds, collate in zip(datasets, collate_fns):
-        # Padded to equal shards (drop_last=False): every rank must take the same number of steps.
-        sampler = DistributedSampler(ds, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=seed)
-        sampler.set_epoch(epoch)
-        loaders.append(DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=collate))
-    order: List[int] = [i for i, loader in enumerate(loaders) for _ in range(len(loader))]
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    iterators = [iter(loader) for loader in loaders]
-    for i in order:
-        yield i, next(iterators[i])
-
-
 def shard(n: int, env: DistEnv) -> range:
     """This rank's slice of n evaluation items (contiguous, sizes differ by at most one)."""
     per, extra = divmod(n, env.world_size)
@@ -69,3 +45,50 @@ def gather_mean(values: Dict[str, List[float]], env: DistEnv) -> Dict[str, float
         for key, vals in part.items():
             merged.setdefault(key, []).extend(vals)
     return {key: float(sum(vals) / len(vals)) for key, vals in merged.items() if vals}
+
+
+def dataset_info(ds, key: str, describe: Callable[[Any], Dict[str, Any]]) -> Any:
+    """``ds.info[key]`` of a :class:`LazyDataset` (described when the workflow scanned it), else
+    ``describe(ds)[key]`` of a loaded dataset."""
+    return ds.info[key] if isinstance(ds, LazyDataset) else describe(ds)[key]
+
+
+
+class GraphPartitions:
+    """The graph the model runs on for each resident dataset: its prepared graph, or with
+    ``train.graph_partition`` = contiguous / metis this rank's share of it
+    (:func:`~gfmrag_fast.models.partition.partition_graph`).
+
+    Partitioning is a collective (rank 0 partitions, the others receive the owners) and so are
+    the halo exchanges of every forward pass; the collectives of all ranks must come in the same
+    order. So a graph is partitioned here, in the training loop's thread, when its dataset is first
+    used by a step or an evaluation — every rank of a graph-partitioned run walks the same
+    datasets with the same batches — and never in the loading threads of
+    :class:`~gfmrag_fast.data.ResidentDatasets`, which only prepare the whole graph.
+
+    The partitioned graph is kept in the dataset's prepared state (``extras``), so it lives and is
+    freed with the dataset. The owner of every node (``partition.parts``, 2 bytes a node) is kept
+    for the whole run: a dataset loaded again in a later group or epoch is split the same way
+    without partitioning (METIS) or communicating again.
+    """
+
+    KEY = "partitioned_graph"
+
+    def __init__(self, method: str | None):
+        self.method = "none" if method is None else str(method)
+        if self.method not in PARTITION_METHODS:
+            raise ValueError(f"train.graph_partition must be one of {PARTITION_METHODS}, got {method!r}")
+        self._parts: Dict[str, torch.Tensor] = {}  # dataset name -> [N] owner rank of each node
+
+    def graph(self, name: str, state: PreparedDataset):
+        """The graph of resident dataset ``name`` (prepared ``state``) for the model."""
+        if self.method == "none":
+            return state.graph
+        graph = state.extras.get(self.KEY)
+        if graph is None:
+            graph = partition_graph(state.graph, self.method, parts=self._parts.get(name))
+            partition = partition_of(graph)
+            if partition is not None and partition.parts is not None:
+                self._parts[name] = partition.parts
+            state.extras[self.KEY] = graph
+        return graph

@@ -8,6 +8,14 @@ Checkpoints and a kill at any instant: after an epoch, ``model_last.pth`` is wri
 best epoch and the run it belongs to, so a resume checks that ``model_best.pth`` holds that epoch
 of that run; killed between the two writes, the best epoch *is* the last one, and the resume
 rewrites ``model_best.pth`` from it. The export to ``pretrained/`` checks the same before using it.
+
+Step checkpoints (``train.save_interval``): every that many steps of an epoch, ``model_last.pth``
+is also written with the position in the epoch (``step``), the sum of the epoch's losses so far
+and every rank's random generators. A resume from it continues at the next step with the batches
+an uninterrupted run would have had: the task computes the epoch's batch order from the seed and
+starts at that step without loading or iterating the ones before (``train_batches(..., start=)``),
+so on a CPU the weights are bit-identical to an uninterrupted run's. A mid-epoch checkpoint is
+never a best one: ``model_best.pth`` is only written at an epoch's end.
 """
 
 from __future__ import annotations
@@ -26,12 +34,13 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from .distributed import DistEnv
+from .distributed import DistEnv, broadcast_parameters, sum_gradients
 from .state import capture_rng, load_training_state, restore_rng
 from ..atomic_io import (
     append_jsonl, atomic_jsonl, atomic_torch_save, atomic_write, read_jsonl, remove_stale_temporaries,
 )
 from ..models.checkpoint import CheckpointError
+from ..models.partition import PARTITION_METHODS
 
 LAST, BEST = "model_last.pth", "model_best.pth"
 
@@ -39,8 +48,10 @@ log = logging.getLogger(__name__)
 
 
 class Task(Protocol):
-    def train_batches(self, epoch: int, env: DistEnv) -> Iterable[Any]:
-        """This rank's training batches of `epoch`."""
+    def train_batches(self, epoch: int, env: DistEnv, start: int = 0, max_steps: Optional[int] = None) -> Iterable[Any]:
+        """This rank's training batches of `epoch`, from step `start` on, at most `max_steps` steps
+        in all. The trainer passes `start` only when it resumes mid-epoch and `max_steps` only
+        when `train.batch_per_epoch` is set: a task that yields whole epochs needs neither."""
 
     def loss(self, model: torch.nn.Module, batch: Any) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """(loss to minimise, detached scalars to log) of one batch; the trainer reads the logged
@@ -51,6 +62,8 @@ class Task(Protocol):
 
     def save_pretrained(self, model: torch.nn.Module, folder: str) -> None:
         """Writes the model in GFM-RAG's release format."""
+
+    # Optional: ``queries(batch) -> int``, the queries in a training batch (logged as queries/s).
 
 
 @dataclass
@@ -66,14 +79,25 @@ class TrainOptions:
     dtype: str = "float32"  # or "bfloat16": autocast for forward and loss
     max_grad_norm: Optional[float] = None
     compile: bool = False  # torch.compile the training forward (fuses the dense per-node work)
+    save_interval: Optional[int] = None  # steps: also write model_last.pth every that many steps of an epoch
+    graph_partition: str = "none"  # or contiguous / metis: the ranks split each graph's nodes (models.partition)
 
 
 class Trainer:
     def __init__(self, model, optimizer, task: Task, options: TrainOptions, output_dir: str, env: DistEnv):
         self.raw_model = model.to(env.device)
+        if options.graph_partition not in PARTITION_METHODS:
+            raise ValueError(f"train.graph_partition must be one of {PARTITION_METHODS}, got {options.graph_partition!r}")
+        # Graph-partitioned: the ranks are one data-parallel replica that splits the graph's nodes.
+        # The task sees a one-rank data environment (every rank gets the same batches), and the
+        # gradients are summed over ranks, not averaged as DDP would (models.partition).
+        self.partitioned = env.distributed and options.graph_partition != "none"
+        self.data_env = DistEnv(device=env.device) if self.partitioned else env
+        if self.partitioned:
+            broadcast_parameters(self.raw_model)
         self.model = (
             DistributedDataParallel(self.raw_model, device_ids=[env.device] if env.device.type == "cuda" else None)
-            if env.distributed
+            if env.distributed and not self.partitioned
             else self.raw_model
         )
         if options.compile:
@@ -82,6 +106,8 @@ class Trainer:
         self.optimizer, self.task, self.options, self.env = optimizer, task, options, env
         self.output_dir = output_dir
         self.start_epoch = 0
+        self.start_step = 0  # > 0: resumed mid-epoch, with that many steps of start_epoch done
+        self._resumed_loss: Optional[torch.Tensor] = None  # the sum of those steps' losses
         self.best_score = -math.inf
         self.best_epoch: Optional[int] = None  # the epoch whose model model_best.pth holds
         self.run_id = uuid.uuid4().hex  # ties model_best.pth to the model_last.pth of the same run
@@ -94,20 +120,36 @@ class Trainer:
             raise ValueError(
                 f"train.batch_per_epoch must be at least 1 (or null: no cap), got {options.batch_per_epoch}"
             )
+        if options.save_interval is not None and int(options.save_interval) < 0:
+            raise ValueError(f"train.save_interval must be a number of steps (0 or null: epoch ends only), "
+                             f"got {options.save_interval}")
 
     # --- checkpoints -----------------------------------------------------------------------
-    def state(self, next_epoch: int) -> Dict[str, Any]:
-        """The training checkpoint after epoch ``next_epoch - 1`` (see :mod:`.state`)."""
-        return {
+    def state(self, next_epoch: int, step: int = 0, epoch_loss: Optional[torch.Tensor] = None,
+              rngs: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
+        """The training checkpoint after epoch ``next_epoch - 1`` or, with ``step`` > 0, after
+        ``step`` steps of epoch ``next_epoch`` whose losses sum to ``epoch_loss`` [world size]
+        on each rank (see :mod:`.state`); ``rngs``: every rank's generators (default: this
+        process's)."""
+        rngs = rngs or [capture_rng()]
+        state = {
             "model": self.raw_model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "epoch": next_epoch,
+            "step": step,
             "best_score": self.best_score,
             "best_epoch": self.best_epoch,
             "run_id": self.run_id,
             "history": self.history,
-            "rng": capture_rng(),
+            "rng": rngs[0],
+            "world_size": self.env.world_size,
+            "data_world_size": self.data_env.world_size,
         }
+        if len(rngs) > 1:
+            state["rank_rng"] = rngs
+        if step:
+            state["epoch_loss"] = epoch_loss
+        return state
 
     def resume(self, state: Dict[str, Any], source: Optional[str] = None) -> None:
         """Continues a run from a training checkpoint (loaded from the file ``source``): model,
@@ -116,16 +158,38 @@ class Trainer:
         self.raw_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.start_epoch = int(state["epoch"])
+        self.start_step = int(state.get("step", 0))
+        epoch_loss = state.get("epoch_loss")
+        if self.start_step and (epoch_loss is None or epoch_loss.dim() != 1 or not len(epoch_loss)):
+            raise CheckpointError(f"checkpoint {source}: written at step {self.start_step} of epoch {self.start_epoch} "
+                                  "but without the epoch's loss so far (epoch_loss, one value per rank)")
+        if self.start_step:
+            # This rank's sum, to the bit; the mean of them after a change of the number of processes.
+            self._resumed_loss = (epoch_loss[self.env.rank] if len(epoch_loss) == self.env.world_size
+                                  else epoch_loss.float().mean())
         self.best_score = float(state.get("best_score", -math.inf))
         best_epoch = state.get("best_epoch")
         self.best_epoch = None if best_epoch is None else int(best_epoch)
         self.run_id = str(state.get("run_id") or self.run_id)
         self.history = list(state.get("history", []))
-        restore_rng(state.get("rng") or {})
+        rank_rng = state.get("rank_rng")
+        writers = int(state.get("world_size", len(rank_rng) if rank_rng else 1))
+        if rank_rng and len(rank_rng) == self.env.world_size:
+            restore_rng(rank_rng[self.env.rank])
+        else:
+            restore_rng(state.get("rng") or {})
+        # The epoch's batches are sharded over the data-parallel ranks: all of them, or one when
+        # graph-partitioned (every rank trains on the same batches, whatever the number of ranks).
+        shards = int(state.get("data_world_size", writers))
+        if self.start_step and shards != self.data_env.world_size and self.env.is_main:
+            log.warning("resuming step %d of epoch %d with the batches sharded %d way(s), but they were sharded %d "
+                        "way(s) when the checkpoint was written: the rest of the epoch is sharded anew, so it is "
+                        "not the run that was interrupted", self.start_step, self.start_epoch,
+                        self.data_env.world_size, shards)
         if self.env.is_main:
             self._restore_best(state, source)
-            log.info("resumed at epoch %d (best %s so far: %.4f)", self.start_epoch, self.options.metric,
-                     self.best_score)
+            log.info("resumed at epoch %d%s (best %s so far: %.4f)", self.start_epoch,
+                     f" step {self.start_step}" if self.start_step else "", self.options.metric, self.best_score)
 
     def _path(self, name: str) -> str:
         return os.path.join(self.output_dir, name)
@@ -136,7 +200,8 @@ class Trainer:
         if not os.path.isfile(path):
             return False
         best = load_training_state(path, map_location="cpu")
-        return best.get("run_id") == self.run_id and int(best["epoch"]) - 1 == self.best_epoch
+        return (best.get("run_id") == self.run_id and int(best.get("step", 0)) == 0
+                and int(best["epoch"]) - 1 == self.best_epoch)
 
     def _restore_best(self, state: Dict[str, Any], source: Optional[str]) -> None:
         """Makes the run folder's model_best.pth hold the recorded best epoch."""
@@ -145,7 +210,7 @@ class Trainer:
         target = self._path(BEST)
         if self._holds_best(target):
             return
-        if int(state["epoch"]) - 1 == self.best_epoch:
+        if int(state.get("step", 0)) == 0 and int(state["epoch"]) - 1 == self.best_epoch:
             # The checkpoint is the best itself: model_last.pth of a run killed before it wrote
             # model_best.pth, or a model_best.pth resumed into a new folder.
             log.info("%s: written from the resumed checkpoint (epoch %d, the best)", target, self.best_epoch)
@@ -173,37 +238,53 @@ class Trainer:
             return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
         return torch.autocast(self.env.device.type, enabled=False)
 
-    def train_epoch(self, epoch: int) -> float:
+    def train_epoch(self, epoch: int, start: int = 0) -> float:
+        """Trains steps ``start``... of ``epoch`` (``start`` > 0: resumed mid-epoch); returns the
+        epoch's mean loss, over every rank."""
         self.model.train()
-        total, count = torch.zeros((), device=self.env.device), 0
-        batches = self.task.train_batches(epoch, self.env)
+        total, count = torch.zeros((), device=self.env.device), start
+        if start:
+            total += self._resumed_loss.to(self.env.device)
+        where: Dict[str, int] = {"start": start} if start else {}
+        if self.options.batch_per_epoch is not None:
+            where["max_steps"] = int(self.options.batch_per_epoch)
+        # data_env: the task's view of the ranks (one rank when graph-partitioned: same batches everywhere)
+        batches = self.task.train_batches(epoch, self.data_env, **where)
         progress = None
         if self.env.is_main:
             from tqdm import tqdm
 
             # In a log file a progress bar is thousands of lines: only draw it on a terminal.
-            progress = tqdm(desc=f"epoch {epoch}", total=self.options.batch_per_epoch, leave=False,
+            progress = tqdm(desc=f"epoch {epoch}", total=self.options.batch_per_epoch, initial=start, leave=False,
                             dynamic_ncols=True, disable=not sys.stderr.isatty())
-        start = time.time()
-        for step, batch in enumerate(batches):
+        began = time.time()
+        queries_of = getattr(self.task, "queries", None)
+        window = _Throughput(self.data_env.world_size)  # graph-partitioned ranks share their queries
+        for step, batch in enumerate(batches, start=start):
             if self.options.batch_per_epoch is not None and step >= self.options.batch_per_epoch:
                 break
             with self._autocast():
                 loss, logs = self.task.loss(self.model, batch)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if self.partitioned:
+                sum_gradients(self.raw_model)
             if self.options.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.options.max_grad_norm)
             self.optimizer.step()
             total += loss.detach().float()
             count += 1
+            window.add(queries_of(batch) if queries_of is not None else 0)
             if progress is not None:
                 progress.update(1)
             if self.env.is_main and step % max(self.options.log_interval, 1) == 0:
                 values = {"loss": loss.item(), **{k: float(v) for k, v in logs.items()}}
                 if progress is not None:
                     progress.set_postfix({k: f"{v:.4f}" for k, v in values.items()})
-                log.info("epoch %d step %d %s", epoch, step, " ".join(f"{k} {v:.4f}" for k, v in values.items()))
+                log.info("epoch %d step %d %s | %s", epoch, step, " ".join(f"{k} {v:.4f}" for k, v in values.items()),
+                         window.report(with_queries=queries_of is not None))
+            if self.options.save_interval and (step + 1) % int(self.options.save_interval) == 0:
+                self._save_step(epoch, step + 1, total)
         if progress is not None:
             progress.close()
         if count == 0:
@@ -211,13 +292,22 @@ class Trainer:
         total = total.item()
         mean_loss = self.env.mean(total / max(count, 1))
         if self.env.is_main:
-            log.info("epoch %d: %d batches, mean loss %.4f, %.1f s", epoch, count, mean_loss, time.time() - start)
+            log.info("epoch %d: %d batches, mean loss %.4f, %.1f s", epoch, count, mean_loss, time.time() - began)
         return mean_loss
+
+    def _save_step(self, epoch: int, done: int, epoch_loss: torch.Tensor) -> None:
+        """model_last.pth after ``done`` steps of ``epoch`` (every rank takes part: their
+        generators and loss sums are gathered)."""
+        parts = self.env.gather_objects((capture_rng(), epoch_loss.detach().cpu()))
+        if self.env.is_main:
+            rngs, losses = zip(*parts)
+            atomic_torch_save(self.state(epoch, step=done, epoch_loss=torch.stack(losses), rngs=list(rngs)),
+                              self._path(LAST))
 
     def evaluate(self, epoch: int) -> List[Dict[str, Any]]:
         self.model.eval()
         with torch.no_grad(), self._autocast():
-            rows = self.task.evaluate(self.raw_model, self.env)
+            rows = self.task.evaluate(self.raw_model, self.data_env)
         rows = [{"epoch": epoch, **row} for row in rows]
         if self.env.is_main:
             for row in rows:
@@ -246,7 +336,7 @@ class Trainer:
                 remove_stale_temporaries(folder)
         self._drop_stale_metrics()
         for epoch in range(self.start_epoch, self.options.num_epoch):
-            loss = self.train_epoch(epoch)
+            loss = self.train_epoch(epoch, self.start_step if epoch == self.start_epoch else 0)
             rows = self.evaluate(epoch) if self.options.do_eval else []
             score = self.score(rows)
             improved = score > self.best_score or not rows
@@ -254,8 +344,9 @@ class Trainer:
                 self.best_score = max(score, self.best_score) if rows else self.best_score
                 self.best_epoch = epoch
             self.history.append({"epoch": epoch, "loss": loss, **({self.options.metric: score} if rows else {})})
+            rngs = self.env.gather_objects(capture_rng())
             if self.env.is_main:
-                state = self.state(epoch + 1)
+                state = self.state(epoch + 1, rngs=rngs)
                 # model_last.pth first: it names the best epoch, and when that is this epoch a
                 # resume can rebuild model_best.pth from it (see the module docstring).
                 atomic_torch_save(state, self._path(LAST))
@@ -308,3 +399,24 @@ class Trainer:
         fig.tight_layout()
         atomic_write(self._path("training_curves.png"), lambda f: fig.savefig(f, format="png", dpi=90))
         plt.close(fig)
+
+
+class _Throughput:
+    """Steps and queries per second since the last report (queries of every rank)."""
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+        self.since, self.steps, self.queries = time.perf_counter(), 0, 0
+
+    def add(self, queries: int) -> None:
+        self.steps += 1
+        self.queries += queries
+
+    def report(self, with_queries: bool) -> str:
+        now = time.perf_counter()
+        elapsed = max(now - self.since, 1e-9)
+        text = f"{self.steps / elapsed:.2f} steps/s"
+        if with_queries:
+            text += f", {self.queries * self.world_size / elapsed:.1f} queries/s"
+        self.since, self.steps, self.queries = now, 0, 0
+        return text

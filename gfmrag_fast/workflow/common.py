@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
 import random
 from collections.abc import Mapping
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..data import load_datasets
+from ..data import KGDataset, LazyDataset, QADataset, resolve_text_emb_model
 from ..models.checkpoint import (
     CheckpointError, build_model, load_checkpoint_file, load_pretrained, looks_like_local_path,
 )
@@ -30,7 +31,9 @@ def setup(cfg: DictConfig) -> tuple[DistEnv, str]:
     from hydra.core.hydra_config import HydraConfig
 
     env = init_distributed(str(cfg.train.get("device", "auto")), float(cfg.get("timeout", 60)))
-    seed = int(cfg.get("seed", 1024)) + env.rank
+    # Data-parallel ranks draw different random numbers; graph-partitioned ranks run one replica,
+    # so they must draw the same ones (the pre-training negatives).
+    seed = int(cfg.get("seed", 1024)) + (0 if graph_partition(cfg) != "none" else env.rank)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -51,22 +54,44 @@ def setup(cfg: DictConfig) -> tuple[DistEnv, str]:
     return env, output_dir
 
 
+def graph_partition(cfg: DictConfig) -> str:
+    """``train.graph_partition``: none (null too), contiguous or metis."""
+    value = cfg.train.get("graph_partition")
+    return "none" if value is None else str(value)
+
+
 def text_emb_config(cfg: DictConfig) -> Dict[str, Any]:
     conf = OmegaConf.to_container(cfg.text_emb_model, resolve=True)
     conf.setdefault("_target_", TEXT_EMB_TARGET)
     return conf
 
 
-def build_datasets(cfg: DictConfig, names: List[str], kind: str, env: DistEnv) -> list:
-    """Rank 0 builds (or loads) the stage-2 caches first; the other ranks then load them."""
-    if not names:
-        return []
-    kwargs = dict(root=cfg.datasets.root, names=list(names), kind=kind,
-                  text_emb_model={k: v for k, v in text_emb_config(cfg).items() if k != "_target_"},
-                  **OmegaConf.to_container(cfg.datasets.get("cfgs") or {}, resolve=True))
-    datasets = load_datasets(**kwargs) if env.is_main else None
-    env.barrier()
-    return datasets if env.is_main else load_datasets(**kwargs)
+def dataset_loader(cfg: DictConfig, kind: str) -> Callable[[str], Any]:
+    """name -> the dataset of that name under ``datasets.root`` ("qa" or "kg"), its stage-2 cache
+    built when missing; one text model serves them all (loaded only to build a cache)."""
+    text_model = resolve_text_emb_model({k: v for k, v in text_emb_config(cfg).items() if k != "_target_"})
+    options = OmegaConf.to_container(cfg.datasets.get("cfgs") or {}, resolve=True)
+    cls = {"qa": QADataset, "kg": KGDataset}[kind]
+    return lambda name: cls(cfg.datasets.root, name, text_emb_model=text_model, **options)
+
+
+def scan_datasets(cfg: DictConfig, names: List[str], kind: str, env: DistEnv,
+                  describe: Callable[[Any], Dict[str, Any]]) -> List[LazyDataset]:
+    """``names`` as :class:`LazyDataset`: loaded again only while resident in the task.
+
+    Rank 0 builds (or loads and verifies) the stage-2 cache of each dataset in turn and describes
+    it (``describe(ds)``: its sizes, raising for a dataset that cannot be used), holding one
+    dataset at a time; the other ranks receive the descriptions, so they never build a cache."""
+    load = dataset_loader(cfg, kind)
+    infos = [describe(load(name)) for name in names] if env.is_main else None
+    infos = env.gather_objects(infos)[0]
+    return [LazyDataset(name, functools.partial(load, name), info) for name, info in zip(names, infos)]
+
+
+def dataset_options(cfg: DictConfig) -> Dict[str, Any]:
+    """The tasks' ``max_datasets_in_memory`` and ``data_loading_workers`` (``datasets.*``)."""
+    return {"max_datasets_in_memory": cfg.datasets.get("max_datasets_in_memory"),
+            "data_loading_workers": int(cfg.datasets.get("data_loading_workers") or 0)}
 
 
 def build_model_from_config(cfg: DictConfig, text_dim: int) -> torch.nn.Module:
@@ -85,7 +110,7 @@ def train_options(cfg: DictConfig, evaluate: bool, **overrides: Any) -> TrainOpt
         log_interval=cfg.train.log_interval, do_eval=bool(cfg.train.do_eval) and evaluate,
         save_best_only=cfg.train.save_best_only, save_pretrained=cfg.train.save_pretrained,
         metric=cfg.task.best_metric, dtype=cfg.train.dtype, compile=bool(cfg.train.get("compile", False)),
-        **overrides,
+        save_interval=cfg.train.get("save_interval"), graph_partition=graph_partition(cfg), **overrides,
     )
 
 

@@ -55,9 +55,11 @@ def run(cfg: DictConfig) -> list:
     model, checkpoint_text_config = load_checkpoint(cfg.train.checkpoint)
     text_emb_model = text_model(cfg, checkpoint_text_config)
 
-    # 2. data: stage-2 datasets (built once, cached)
-    datasets = load_datasets(cfg.datasets.root, list(cfg.datasets.valid_names), kind="qa", text_emb_model=text_emb_model,
-                             **OmegaConf.to_container(cfg.datasets.get("cfgs") or {}, resolve=True))
+    # 2. data: stage-2 datasets (built once, cached), loaded one at a time: only the dataset being
+    # evaluated is in memory (a run may name dozens)
+    options = OmegaConf.to_container(cfg.datasets.get("cfgs") or {}, resolve=True)
+    datasets = (load_datasets(cfg.datasets.root, [name], kind="qa", text_emb_model=text_emb_model, **options)[0]
+                for name in cfg.datasets.valid_names)
 
     # 3. retrieve for each dataset's questions, score against the gold documents and entities
     rows, predictions = [], []
@@ -73,6 +75,7 @@ def run(cfg: DictConfig) -> list:
         rows.append({**row, "checkpoint": str(cfg.train.checkpoint), "doc_ranker": ranker})
         predictions += [{"dataset": ds.data_name, **p} for p in found]
         log.info("evaluation %s", rows[-1])
+        del retriever, ds  # freed before the next dataset loads
 
     # 4. save
     atomic_jsonl(rows, os.path.join(output_dir, "metrics.jsonl"))

@@ -1,6 +1,7 @@
 """Fine-tune a GFM-RAG retriever: ``python -m gfmrag_fast.workflow.finetune [overrides]``.
 
-Multi-GPU: ``torchrun --nproc_per_node=8 -m gfmrag_fast.workflow.finetune``.
+Multi-GPU: ``torchrun --nproc_per_node=8 -m gfmrag_fast.workflow.finetune``; a KG too big for one GPU:
+``torchrun --nproc_per_node=8 -m gfmrag_fast.workflow.finetune train.graph_partition=metis``.
 """
 
 import json
@@ -12,9 +13,10 @@ from omegaconf import DictConfig, OmegaConf
 from ..models.doc_ranker import DOC_RANKERS
 from ..training import Trainer
 from ..training.distributed import shutdown
-from ..training.qa_task import QAFinetuneTask
+from ..training.qa_task import QAFinetuneTask, describe_qa_dataset
 from .common import (
-    apply_checkpoint, build_datasets, build_model_from_config, build_optimizer, setup, text_emb_config, train_options,
+    apply_checkpoint, build_model_from_config, build_optimizer, dataset_options, graph_partition, scan_datasets, setup,
+    text_emb_config, train_options,
 )
 
 log = logging.getLogger("gfmrag_fast")
@@ -34,13 +36,18 @@ def doc_ranker_factory(cfg: DictConfig):
 
 def run(cfg: DictConfig) -> dict:
     env, output_dir = setup(cfg)
+    task = None
     try:
-        # 1. data: stage-2 datasets (built once, cached)
+        # 1. data: stage-2 datasets (built once, cached), described now and loaded when needed
         if not cfg.datasets.train_names:
             raise ValueError("datasets.train_names is empty: nothing to fine-tune on")
-        train_sets = build_datasets(cfg, cfg.datasets.train_names, "qa", env)
-        valid_sets = build_datasets(cfg, cfg.datasets.valid_names, "qa", env)
-        feat_dim = train_sets[0].feat_dim
+        training = set(cfg.datasets.train_names)
+        names = list(dict.fromkeys([*cfg.datasets.train_names, *cfg.datasets.valid_names]))
+        datasets = dict(zip(names, scan_datasets(
+            cfg, names, "qa", env, lambda ds: describe_qa_dataset(ds, train=ds.data_name in training))))
+        train_sets = [datasets[name] for name in cfg.datasets.train_names]
+        valid_sets = [datasets[name] for name in cfg.datasets.valid_names]
+        feat_dim = train_sets[0].info["feat_dim"]
 
         # 2. model: GFM-RAG's GNNRetriever
         model = build_model_from_config(cfg, feat_dim)
@@ -50,7 +57,8 @@ def run(cfg: DictConfig) -> dict:
             train_sets, valid_sets, OmegaConf.to_container(cfg.task.losses, resolve=True),
             doc_ranker_factory(cfg.doc_ranker), cfg.task.metric, cfg.train.batch_size,
             cfg.train.get("eval_batch_size", cfg.train.batch_size), cfg.train.init_entities_weight,
-            cfg.train.fast_test, text_emb_config(cfg), env.device, seed=int(cfg.seed),
+            cfg.train.fast_test, text_emb_config(cfg), env.device, seed=int(cfg.seed), **dataset_options(cfg),
+            graph_partition=graph_partition(cfg),
         )
         optimizer = build_optimizer(cfg.optimizer, model.parameters())
         trainer = Trainer(model, optimizer, task, train_options(cfg, bool(valid_sets)), output_dir, env)
@@ -63,6 +71,8 @@ def run(cfg: DictConfig) -> dict:
             print(json.dumps({"best": {cfg.task.best_metric: result["best_score"]}, "output_dir": output_dir}))
         return result
     finally:
+        if task is not None:
+            task.datasets.close()
         shutdown(env)
 
 

@@ -1,6 +1,7 @@
 """Pre-train a GFM-RAG graph model on KG completion: ``python -m gfmrag_fast.workflow.pretrain [overrides]``.
 
-Multi-GPU: ``torchrun --nproc_per_node=8 -m gfmrag_fast.workflow.pretrain``.
+Multi-GPU: ``torchrun --nproc_per_node=8 -m gfmrag_fast.workflow.pretrain``; a KG too big for one GPU:
+``torchrun --nproc_per_node=8 -m gfmrag_fast.workflow.pretrain train.graph_partition=metis``.
 """
 
 import json
@@ -14,9 +15,10 @@ from omegaconf import DictConfig
 from ..training import Trainer
 from ..training.distributed import shutdown
 from ..atomic_io import read_jsonl
-from ..training.kg_task import KGCompletionTask
+from ..training.kg_task import KGCompletionTask, describe_kg_dataset
 from .common import (
-    apply_checkpoint, build_datasets, build_model_from_config, build_optimizer, setup, text_emb_config, train_options,
+    apply_checkpoint, build_model_from_config, build_optimizer, dataset_options, graph_partition, scan_datasets, setup,
+    text_emb_config, train_options,
 )
 
 log = logging.getLogger("gfmrag_fast")
@@ -29,7 +31,8 @@ def build_task(cfg: DictConfig, train_sets: list, valid_sets: list, device) -> K
         adversarial_temperature=cfg.task.adversarial_temperature,
         batch_size=cfg.train.batch_size, eval_batch_size=cfg.train.get("eval_batch_size") or cfg.train.batch_size,
         metrics=cfg.task.metric, fast_test=cfg.train.get("fast_test"),
-        text_emb_conf=text_emb_config(cfg), device=device, seed=int(cfg.seed),
+        text_emb_conf=text_emb_config(cfg), device=device, seed=int(cfg.seed), **dataset_options(cfg),
+        graph_partition=graph_partition(cfg),
     )
 
 
@@ -48,17 +51,20 @@ def final_metrics(output_dir: str, history: list, metric: str) -> list:
 
 def run(cfg: DictConfig) -> dict:
     env, output_dir = setup(cfg)
+    task = None
     try:
-        # 1. data: stage-2 KG datasets (built once, cached), each loaded once
+        # 1. data: stage-2 KG datasets (built once, cached), described now and loaded when needed
         if not cfg.datasets.train_names:
             raise ValueError("datasets.train_names is empty: nothing to pre-train on")
+        training = set(cfg.datasets.train_names)
         names = list(dict.fromkeys([*cfg.datasets.train_names, *cfg.datasets.valid_names]))
-        datasets = dict(zip(names, build_datasets(cfg, names, "kg", env)))
+        datasets = dict(zip(names, scan_datasets(
+            cfg, names, "kg", env, lambda ds: describe_kg_dataset(ds, train=ds.data_name in training))))
         train_sets = [datasets[name] for name in cfg.datasets.train_names]
         valid_sets = [datasets[name] for name in cfg.datasets.valid_names]
 
         # 2. model: GFM-RAG's QueryGNN + EntityNBFNet over the relation-name embeddings
-        model = build_model_from_config(cfg, train_sets[0].feat_dim)
+        model = build_model_from_config(cfg, train_sets[0].info["feat_dim"])
 
         # 3. task, optimizer, trainer (resuming or starting from pre-trained weights)
         task = build_task(cfg, train_sets, valid_sets, env.device)
@@ -78,6 +84,8 @@ def run(cfg: DictConfig) -> dict:
             print(json.dumps({"best": {cfg.task.best_metric: best}, "metrics": rows, "output_dir": output_dir}))
         return result
     finally:
+        if task is not None:
+            task.datasets.close()
         shutdown(env)
 
 
