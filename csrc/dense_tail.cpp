@@ -12,6 +12,7 @@
 
 #include <array>
 #include <tuple>
+#include <vector>
 
 namespace gfmrag_fast {
 
@@ -75,12 +76,12 @@ DenseTailArgs check_dense_tail_inputs(const at::Tensor& x, const at::Tensor& upd
                                       const std::optional<at::Tensor>& ln_weight,
                                       const std::optional<at::Tensor>& ln_bias, double eps, bool residual) {
   constexpr const char* op = "dense_tail";
-  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must have shape [M, d_in], got ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) > 0, op, ": x must have shape [..., d_in] with d_in > 0, got ",
+                    x.sizes());
   check_floating(op, "x", x);
-  const int64_t rows = x.size(0), d_in = x.size(1);
-  TORCH_CHECK_VALUE(d_in > 0, op, ": x must have d_in > 0 channels, got shape ", x.sizes());
-  TORCH_CHECK_VALUE(update.dim() == 2 && update.size(0) == rows && update.size(1) == d_in, op,
-                    ": update must have shape [M, d_in] = [", rows, ", ", d_in, "] like x, got ", update.sizes());
+  const int64_t d_in = x.size(-1), rows = x.numel() / d_in;
+  TORCH_CHECK_VALUE(update.sizes() == x.sizes(), op, ": update must have shape [..., d_in] = ", x.sizes(),
+                    " like x, got ", update.sizes());
   check_like(op, "update", update, "x", x);
   TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == 2 * d_in, op,
                     ": weight must have shape [d_out, 2 * d_in] = [d_out, ", 2 * d_in, "], got ", weight.sizes());
@@ -106,7 +107,7 @@ DenseTailArgs check_dense_tail_norm_inputs(const at::Tensor& h, const std::optio
                                            const std::optional<at::Tensor>& ln_weight,
                                            const std::optional<at::Tensor>& ln_bias, double eps) {
   constexpr const char* op = "dense_tail_norm";
-  TORCH_CHECK_VALUE(h.dim() == 2 && h.size(1) > 0, op, ": h must have shape [M, d] with d > 0, got ", h.sizes());
+  TORCH_CHECK_VALUE(h.dim() >= 1 && h.size(-1) > 0, op, ": h must have shape [..., d] with d > 0, got ", h.sizes());
   check_floating(op, "h", h);
   TORCH_CHECK_VALUE(h.is_contiguous(), op, ": h must be contiguous");
   if (x) {
@@ -117,8 +118,8 @@ DenseTailArgs check_dense_tail_norm_inputs(const at::Tensor& h, const std::optio
   }
   check_eps(op, eps);
   DenseTailArgs args{};
-  args.rows = h.size(0);
-  args.dim = h.size(1);
+  args.dim = h.size(-1);
+  args.rows = h.numel() / args.dim;
   args.param_dtype = check_params(op, h, args.dim, bias, ln_weight, ln_bias, /*need_contiguous=*/true);
   args.has_bias = bias.has_value();
   args.has_ln_weight = ln_weight.has_value();
@@ -139,7 +140,7 @@ DenseTailArgs check_dense_tail_norm_backward_inputs(const at::Tensor& grad_out, 
   check_like(op, "grad_out", grad_out, "h", h);
   TORCH_CHECK_VALUE(grad_out.is_contiguous(), op, ": grad_out must be contiguous");
   TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == args.rows && stats.size(1) == 2, op,
-                    ": stats must have shape [M, 2] = [", args.rows, ", 2] (the forward's mean and rstd), got ",
+                    ": stats must have shape [rows, 2] = [", args.rows, ", 2] (the forward's mean and rstd), got ",
                     stats.sizes());
   TORCH_CHECK_VALUE(stats.device() == h.device() && stats.scalar_type() == stats_dtype(h.scalar_type()) &&
                         stats.is_contiguous(),
@@ -187,14 +188,22 @@ std::pair<at::Tensor, at::Tensor> weight_halves(const at::Tensor& weight) {
   return {weight.narrow(1, 0, d_in), weight.narrow(1, d_in, d_in)};
 }
 
+// Inputs and outputs keep their leading dimensions ([..., d]); the products see them as [rows, d]
+// views. Every returned tensor is allocated in its final shape, so none is a view: autograd can then
+// accumulate into the gradients in place.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_tail_composite(
     const at::Tensor& x, const at::Tensor& update, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias, double eps, bool residual) {
-  check_dense_tail_inputs(x, update, weight, bias, ln_weight, ln_bias, eps, residual);
+  const DenseTailArgs a = check_dense_tail_inputs(x, update, weight, bias, ln_weight, ln_bias, eps, residual);
+  const int64_t d_in = x.size(-1);
   const auto [w_x, w_update] = weight_halves(weight);
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = a.dim;
+  at::Tensor h = at::empty(shape, x.options());
   // h = x W_xᵀ + update W_updateᵀ: the second product accumulates into the first inside the GEMM.
-  at::Tensor h = at::mm(x, w_x.t());
-  h.addmm_(update, w_update.t());
+  at::Tensor h_rows = h.view({a.rows, a.dim});
+  at::mm_out(h_rows, x.reshape({a.rows, d_in}), w_x.t());
+  h_rows.addmm_(update.reshape({a.rows, d_in}), w_update.t());
   auto [out, stats] = call_norm(h, residual ? std::optional<at::Tensor>(x.contiguous()) : std::nullopt,
                                 contiguous(bias), contiguous(ln_weight), contiguous(ln_bias), eps);
   return {out, h, stats};
@@ -205,25 +214,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_tail_backward_c
     const at::Tensor& h, const at::Tensor& stats, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias, bool residual,
     std::array<bool, 3> output_mask) {
-  check_dense_tail_inputs(x, update, weight, bias, ln_weight, ln_bias, 0.0, residual);
-  auto [grad_h, grad_params] = call_norm_backward(grad_out.contiguous(), h, stats, contiguous(bias),
-                                                  contiguous(ln_weight), contiguous(ln_bias));
+  const DenseTailArgs a = check_dense_tail_inputs(x, update, weight, bias, ln_weight, ln_bias, 0.0, residual);
+  const int64_t d_in = x.size(-1);
+  const at::Tensor grad_out_c = grad_out.contiguous();
+  auto [grad_h, grad_params] =
+      call_norm_backward(grad_out_c, h, stats, contiguous(bias), contiguous(ln_weight), contiguous(ln_bias));
+  const at::Tensor grad_h_rows = grad_h.view({a.rows, a.dim});
   const auto [w_x, w_update] = weight_halves(weight);
   // A gradient not asked for comes back as an empty tensor.
-  at::Tensor grad_x = at::empty({0}, x.options());
-  at::Tensor grad_update = at::empty({0}, update.options());
-  at::Tensor grad_weight = at::empty({0}, weight.options());
+  at::Tensor grad_x = at::empty(output_mask[0] ? x.sizes() : at::IntArrayRef{0}, x.options());
+  at::Tensor grad_update = at::empty(output_mask[1] ? update.sizes() : at::IntArrayRef{0}, update.options());
+  at::Tensor grad_weight = at::empty(output_mask[2] ? weight.sizes() : at::IntArrayRef{0}, weight.options());
   if (output_mask[0]) {
-    // The short cut's gradient enters as the GEMM's accumulator: no separate pass adds it.
-    grad_x = residual ? at::addmm(grad_out, grad_h, w_x) : at::mm(grad_h, w_x);
+    at::Tensor grad_x_rows = grad_x.view({a.rows, d_in});
+    if (residual) {
+      // The short cut's gradient enters as the GEMM's accumulator: no separate pass adds it.
+      at::addmm_out(grad_x_rows, grad_out_c.view({a.rows, d_in}), grad_h_rows, w_x);
+    } else {
+      at::mm_out(grad_x_rows, grad_h_rows, w_x);
+    }
   }
-  if (output_mask[1]) grad_update = at::mm(grad_h, w_update);
+  if (output_mask[1]) {
+    at::Tensor grad_update_rows = grad_update.view({a.rows, d_in});
+    at::mm_out(grad_update_rows, grad_h_rows, w_update);
+  }
   if (output_mask[2]) {
     // Written straight into the two halves of one [d_out, 2 d_in] tensor: no cat.
-    grad_weight = at::empty(weight.sizes(), weight.options());
     auto [grad_w_x, grad_w_update] = weight_halves(grad_weight);
-    at::mm_out(grad_w_x, grad_h.t(), x);
-    at::mm_out(grad_w_update, grad_h.t(), update);
+    at::mm_out(grad_w_x, grad_h_rows.t(), x.reshape({a.rows, d_in}));
+    at::mm_out(grad_w_update, grad_h_rows.t(), update.reshape({a.rows, d_in}));
   }
   return {grad_x, grad_update, grad_weight, grad_params};
 }
@@ -231,8 +250,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_tail_backward_c
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(gfmrag_fast, m) {
-  // relu(layer_norm(x W[:, :d_in]ᵀ + update W[:, d_in:]ᵀ + bias)) (+ x). Returns (out [M, d_out],
-  // h [M, d_out] the products without bias, stats [M, 2] the rows' LayerNorm mean and rstd).
+  // relu(layer_norm(x W[:, :d_in]ᵀ + update W[:, d_in:]ᵀ + bias)) (+ x) for x, update [..., d_in].
+  // Returns (out [..., d_out], h [..., d_out] the products without bias, stats [rows, 2] each row's
+  // LayerNorm mean and rstd), rows = x.numel() / d_in.
   m.def(
       "dense_tail(Tensor x, Tensor update, Tensor weight, Tensor? bias, Tensor? ln_weight, Tensor? ln_bias, "
       "float eps, bool residual) -> (Tensor, Tensor, Tensor)");

@@ -50,7 +50,8 @@ def check_against_reference(device, dtype, residual, params, d_in=24, d_out=24, 
     inputs = make_inputs(device, dtype, rows, d_in, d_out, params, param_dtype)
     ours = leaves(inputs)
     out = dense_tail(*[None if t is None else transform(t) for t in ours], eps=1e-5, residual=residual)
-    assert out.dtype == dtype and out.shape == (rows, d_out) and out.device.type == device
+    assert out.dtype == dtype and out.numel() == rows * d_out and out.device.type == device
+    out = out.reshape(rows, d_out)
     grad_out = torch.randn(rows, d_out, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     out.backward(grad_out.to(device, dtype))
     # The reference in float64 from the same (rounded) values.
@@ -93,6 +94,21 @@ def test_shapes_across_chunks_and_lanes(device, rows, width):
     """One channel, widths that are not multiples of 32, more rows than one chunk (64) and than
     one group of chunks (64 x 64) of the parameter gradients' sums."""
     check_against_reference(device, torch.float64, True, PARAM_SETS["all"], d_in=width, d_out=width, rows=rows)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_leading_dimensions(device):
+    """[B, N, d] inputs give [B, N, d_out] outputs and gradients shaped like the inputs, none of
+    them a view (so that autograd can accumulate into them in place)."""
+    check_against_reference(device, torch.float32, True, PARAM_SETS["all"],
+                            transform=lambda t: t.view(3, -1, t.shape[-1]) if t.shape[0] == 36 else t, rows=36)
+    x, update, weight, bias, ln_weight, ln_bias = leaves(make_inputs(device, torch.float32, rows=12))
+    x3, update3 = x.view(2, 6, 24), update.view(2, 6, 24)
+    out = dense_tail(x3, update3, weight, bias, ln_weight, ln_bias)
+    assert out.shape == (2, 6, 24) and out._base is None
+    grads = torch.autograd.grad(out, (x3, update3), torch.ones_like(out))
+    assert all(g.shape == (2, 6, 24) and g._base is None for g in grads)
+    opcheck(ops.dense_tail.default, (x3.detach(), update3.detach(), weight.detach(), None, None, None, 1e-5, True))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -228,9 +244,10 @@ def test_nan_propagates_like_the_reference():
 def test_bad_inputs_name_the_argument():
     x, update, weight, bias, ln_weight, ln_bias = make_inputs("cpu", torch.float32, rows=5, d_in=4, d_out=4)
     cases = [
-        (dict(x=x[None]), r"x must have shape \[M, d_in\]"),
+        (dict(x=x[:, :0]), r"x must have shape \[\.\.\., d_in\] with d_in > 0"),
         (dict(x=x.long()), "x must be float32, float64, float16 or bfloat16"),
-        (dict(update=update[:, :3]), r"update must have shape \[M, d_in\] = \[5, 4\]"),
+        (dict(update=update[:, :3]), r"update must have shape \[\.\.\., d_in\] = \[5, 4\] like x"),
+        (dict(update=update[None]), r"update must have shape \[\.\.\., d_in\] = \[5, 4\] like x"),
         (dict(update=update.double()), "update has dtype Double but x has Float"),
         (dict(weight=weight[:, :7]), r"weight must have shape \[d_out, 2 \* d_in\] = \[d_out, 8\]"),
         (dict(bias=bias[:3]), r"bias must have shape \[d_out\] = \[4\]"),

@@ -24,13 +24,13 @@ from ..ops.dense_tail import dense_tail_supports
 
 
 def dense_update(
-    x: torch.Tensor,  # [M, d_in]
-    update: torch.Tensor,  # [M, d_in]
+    x: torch.Tensor,  # [..., d_in]
+    update: torch.Tensor,  # [..., d_in]
     weight: torch.Tensor,  # [d_out, 2 d_in]
     bias: Optional[torch.Tensor],  # [d_out]
     layer_norm: nn.LayerNorm,
     residual: bool,
-) -> torch.Tensor:  # [M, d_out]
+) -> torch.Tensor:  # [..., d_out]
     """``relu(layer_norm(x @ W[:, :d_in]ᵀ + update @ W[:, d_in:]ᵀ + b)) (+ x)`` through the fused op."""
     return dense_tail(x, update, weight, bias, layer_norm.weight, layer_norm.bias, layer_norm.eps, residual)
 
@@ -88,6 +88,7 @@ def layer_tail(
     if fused and fusable(x, linear, layer_norm, activation):
         if update.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
             update = update.to(x.dtype)
-        out = dense_update(x.flatten(0, -2), update.flatten(0, -2), linear.weight, linear.bias, layer_norm, residual)
-        return out.view(*x.shape[:-1], linear.out_features)
+        # [B, N, d] as they are: no view in the autograd graph, so that autograd can accumulate x's
+        # gradient (from this op and from the aggregation) in place.
+        return dense_update(x, update, linear.weight, linear.bias, layer_norm, residual)
     return plain_tail(x, update, linear, layer_norm, activation, residual)

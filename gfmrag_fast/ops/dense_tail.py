@@ -1,6 +1,6 @@
 """dense_tail: the dense part of a GFM-RAG layer after message passing, fused, with autograd.
 
-For rows m of x, update [M, d_in] and weight [d_out, 2 d_in]::
+For x, update [..., d_in] (every leading index a row) and weight [d_out, 2 d_in]::
 
     h   = x @ W[:, :d_in]ᵀ + update @ W[:, d_in:]ᵀ + bias                  # = linear(cat[x, update])
     out = relu(layer_norm(h; ln_weight, ln_bias, eps))  (+ x when residual)
@@ -29,6 +29,7 @@ float32; the fused op keeps the float32 statistics but stores its output in the 
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -43,15 +44,15 @@ CUDA_MAX_DIM = 1024
 
 
 def dense_tail(
-    x: torch.Tensor,  # [M, d_in]
-    update: torch.Tensor,  # [M, d_in]
+    x: torch.Tensor,  # [..., d_in], e.g. [M, d_in] or [B, N, d_in]
+    update: torch.Tensor,  # [..., d_in], like x
     weight: torch.Tensor,  # [d_out, 2 d_in]: the x half, then the update half
     bias: Optional[torch.Tensor] = None,  # [d_out]
     ln_weight: Optional[torch.Tensor] = None,  # [d_out]
     ln_bias: Optional[torch.Tensor] = None,  # [d_out]
     eps: float = 1e-5,
     residual: bool = True,  # add x to the output; needs d_out == d_in
-) -> torch.Tensor:  # [M, d_out]
+) -> torch.Tensor:  # [..., d_out]
     """``relu(layer_norm(x W[:, :d_in]ᵀ + update W[:, d_in:]ᵀ + bias)) (+ x)``; see the module docstring.
 
     Differentiable in every tensor argument. x, update and weight share one floating dtype
@@ -93,16 +94,21 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _rows(t: torch.Tensor):
+    """Rows of a [..., d] tensor: the product of its leading dimensions."""
+    return math.prod(t.shape[:-1])
+
+
 def _param_dtype(like: torch.Tensor, *params: Optional[torch.Tensor]) -> torch.dtype:
     return next((p.dtype for p in params if p is not None), like.dtype)
 
 
 @torch.library.register_fake("gfmrag_fast::dense_tail")
 def _dense_tail_fake(x, update, weight, bias, ln_weight, ln_bias, eps, residual):
-    torch._check(x.dim() == 2, lambda: f"dense_tail: x must have shape [M, d_in], got {tuple(x.shape)}")
+    torch._check(x.dim() >= 1, lambda: f"dense_tail: x must have shape [..., d_in], got {tuple(x.shape)}")
     torch._check(weight.dim() == 2, lambda: f"dense_tail: weight must have shape [d_out, 2 d_in], got {tuple(weight.shape)}")
-    rows, d_out = x.shape[0], weight.shape[0]
-    return x.new_empty(rows, d_out), x.new_empty(rows, d_out), x.new_empty(rows, 2, dtype=_stats_dtype(x.dtype))
+    shape = (*x.shape[:-1], weight.shape[0])
+    return x.new_empty(shape), x.new_empty(shape), x.new_empty(_rows(x), 2, dtype=_stats_dtype(x.dtype))
 
 
 @torch.library.register_fake("gfmrag_fast::dense_tail_backward")
@@ -116,12 +122,12 @@ def _dense_tail_backward_fake(grad_out, x, update, weight, h, stats, bias, ln_we
 
 @torch.library.register_fake("gfmrag_fast::dense_tail_norm")
 def _dense_tail_norm_fake(h, x, bias, ln_weight, ln_bias, eps):
-    return h.new_empty(h.shape), h.new_empty(h.shape[0], 2, dtype=_stats_dtype(h.dtype))
+    return h.new_empty(h.shape), h.new_empty(_rows(h), 2, dtype=_stats_dtype(h.dtype))
 
 
 @torch.library.register_fake("gfmrag_fast::dense_tail_norm_backward")
 def _dense_tail_norm_backward_fake(grad_out, h, stats, bias, ln_weight, ln_bias):
-    return h.new_empty(h.shape), h.new_empty(3, h.shape[1], dtype=_param_dtype(h, bias, ln_weight, ln_bias))
+    return h.new_empty(h.shape), h.new_empty(3, h.shape[-1], dtype=_param_dtype(h, bias, ln_weight, ln_bias))
 
 
 def _setup_context(ctx, inputs, output):
@@ -163,15 +169,15 @@ torch.library.register_autograd("gfmrag_fast::dense_tail", _backward, setup_cont
 
 
 def dense_tail_reference(
-    x: torch.Tensor,  # [M, d_in]
-    update: torch.Tensor,  # [M, d_in]
+    x: torch.Tensor,  # [..., d_in]
+    update: torch.Tensor,  # [..., d_in]
     weight: torch.Tensor,  # [d_out, 2 d_in]
     bias: Optional[torch.Tensor] = None,  # [d_out]
     ln_weight: Optional[torch.Tensor] = None,  # [d_out]
     ln_bias: Optional[torch.Tensor] = None,  # [d_out]
     eps: float = 1e-5,
     residual: bool = True,
-) -> torch.Tensor:  # [M, d_out]
+) -> torch.Tensor:  # [..., d_out]
     """Plain PyTorch :func:`dense_tail` (same signature, same result up to rounding), written as
     GFM-RAG's layer writes it: a Linear over ``cat[x, update]``, LayerNorm, ReLU, short cut."""
     h = F.linear(torch.cat([x, update], dim=-1), weight, bias)
