@@ -53,6 +53,8 @@ def _rows():
         res = dict(res, group=group, impl=impl)
         if base is not None:
             res["speedup_vs_reference"] = base["median_ms"] / res["median_ms"]
+        if "floor_ms" in res:  # a copy-bandwidth floor measured beside it (bench_rel_aggregate.py)
+            res["times_floor"] = res["median_ms"] / res["floor_ms"]
         rows.append(res)
     return rows
 
@@ -72,10 +74,11 @@ def pytest_terminal_summary(terminalreporter):
     rows = _rows()
     tr = terminalreporter
     tr.write_sep("=", "gfmrag_fast benchmark ratios (same run, same machine)")
-    tr.write_line(f"{'group':58s} {'impl':12s} {'median ms':>10s} {'x reference':>12s}")
+    tr.write_line(f"{'group':58s} {'impl':12s} {'median ms':>10s} {'x reference':>12s} {'x floor':>8s}")
     for r in rows:
         ratio = f"{r['speedup_vs_reference']:.1f}x" if "speedup_vs_reference" in r else "-"
-        tr.write_line(f"{r['group']:58s} {r['impl']:12s} {r['median_ms']:10.2f} {ratio:>12s}")
+        floor = f"{r['times_floor']:.1f}x" if "times_floor" in r else "-"
+        tr.write_line(f"{r['group']:58s} {r['impl']:12s} {r['median_ms']:10.2f} {ratio:>12s} {floor:>8s}")
     if os.environ.get("GFMRAG_BENCH_JSON"):
         _write_json(rows)
         tr.write_line(f"wrote {os.environ['GFMRAG_BENCH_JSON']}")

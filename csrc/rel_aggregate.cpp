@@ -2,11 +2,11 @@
 #include "rel_aggregate.h"
 
 #include "array_checks.h"
+#include "output_buffers.h"
 
 #include <ATen/ops/cat.h>
 #include <ATen/ops/cumsum.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <ATen/ops/index_select.h>
 #include <ATen/ops/logical_not.h>
 #include <ATen/ops/sub.h>
@@ -284,7 +284,7 @@ at::Tensor forward_aux(const at::Tensor& x, at::TensorList graph, const at::Tens
   switch (args.aggregate) {
     case Aggregate::Max:
     case Aggregate::Min:
-      return at::empty(x.sizes(), options);
+      return empty_output(x.sizes(), options);
     case Aggregate::Mean:
       return unmasked_in_degree(graph, mask_in_dst_order);
     default:
@@ -295,9 +295,9 @@ at::Tensor forward_aux(const at::Tensor& x, at::TensorList graph, const at::Tens
 at::Tensor empty_grad(Grad which, const at::Tensor& x, const at::Tensor& relation, const RelAggregateArgs& args) {
   switch (which) {
     case Grad::X:
-      return at::empty_like(x);
+      return empty_output(x.sizes(), x.options());
     case Grad::Relation:
-      return at::empty_like(relation);
+      return empty_output(relation.sizes(), relation.options());
     default:
       return at::empty({args.num_edges}, x.options());
   }

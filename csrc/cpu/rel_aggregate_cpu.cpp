@@ -9,20 +9,32 @@
 // no locks or atomics are needed and results do not depend on the number of threads. One walk
 // serves the whole batch: a node's edge list and the relation rows it reads are loaded once for
 // the B queries. The edge-weight gradient takes one edge at a time.
+#include "../output_buffers.h"
 #include "../rel_aggregate_kernels.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 namespace gfmrag_fast {
 namespace {
+
+// Calls fn(chunk) for every chunk in [0, num_chunks), chunks handed out one at a time to whichever
+// thread is free: a thread that the OS deschedules (2 cores shared with other work) delays the
+// others by one chunk at most, not by its whole static share.
+template <typename F>
+void parallel_chunks(int64_t num_chunks, const F& fn) {
+  if (num_chunks == 0) return;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(num_chunks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t chunk = next++; chunk < num_chunks; chunk = next++) fn(chunk);
+  });
+}
 
 // Calls fn(row_begin, row_end) on chunks of [0, num_rows) of roughly equal cost, cost of a row
 // being its edge count plus one.
@@ -30,7 +42,7 @@ template <typename F>
 void parallel_rows_balanced(const int32_t* ptr, int64_t num_rows, const F& fn) {
   if (num_rows == 0) return;
   const int64_t total = static_cast<int64_t>(ptr[num_rows]) + num_rows;
-  const int64_t num_chunks = std::max<int64_t>(1, std::min<int64_t>(num_rows, at::get_num_threads() * 8));
+  const int64_t num_chunks = std::max<int64_t>(1, std::min<int64_t>(num_rows, at::get_num_threads() * 32));
   std::vector<int64_t> bounds(num_chunks + 1);
   bounds[0] = 0;
   bounds[num_chunks] = num_rows;
@@ -44,21 +56,22 @@ void parallel_rows_balanced(const int32_t* ptr, int64_t num_rows, const F& fn) {
     }
     bounds[i] = lo;
   }
-  at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      if (bounds[chunk] < bounds[chunk + 1]) fn(bounds[chunk], bounds[chunk + 1]);
-    }
+  parallel_chunks(num_chunks, [&](int64_t chunk) {
+    if (bounds[chunk] < bounds[chunk + 1]) fn(bounds[chunk], bounds[chunk + 1]);
   });
 }
 
 // Runs a kernel over a plan: piece(p, acc, best) for every piece, then row(r, acc, best) for every
-// row, with per-thread scratch of `width` accumulators (and max/min winners when `with_best`).
+// row, with scratch of `width` accumulators (and max/min winners when `with_best`).
 template <typename acc_t, typename Piece, typename Row>
 void run_plan(const ListPlan& plan, int64_t width, bool with_best, const Piece& piece, const Row& row) {
-  at::parallel_for(0, plan.pieces, 1, [&](int64_t begin, int64_t end) {
+  constexpr int64_t kPiecesPerChunk = 16;
+  parallel_chunks((plan.pieces + kPiecesPerChunk - 1) / kPiecesPerChunk, [&](int64_t chunk) {
     std::vector<acc_t> acc(width);
     std::vector<int32_t> best(with_best ? width : 0);
-    for (int64_t p = begin; p < end; ++p) piece(p, acc.data(), best.data());
+    for (int64_t p = chunk * kPiecesPerChunk; p < std::min(plan.pieces, (chunk + 1) * kPiecesPerChunk); ++p) {
+      piece(p, acc.data(), best.data());
+    }
   });
   parallel_rows_balanced(plan.ptr, plan.rows, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(width);
@@ -108,9 +121,10 @@ Inputs<scalar_t> make_inputs(const at::Tensor& x, const at::Tensor& relation, co
 }
 
 // The B rows (b, v) of an x-shaped tensor, requested from memory ahead of their use: gathers are
-// random accesses, and asking early hides most of their latency.
+// random accesses, and asking early hides most of their latency. Always inlined: GCC 12 takes a
+// function that only prefetches for one without side effects and deletes its calls.
 template <typename scalar_t>
-inline void prefetch_rows(const Inputs<scalar_t>& in, const scalar_t* base, int32_t v) {
+C10_ALWAYS_INLINE void prefetch_rows(const Inputs<scalar_t>& in, const scalar_t* base, int32_t v) {
   const int64_t row_bytes = in.a.dim * static_cast<int64_t>(sizeof(scalar_t));
   const int64_t rows = in.a.node_major ? 1 : in.a.batch;  // node major: one block of B rows
   const int64_t bytes = in.a.node_major ? row_bytes * in.a.batch : row_bytes;
@@ -126,7 +140,7 @@ template <typename scalar_t, Message M, Aggregate A>
 void forward_kernel(const Inputs<scalar_t>& in, const ListPlan& plan, scalar_t* out, int32_t* arg) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kExtremum = is_extremum(A);
-  const int64_t B = in.a.batch, D = in.a.dim, width = B * D;
+  const int64_t B = in.a.batch, D = in.a.dim, width = B * D, E = in.a.num_edges;
   const int32_t* src = in.graph[kDstSrc];
   const int32_t* type = in.graph[kDstType];
   const int32_t* eid = in.graph[kDstEid];
@@ -135,7 +149,8 @@ void forward_kernel(const Inputs<scalar_t>& in, const ListPlan& plan, scalar_t* 
 
   auto walk = [&](int32_t begin, int32_t end, acc_t* acc, int32_t* best) {
     const auto load = [&](int32_t k) {
-      if (k + kEdgesAhead < end) prefetch_rows(in, in.x, src[k + kEdgesAhead]);
+      // Ahead in the whole list, not only in this row: most rows hold a few edges.
+      if (k + kEdgesAhead < E) prefetch_rows(in, in.x, src[k + kEdgesAhead]);
       return in.template edge<acc_t, kExtremum>(k, src, type, eid);
     };
     walk_edges(begin, end, load, [&](const WalkedEdge<acc_t>& e) {
@@ -221,7 +236,7 @@ template <typename scalar_t, Message M, Aggregate A>
 void backward_x_kernel(const Inputs<scalar_t>& in, const ListPlan& plan, const scalar_t* grad_out, scalar_t* grad_x) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kExtremum = is_extremum(A);
-  const int64_t B = in.a.batch, D = in.a.dim, width = B * D;
+  const int64_t B = in.a.batch, D = in.a.dim, width = B * D, E = in.a.num_edges;
   const int32_t* dst = in.graph[kSrcDst];
   const int32_t* type = in.graph[kSrcType];
   const int32_t* eid = in.graph[kSrcEid];
@@ -229,7 +244,7 @@ void backward_x_kernel(const Inputs<scalar_t>& in, const ListPlan& plan, const s
 
   auto walk = [&](int32_t begin, int32_t end, acc_t* acc) {
     const auto load = [&](int32_t k) {
-      if (k + kEdgesAhead < end) prefetch_rows(in, grad_out, dst[k + kEdgesAhead]);
+      if (k + kEdgesAhead < E) prefetch_rows(in, grad_out, dst[k + kEdgesAhead]);
       return in.template edge<acc_t, kExtremum>(k, dst, type, eid);
     };
     walk_edges(begin, end, load, [&](const WalkedEdge<acc_t>& e) {
@@ -264,7 +279,7 @@ void backward_relation_kernel(const Inputs<scalar_t>& in, const ListPlan& plan, 
                               scalar_t* grad_relation) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kExtremum = is_extremum(A);
-  const int64_t B = in.a.batch, D = in.a.dim, R = in.a.num_relations;
+  const int64_t B = in.a.batch, D = in.a.dim, R = in.a.num_relations, E = in.a.num_edges;
   // A shared relation table sums over the batch into one row; per-query tables get one each.
   const int64_t num_out = in.a.per_query ? B : 1, width = num_out * D;
   const int32_t* dst = in.graph[kRelDst];
@@ -274,7 +289,7 @@ void backward_relation_kernel(const Inputs<scalar_t>& in, const ListPlan& plan, 
 
   auto walk = [&](int32_t begin, int32_t end, acc_t* acc) {
     const auto load = [&](int32_t k) {
-      if (k + kEdgesAhead < end) {
+      if (k + kEdgesAhead < E) {
         prefetch_rows(in, grad_out, dst[k + kEdgesAhead]);
         if constexpr (M == Message::DistMult) prefetch_rows(in, in.x, src[k + kEdgesAhead]);
       }
@@ -329,7 +344,9 @@ void backward_edge_weight_kernel(const Inputs<scalar_t>& in, const bool* mask, c
   const int32_t* edge_src = in.graph[kEdgeSrc];
   const int32_t* edge_dst = in.graph[kEdgeDst];
   const int32_t* edge_type = in.graph[kEdgeType];
-  at::parallel_for(0, E, 256, [&](int64_t begin, int64_t end) {
+  constexpr int64_t kEdgesPerChunk = 256;
+  parallel_chunks((E + kEdgesPerChunk - 1) / kEdgesPerChunk, [&](int64_t chunk) {
+    const int64_t begin = chunk * kEdgesPerChunk, end = std::min(E, begin + kEdgesPerChunk);
     std::vector<acc_t> lane(D);
     for (int64_t e = begin; e < end; ++e) {
       if (e + kEdgesAhead < E) {
@@ -365,7 +382,7 @@ std::tuple<at::Tensor, at::Tensor> rel_aggregate_cpu(const at::Tensor& x, const 
       check_rel_aggregate_inputs(x, relation, graph, edge_weight, edge_mask, message, aggregate, node_major);
   const at::Tensor weight = in_walk_order(edge_weight, graph, EdgeList::Dst);
   const at::Tensor mask = in_walk_order(edge_mask, graph, EdgeList::Dst);
-  at::Tensor out = at::empty_like(x);
+  at::Tensor out = empty_output(x.sizes(), x.options());
   at::Tensor aux = forward_aux(x, graph, mask, a);  // max/min: the kernel writes every entry
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rel_aggregate_cpu", [&] {
     const auto in = make_inputs<scalar_t>(x, relation, &aux, graph, weight, mask, a);
