@@ -91,5 +91,6 @@ inline void emu_count(int kernel, int pass, int64_t item, int64_t visits) {
   const std::lock_guard<std::mutex> lock(g_visit_mutex);
   g_visits[{kernel, pass, item}] += visits;
 }
+#define GFMRAG_FAST_CUDA_EMULATOR 1  // run the CUDA kernels' edge loop (rel_aggregate_kernels.h), not the CPU's
 #define GFMRAG_FAST_COUNT_GROUP(kernel, pass, item) emu_count(static_cast<int>(kernel), static_cast<int>(pass), item, 0)
 #define GFMRAG_FAST_COUNT_VISIT(kernel, pass, item) emu_count(static_cast<int>(kernel), static_cast<int>(pass), item, 1)
