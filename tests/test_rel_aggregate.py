@@ -384,6 +384,23 @@ def test_opcheck_pieces(device, aggregate, node_major):
         opcheck(getattr(ops, name).default, bargs)
 
 
+def test_large_outputs_reuse_memory_only_once_freed():
+    # Outputs of 4 MiB or more come from a buffer cache (csrc/output_buffers.h): a live output is
+    # never handed out again, a freed one is, and the tensors stay ordinary (resizable).
+    graph, x, relation, _, _ = make_inputs("cpu", torch.float32, False, False, False, num_nodes=40, dim=6)
+    big = torch.randn(6007, 40, 6)  # 5.8 MB, a size no other test uses
+    first = rel_aggregate(big, relation, graph)
+    kept = first.clone()
+    second = rel_aggregate(big * 2, relation, graph)
+    assert first.data_ptr() != second.data_ptr() and torch.equal(first, kept)
+    pointer = second.data_ptr()
+    del second
+    third = rel_aggregate(big, relation, graph)
+    assert third.data_ptr() == pointer and torch.equal(third, kept)
+    third.resize_(2 * third.numel())
+    third.zero_()
+
+
 def test_plan_pieces_cover_long_rows():
     edge_index, edge_type = random_graph(40, 300, 5, seed=4)
     graph = RelGraph(edge_index, edge_type, 40, 5, chunk_size=7)
