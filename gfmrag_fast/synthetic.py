@@ -4,6 +4,9 @@ Two families:
 
 * :func:`synthetic_kg` — uniform: heads, tails and relations drawn uniformly. Easy on kernels and
   unlike any real KG index.
+* :func:`random_graph` — raw ``edge_index`` / ``edge_type`` with the cases kernels get wrong:
+  parallel edges, self-loops, a hub and an isolated node (used by the tests and the CUDA
+  emulator's checks).
 * :func:`real_shape_kg` — the shape of a real GFM-RAG index at any size: one synonym relation
   ("equivalent") holding about half of the triples, a long tail of rare relations, and
   heavy-tailed entity degrees (a few hubs with hundreds of edges, most entities with 1–3). The
@@ -22,7 +25,7 @@ import torch
 
 from .ops import RelGraph
 
-__all__ = ["synthetic_kg", "real_shape_kg", "KGShape", "musique_shape", "graph_shape_stats"]
+__all__ = ["synthetic_kg", "random_graph", "real_shape_kg", "KGShape", "musique_shape", "graph_shape_stats"]
 
 
 def _check_sizes(fn: str, num_nodes: int, num_triples: int, num_relations: int) -> None:
@@ -52,6 +55,30 @@ def synthetic_kg(num_nodes: int, num_triples: int, num_relations: int, seed: int
     tail = torch.randint(0, num_nodes, (num_triples,), generator=gen)
     rel = torch.randint(0, num_relations // 2, (num_triples,), generator=gen)
     return _with_inverses(head, tail, rel, num_nodes, num_relations, device)
+
+
+def random_graph(num_nodes: int, num_edges: int, num_relations: int, seed: int = 0, duplicates: bool = True,
+                 special: bool = True):
+    """``edge_index`` [2, E] and ``edge_type`` [E], seeded, with the cases kernels get wrong.
+
+    With ``special`` (and enough nodes / edges): node ``num_nodes - 1`` has no edge at all,
+    node 0 is the destination of a quarter of the edges (a hub) and three edges are self-loops.
+    With ``duplicates``: the last tenth of the edges repeats the first tenth (parallel edges).
+    No inverse edges: unlike :func:`synthetic_kg`, direction matters in this graph.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    high = num_nodes - 1 if special and num_nodes > 2 else num_nodes
+    edge_index = torch.randint(0, high, (2, num_edges), generator=gen)
+    edge_type = torch.randint(0, num_relations, (num_edges,), generator=gen)
+    if special and num_edges >= 8:
+        edge_index[0, : num_edges // 4] = 0
+        loops = slice(num_edges // 4, num_edges // 4 + 3)
+        edge_index[1, loops] = edge_index[0, loops]
+    if duplicates and num_edges >= 10:
+        k = num_edges // 10
+        edge_index[:, -k:] = edge_index[:, :k]
+        edge_type[-k:] = edge_type[:k]
+    return edge_index, edge_type
 
 
 @dataclass(frozen=True)

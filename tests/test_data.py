@@ -11,8 +11,6 @@ import os
 import shutil
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import pytest
 import torch
 from torch.utils.data import DataLoader

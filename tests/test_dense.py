@@ -6,7 +6,7 @@ from torch import nn
 
 from gfmrag_fast.models.dense import dense_update
 
-from test_models import make_batch, make_graph, retriever
+from helpers import make_batch, make_graph, retriever
 
 
 @pytest.mark.parametrize("residual", [True, False])

@@ -5,7 +5,7 @@ import torch
 from torch.library import opcheck
 from torch.nn import functional as F
 
-from conftest import DEVICES
+from helpers import DEVICES
 from gfmrag_fast.ops import dense_tail, dense_tail_reference
 
 ops = torch.ops.gfmrag_fast

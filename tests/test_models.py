@@ -8,7 +8,6 @@ from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch_geometric.data import Data
 
-from conftest import random_graph
 from gfmrag_fast.models import (
     AGGREGATES,
     MESSAGES,
@@ -19,7 +18,7 @@ from gfmrag_fast.models import (
     rel_graph_of,
 )
 
-TEXT_DIM = 12
+from helpers import TEXT_DIM, make_batch, make_graph, perturb, retriever
 
 
 # ---------------------------------------------------------------- the math, restated with the cat built
@@ -110,36 +109,6 @@ def ref_retriever(model, cfg, graph, batch, entities_weight=None, weight=None, m
 
 
 # ---------------------------------------------------------------- fixtures
-
-
-def make_graph(num_nodes=30, num_edges=120, num_relations=6, seed=0):
-    """An asymmetric graph (no inverse edges, so direction matters) with an isolated node and a hub."""
-    edge_index, edge_type = random_graph(num_nodes, num_edges, num_relations, seed=seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    return Data(edge_index=edge_index, edge_type=edge_type, num_nodes=num_nodes, num_relations=num_relations,
-                rel_emb=torch.randn(num_relations, TEXT_DIM, generator=gen))
-
-
-def make_batch(graph, batch_size=3, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    mask = (torch.rand(batch_size, graph.num_nodes, generator=gen) < 0.15).float()
-    mask[:, graph.num_nodes - 1] = 1.0  # the isolated node is a question entity
-    return {"question_embeddings": torch.randn(batch_size, TEXT_DIM, generator=gen), "question_entities_masks": mask}
-
-
-def perturb(model, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=gen))
-    return model
-
-
-def retriever(seed=0, **cfg):
-    torch.manual_seed(seed)
-    cfg = {"input_dim": 8, "hidden_dims": [8, 8, 8], "message_func": "distmult", "aggregate_func": "sum",
-           "short_cut": True, "layer_norm": True, **cfg}
-    return perturb(GNNRetriever(QueryNBFNet(**cfg), TEXT_DIM), seed), cfg
 
 
 def rel_err(actual, expected):

@@ -20,8 +20,9 @@ from gfmrag_fast.ops import (
     rel_aggregate_reference,
     triple_index,
 )
+from gfmrag_fast.synthetic import random_graph
 
-from conftest import DEVICES, random_graph
+from helpers import DEVICES
 
 ops = torch.ops.gfmrag_fast
 N, E, R = 40, 300, 10  # graph of the crafted cases (R even: the triple ops need direct + inverse)

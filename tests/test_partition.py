@@ -2,15 +2,11 @@
 CPU processes (gloo) against the single-process model: loss, scores and every parameter gradient,
 for fine-tuning (GNNRetriever) and pre-training (QueryGNN with negatives and easy-edge masks)."""
 
-import datetime
-import os
-import socket
 import sys
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch_geometric.data import Data
 
 from gfmrag_fast.losses import adversarial_bce, list_ce
@@ -20,12 +16,7 @@ from gfmrag_fast.models.partition import partition_graph, partition_nodes, parti
 from gfmrag_fast.ops import easy_edge_mask, negative_sampling
 from gfmrag_fast.synthetic import real_shape_kg
 
-try:
-    import pymetis  # noqa: F401
-
-    HAS_METIS = True
-except ImportError:
-    HAS_METIS = False
+from helpers import HAS_METIS, perturb, spawn
 
 METHODS = [
     "contiguous",
@@ -114,47 +105,18 @@ def test_bad_methods_and_sizes_are_errors():
 # ---------------------------------------------------------------- 2 and 3 processes vs one
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn(fn, world_size, *args):
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # children share 2 cores: sleep, not spin
-    mp.spawn(_init_and_run, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
-
-
-def _init_and_run(rank, world_size, port, fn, args):
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=120))
-    try:
-        fn(rank, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def perturbed(model, seed):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn(p.shape, generator=gen))
-    return model
-
-
 def retriever(**cfg):
     torch.manual_seed(0)
     cfg = {"input_dim": 8, "hidden_dims": [8, 8, 8], "message_func": "distmult", "aggregate_func": "sum",
            "short_cut": True, "layer_norm": True, **cfg}
-    return perturbed(GNNRetriever(QueryNBFNet(**cfg), TEXT_DIM), 1)
+    return perturb(GNNRetriever(QueryNBFNet(**cfg), TEXT_DIM), 1)
 
 
 def query_gnn(**cfg):
     torch.manual_seed(0)
     cfg = {"input_dim": 8, "hidden_dims": [8, 8], "message_func": "distmult", "aggregate_func": "sum",
            "short_cut": True, "layer_norm": True, **cfg}
-    return perturbed(QueryGNN(EntityNBFNet(**cfg), TEXT_DIM), 1)
+    return perturb(QueryGNN(EntityNBFNet(**cfg), TEXT_DIM), 1)
 
 
 def step(model, loss_fn, partitioned: bool):

@@ -26,8 +26,7 @@ from gfmrag_fast.atomic_io import read_jsonl
 from gfmrag_fast.training import DistEnv, Trainer, TrainOptions
 from gfmrag_fast.training.epoch_plan import EpochPlan
 
-from conftest import METRIC, Census, describe_for, make_task, small_model
-from test_partition import HAS_METIS, spawn
+from helpers import HAS_METIS, METRIC, Census, describe_for, make_task, small_model, spawn
 
 KINDS = {"qa": "contiguous", "kg": "metis" if HAS_METIS else "contiguous"}
 NUM_DATASETS, IN_MEMORY, SAVE_INTERVAL = 4, 2, 3

@@ -9,9 +9,9 @@ from torch.library import opcheck
 
 from gfmrag_fast.ops import AGGREGATES, MESSAGES, RelGraph, rel_aggregate, rel_aggregate_reference
 from gfmrag_fast.ops.balance import balance_report, kg_graph
-from gfmrag_fast.synthetic import real_shape_kg
+from gfmrag_fast.synthetic import random_graph, real_shape_kg
 
-from conftest import DEVICES, random_graph
+from helpers import DEVICES
 
 MUSIQUE_KG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "musique_hippo",
                           "processed", "stage1", "kg.txt")

@@ -20,7 +20,7 @@ from gfmrag_fast.data import LazyDataset, ResidentDatasets
 from gfmrag_fast.training import DistEnv, Trainer, TrainOptions
 from gfmrag_fast.training.epoch_plan import EpochPlan, shard_indices
 
-from conftest import METRIC, Census, describe_for, make_task, small_model
+from helpers import METRIC, Census, describe_for, make_task, small_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

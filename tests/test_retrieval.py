@@ -11,8 +11,6 @@ import shutil
 import zlib
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import pytest
 import torch
 

@@ -19,7 +19,7 @@ from gfmrag_fast.training.epoch_plan import EpochPlan
 from gfmrag_fast.training.state import load_training_state
 from gfmrag_fast.workflow.common import apply_checkpoint
 
-from conftest import METRIC, Census, describe_for, make_task, small_model
+from helpers import METRIC, Census, describe_for, make_task, small_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -14,7 +14,7 @@ from gfmrag_fast.ops import (
     triple_index,
 )
 
-from conftest import CUDA, DEVICES
+from helpers import CUDA, DEVICES
 
 
 def kg_graph(num_nodes=40, num_triples=300, num_direct=5, seed=0, device="cpu"):

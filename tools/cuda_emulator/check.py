@@ -11,11 +11,9 @@ import torch
 
 from gfmrag_fast.ops import RelGraph
 from gfmrag_fast.ops.graph import DEFAULT_CHUNK_SIZE
-from gfmrag_fast.synthetic import real_shape_kg
+from gfmrag_fast.synthetic import random_graph, real_shape_kg
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(HERE)), "tests"))
-from conftest import random_graph  # noqa: E402
 
 torch.ops.load_library(os.path.join(HERE, "build", "gfmrag_emu.so"))
 cpu, emu = torch.ops.gfmrag_fast, torch.ops.gfmrag_emu

@@ -1,0 +1,233 @@
+"""What several test modules share: device parameters, small models and graphs, tiny datasets,
+multi-process launching. Test modules import from here, never from each other or from conftest."""
+
+import datetime
+import functools
+import json
+import os
+import random
+import socket
+import weakref
+import zlib
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch_geometric.data import Data
+
+from gfmrag_fast.synthetic import random_graph
+
+CUDA = torch.cuda.is_available()
+
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="needs a CUDA device")]),
+]
+
+try:
+    import pymetis  # noqa: F401
+
+    HAS_METIS = True
+except ImportError:
+    HAS_METIS = False
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gfmrag_fast", "workflow",
+                          "config")
+
+
+def default_config(name):
+    """The workflow config ``name`` (e.g. "finetune") as Hydra composes it with no override."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        return compose(config_name=name)
+
+
+# ---------------------------------------------------------------- models over a small random graph
+
+TEXT_DIM = 12  # text-embedding width of make_graph / make_batch / retriever
+
+
+def make_graph(num_nodes=30, num_edges=120, num_relations=6, seed=0):
+    """An asymmetric graph (no inverse edges, so direction matters) with an isolated node and a hub."""
+    edge_index, edge_type = random_graph(num_nodes, num_edges, num_relations, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    return Data(edge_index=edge_index, edge_type=edge_type, num_nodes=num_nodes, num_relations=num_relations,
+                rel_emb=torch.randn(num_relations, TEXT_DIM, generator=gen))
+
+
+def make_batch(graph, batch_size=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    mask = (torch.rand(batch_size, graph.num_nodes, generator=gen) < 0.15).float()
+    mask[:, graph.num_nodes - 1] = 1.0  # the isolated node is a question entity
+    return {"question_embeddings": torch.randn(batch_size, TEXT_DIM, generator=gen), "question_entities_masks": mask}
+
+
+def perturb(model, seed=0):
+    """Seeded noise on every parameter: freshly initialised layers hide mistakes (zero biases,
+    identity-like layer norms)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def retriever(seed=0, **cfg):
+    """A perturbed 3 x 8 GNNRetriever over TEXT_DIM-d text, and its entity-model config."""
+    from gfmrag_fast.models import GNNRetriever, QueryNBFNet
+
+    torch.manual_seed(seed)
+    cfg = {"input_dim": 8, "hidden_dims": [8, 8, 8], "message_func": "distmult", "aggregate_func": "sum",
+           "short_cut": True, "layer_norm": True, **cfg}
+    return perturb(GNNRetriever(QueryNBFNet(**cfg), TEXT_DIM), seed), cfg
+
+
+# ---------------------------------------------------------------- tiny datasets on disk
+
+
+class HashEmb:
+    """Deterministic text -> 8-d vectors (crc32 of the text: the same in every process), no model."""
+
+    def config_dict(self):
+        return {"text_emb_model_name": "crc32-8"}
+
+    def encode(self, texts, is_query=False, show_progress_bar=False):
+        rows = [[((zlib.crc32(f"{t}|{i}".encode()) % 1000) / 1000) for i in range(8)] for t in texts]
+        return torch.tensor(rows, dtype=torch.float32).view(len(texts), 8)
+
+
+def write_qa_dataset(folder, k):
+    """A small GFM-RAG QA dataset: a chain of 6 + k % 3 entities, one document per edge,
+    3 + k % 4 training and 2 test questions (question entity e_j, answer e_{j+1} in doc_j)."""
+    n = 6 + k % 3
+    stage1 = folder / "processed" / "stage1"
+    stage1.mkdir(parents=True)
+    (folder / "raw").mkdir()
+    lines = [f"e{j},r{j % 2},e{j + 1}" for j in range(n - 1)] + [f"e0,r2,e{n - 1}"]
+    (stage1 / "kg.txt").write_text("".join(line + "\n" for line in lines))
+    docs = {f"doc{j}": [f"e{j}", f"e{j + 1}"] for j in range(n - 1)}
+    (stage1 / "document2entities.json").write_text(json.dumps(docs))
+    (folder / "raw" / "dataset_corpus.json").write_text(json.dumps({title: f"{title} of {k}" for title in docs}))
+
+    def questions(count, prefix):
+        return [{"id": f"{prefix}{i}", "question": f"{prefix} {i} of {k}?", "answer": "",
+                 "question_entities": [f"e{i % (n - 1)}"], "supporting_entities": [f"e{i % (n - 1) + 1}"],
+                 "supporting_facts": [f"doc{i % (n - 1)}"]} for i in range(count)]
+
+    (stage1 / "train.json").write_text(json.dumps(questions(3 + k % 4, "q")))
+    (stage1 / "test.json").write_text(json.dumps(questions(2, "t")))
+
+
+def write_kg_dataset(folder, k):
+    """A small KG: 10 + k entities, 3 relations, 10 + k training triples, 3 valid and 3 test."""
+    rng = random.Random(k)
+    triples = sorted({(f"n{rng.randrange(10 + k)}", f"rel{rng.randrange(3)}", f"n{rng.randrange(10 + k)}")
+                      for _ in range(200)})
+    rng.shuffle(triples)
+    train = triples[:10 + k]
+    relations = {r for _, r, _ in train}
+    held_out = [t for t in triples[10 + k:] if t[1] in relations][:6]
+    stage1 = folder / "processed" / "stage1"
+    stage1.mkdir(parents=True)
+    for name, part in (("kg.txt", train), ("valid.txt", held_out[:3]), ("test.txt", held_out[3:])):
+        (stage1 / name).write_text("".join(",".join(t) + "\n" for t in part))
+
+
+class Census:
+    """Loads datasets from disk as a run would (LazyDataset) and counts how many of the loaded
+    objects are alive (weak references: a dataset kept by anyone counts)."""
+
+    def __init__(self, root, kind):
+        self.root, self.kind, self.refs, self.loaded = str(root), kind, [], []
+
+    def load(self, name):
+        from gfmrag_fast.data import KGDataset, QADataset
+
+        ds = (QADataset if self.kind == "qa" else KGDataset)(self.root, name, text_emb_model=HashEmb())
+        self.refs.append(weakref.ref(ds))
+        self.loaded.append(name)
+        return ds
+
+    def alive(self):
+        return sum(ref() is not None for ref in self.refs)
+
+    def lazy(self, names, describe):
+        """LazyDatasets of ``names``, described once (as the workflows' scan does)."""
+        from gfmrag_fast.data import KGDataset, LazyDataset, QADataset
+
+        cls = QADataset if self.kind == "qa" else KGDataset
+        infos = [describe(cls(self.root, name, text_emb_model=HashEmb())) for name in names]
+        return [LazyDataset(name, functools.partial(self.load, name), info) for name, info in zip(names, infos)]
+
+
+def small_model(kind):
+    """A 2 x 8 GNNRetriever ("qa") or QueryGNN ("kg") over 8-d text embeddings, seeded."""
+    from gfmrag_fast.models import build_model
+
+    torch.manual_seed(0)
+    target, entity = (("GNNRetriever", "QueryNBFNet") if kind == "qa" else ("QueryGNN", "EntityNBFNet"))
+    return build_model({"_target_": f"gfmrag.models.{target}", "rel_emb_dim": 8,
+                        "entity_model": {"_target_": f"gfmrag.ultra.models.{entity}", "input_dim": 8,
+                                         "hidden_dims": [8, 8], "message_func": "distmult", "aggregate_func": "sum",
+                                         "short_cut": True, "layer_norm": True}})
+
+
+def make_task(kind, train_sets, valid_sets, **kwargs):
+    """The fine-tuning ("qa") or pre-training ("kg") task with small batches (GFM-RAG's losses)."""
+    from gfmrag_fast.models.doc_ranker import IDFWeightedTopKRanker
+    from gfmrag_fast.training.kg_task import KGCompletionTask
+    from gfmrag_fast.training.qa_task import QAFinetuneTask
+
+    if kind == "qa":
+        losses = [{"name": "bce", "loss": {"_target_": "gfmrag.losses.BCELoss", "adversarial_temperature": 0.2},
+                   "cfg": {"weight": 0.3}}, {"name": "pcr", "loss": {"_target_": "gfmrag.losses.ListCELoss"},
+                                             "cfg": {"weight": 0.7}}]
+        return QAFinetuneTask(train_sets, valid_sets, losses, IDFWeightedTopKRanker, ["mrr", "recall@2"], 2, 2, True,
+                              None, {}, torch.device("cpu"), seed=5, **kwargs)
+    return KGCompletionTask(train_sets, valid_sets, num_negative=4, strict_negative=True, adversarial_temperature=1.0,
+                            batch_size=4, eval_batch_size=8, metrics=["mrr", "hits@1"], fast_test=None,
+                            text_emb_conf={}, device=torch.device("cpu"), seed=5, **kwargs)
+
+
+def describe_for(kind):
+    from gfmrag_fast.training.kg_task import describe_kg_dataset
+    from gfmrag_fast.training.qa_task import describe_qa_dataset
+
+    return describe_qa_dataset if kind == "qa" else describe_kg_dataset
+
+
+METRIC = {"qa": "ent_mrr", "kg": "mrr"}
+
+
+# ---------------------------------------------------------------- several gloo processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(fn, world_size, *args):
+    """Runs ``fn(rank, *args)`` in ``world_size`` CPU processes joined in one gloo group."""
+    # The children share 2 cores: their OpenMP threads must sleep, not spin, while waiting.
+    # Spawned children copy this process's environment, so it is set around the spawn only.
+    before = os.environ.get("OMP_WAIT_POLICY")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        mp.spawn(_init_and_run, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
+    finally:
+        if before is None:
+            del os.environ["OMP_WAIT_POLICY"]
+
+
+def _init_and_run(rank, world_size, port, fn, args):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # in the child process only
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=120))
+    try:
+        fn(rank, *args)
+    finally:
+        dist.destroy_process_group()
