@@ -146,7 +146,9 @@ def test_load_through_hub_cache_offline(tmp_path, monkeypatch):
     assert config["model_config"]["rel_emb_dim"] == 12
     assert torch.equal(model.state_dict()["rel_mlp.weight"], state["rel_mlp.weight"])
 
-    with pytest.raises(Exception):  # offline and not cached: fails at once, no network
+    # offline and not cached: fails at once, no network, saying where it looked
+    with pytest.raises(FileNotFoundError, match=r"'someone/not-cached': no such local folder, and not fetched from "
+                                                r"the local Hugging Face cache \(HF_HUB_OFFLINE is set\)"):
         load_pretrained("someone/not-cached")
 
 

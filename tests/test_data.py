@@ -197,7 +197,7 @@ def test_qa_targets_skips_and_counts(root, caplog):
     assert q1["supporting_docs"].tolist() == [0]
     assert q2["question_entities"].tolist() == [3] and q2["supporting_docs"].tolist() == [1]
     assert train[-1]["id"] == "q2"
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match="index 2 out of range for 2 questions"):
         train[2]
     t1 = ds.split("test")[0]  # names stripped, duplicates dropped
     assert t1["question_entities"].tolist() == [1]
@@ -279,7 +279,7 @@ def test_force_rebuild_calls_model_again(root):
 
 
 def test_failed_build_leaves_no_cache(root):
-    with pytest.raises(AssertionError):
+    with pytest.raises(AssertionError, match="the text model must not be called"):
         KGDataset(root, "tiny_kg", text_emb_model=RaisingEmb())
     assert [e for e in os.listdir(root / "tiny_kg" / "processed" / "stage2") if not e.startswith(".lock-")] == []
 

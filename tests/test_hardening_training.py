@@ -19,6 +19,8 @@ from gfmrag_fast.training import DistEnv, Trainer, TrainOptions
 from gfmrag_fast.training import trainer as trainer_module
 from gfmrag_fast.training.state import capture_rng, load_training_state, restore_rng
 
+from helpers import HashEmb
+
 FIXTURES = Path(__file__).parent / "data"
 
 
@@ -382,17 +384,6 @@ def test_options_that_train_nothing_are_refused(tmp_path, options, message):
     with pytest.raises(ValueError, match=message):
         Trainer(model, torch.optim.AdamW(model.parameters()), ScriptedTask([0.5]), TrainOptions(**options),
                 str(tmp_path), DistEnv())
-
-
-class HashEmb:
-    """Deterministic text → 8-d vectors, no model download."""
-
-    def config_dict(self):
-        return {"text_emb_model_name": "hash-8"}
-
-    def encode(self, texts, is_query=False, show_progress_bar=False):
-        rows = [[(hash((t, i)) % 1000) / 1000 for i in range(8)] for t in texts]
-        return torch.tensor(rows, dtype=torch.float32).view(len(texts), 8)
 
 
 def qa_task(train_sets):
