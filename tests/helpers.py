@@ -32,16 +32,16 @@ try:
 except ImportError:
     HAS_METIS = False
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gfmrag_fast", "workflow",
-                          "config")
 
-
-def default_config(name):
-    """The workflow config ``name`` (e.g. "finetune") as Hydra composes it with no override."""
+def workflow_config(name, overrides=()):
+    """The config of workflow ``name`` (e.g. "finetune") as Hydra composes it for a run."""
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        return compose(config_name=name)
+    import gfmrag_fast
+
+    config_dir = os.path.join(os.path.dirname(gfmrag_fast.__file__), "workflow", "config")
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        return compose(config_name=name, overrides=list(overrides))
 
 
 # ---------------------------------------------------------------- models over a small random graph

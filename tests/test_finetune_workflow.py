@@ -11,6 +11,8 @@ import torch
 import gfmrag_fast
 from gfmrag_fast.atomic_io import read_jsonl
 
+from helpers import workflow_config
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SMALL = [
     "datasets.train_names=[tiny_qa]",
@@ -66,8 +68,21 @@ def test_run_writes_outputs(first_run):
 
 
 def test_overrides_reach_the_run(first_run):
-    saved = (first_run / ".hydra" / "config.yaml").read_text()
-    assert "batch_size: 2" in saved and "hidden_dims:\n    - 8\n    - 8" in saved
+    """The overrides change what ran, not only Hydra's record of the config: the model's size in
+    the saved weights, the epochs and steps taken, the per-epoch checkpoint."""
+    defaults = workflow_config("finetune")
+    assert list(defaults.model.entity_model.hidden_dims) != [8, 8] and defaults.model.entity_model.input_dim != 8
+    assert defaults.train.num_epoch != 1 and defaults.train.save_best_only
+    expected_layers = {f"entity_model.layers.{i}.linear.weight": (8, 16) for i in range(2)}  # Linear(2d, d), d = 8
+    for weights in (torch.load(first_run / "model_last.pth", weights_only=True)["model"],
+                    torch.load(first_run / "pretrained" / "model.pth", weights_only=True)["model"]):
+        assert {k: tuple(v.shape) for k, v in weights.items() if k.endswith("linear.weight")} == expected_layers
+        assert weights["question_mlp.weight"].shape == (8, 384)  # input_dim x MiniLM's width
+    state = torch.load(first_run / "model_last.pth", weights_only=True)
+    assert state["epoch"] == 1 and [h["epoch"] for h in state["history"]] == [0]
+    # tiny_qa keeps 2 training questions: batch size 2 is one optimizer step in the one epoch
+    assert {int(p["step"]) for p in state["optimizer"]["state"].values()} == {1}
+    assert os.path.exists(first_run / "model_epoch_0.pth")  # train.save_best_only=false
 
 
 def test_resume_continues_from_checkpoint(first_run, data_root):

@@ -18,6 +18,8 @@ from gfmrag_fast.training import DistEnv
 from gfmrag_fast.atomic_io import read_jsonl
 from gfmrag_fast.training.kg_task import KGCompletionTask
 
+from helpers import workflow_config
+
 CONFIG_DIR = os.path.join(os.path.dirname(gfmrag_fast.__file__), "workflow", "config")
 METRICS = ["mr", "mrr", "hits@1", "hits@3", "hits@10"]
 
@@ -294,10 +296,23 @@ def test_run_writes_outputs(first_run):
 
 
 def test_overrides_reach_the_run(first_run):
+    """The overrides change what ran, not only Hydra's record of the config: the model's size in
+    the saved weights, the epochs and the optimizer steps taken (task.num_negative reaching the
+    task is test_config_overrides_reach_the_task's)."""
     out, _ = first_run
-    saved = (out / ".hydra" / "config.yaml").read_text()
-    assert "num_negative: 5" in saved and "hidden_dims:\n    - 8\n    - 8" in saved and "num_epoch: 1" in saved
-    assert not os.path.exists(out / "model_epoch_1.pth")  # train.num_epoch=1: one epoch
+    defaults = workflow_config("pretrain")
+    assert list(defaults.model.entity_model.hidden_dims) != [8, 8] and defaults.model.entity_model.input_dim != 8
+    assert defaults.train.num_epoch != 1 and defaults.train.batch_size != 8
+    expected_layers = {f"entity_model.layers.{i}.linear.weight": (8, 16) for i in range(2)}  # Linear(2d, d), d = 8
+    for weights in (torch.load(out / "model_last.pth", weights_only=True)["model"],
+                    torch.load(out / "pretrained" / "model.pth", weights_only=True)["model"]):
+        assert {k: tuple(v.shape) for k, v in weights.items() if k.endswith("linear.weight")} == expected_layers
+        assert weights["rel_mlp.weight"].shape == (8, 384)  # input_dim x MiniLM's width
+    state = torch.load(out / "model_last.pth", weights_only=True)
+    assert state["epoch"] == 1 and [h["epoch"] for h in state["history"]] == [0]
+    assert not os.path.exists(out / "model_epoch_1.pth")
+    # 60 training triples in batches of 8 (the default, 32, would be 2 steps)
+    assert {int(p["step"]) for p in state["optimizer"]["state"].values()} == {8}
 
 
 def test_resume_continues_at_the_next_epoch(first_run, data_root):

@@ -62,24 +62,49 @@ def test_strict_negatives_are_never_true_answers(device, impl):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_non_strict_is_uniform_over_all_entities(device):
+    from scipy.stats import chisquare
+
     graph, triples = kg_graph(num_nodes=6, device=device)
-    out = negative_sampling(graph, triples[:2], 6000, strict=False)
-    tails = out[0, 1:, 1].cpu()
-    counts = torch.bincount(tails, minlength=6)
-    assert counts.min() > 800  # true answers included: every entity drawn
+    batch = triples[:2]
+    out = negative_sampling(graph, batch, 6000, strict=False, generator=torch.Generator(device).manual_seed(0))
+    assert torch.equal(out[0, 1:, 0::2], batch[0, 0::2].expand(6000, 2))  # row 0: (h, ?, r)
+    assert torch.equal(out[1, 1:, 1:], batch[1, 1:].expand(6000, 2))  # row 1: (?, t, r)
+    for drawn in (out[0, 1:, 1], out[1, 1:, 0]):
+        counts = torch.bincount(drawn.cpu(), minlength=6)
+        assert counts.numel() == 6 and counts.min() > 0  # true answers and the positive included
+        assert chisquare(counts.numpy()).pvalue > 1e-3
 
 
-def test_strict_sampling_is_exactly_uniform_chi_square():
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", [negative_sampling, negative_sampling_reference])
+def test_strict_negatives_cover_exactly_the_allowed_entities(device, impl):
+    """Strict is exact: what is drawn is every entity that is neither a true answer of the query nor
+    the positive, and nothing else (the positive alone when nothing is allowed)."""
+    graph, triples = kg_graph(num_nodes=12, num_triples=60, num_direct=2, device=device)
+    answers = true_answers(graph)
+    half = graph.num_relations // 2
+    batch = triples[:6]
+    torch.manual_seed(0)
+    out = impl(graph, batch, 3000)
+    for b, (h, t, r) in enumerate(batch.tolist()):
+        if b < 3:
+            drawn, allowed = out[b, 1:, 1], set(range(12)) - answers[(h, r)] - {t}
+        else:
+            drawn, allowed = out[b, 1:, 0], set(range(12)) - answers[(t, r + half)] - {h}
+        assert set(drawn.tolist()) == (allowed or {t if b < 3 else h}), b
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strict_sampling_is_exactly_uniform_chi_square(device):
     from scipy.stats import chisquare
 
     # Node 0 has tails {1, 4, 5} under relation 0; 0, 2, 3, 6..9 are the allowed negatives of (0, 0, 1).
     h = torch.tensor([0, 0, 0, 2])
     t = torch.tensor([1, 4, 5, 7])
     r = torch.tensor([0, 0, 0, 0])
-    graph = RelGraph(torch.cat([torch.stack([h, t]), torch.stack([t, h])], 1), torch.cat([r, r + 1]), 10, 2)
-    torch.manual_seed(0)
-    batch = torch.tensor([[0, 1, 0], [0, 7, 0]])  # row 0: tails of (0, 0, ?), row 1: heads of (?, 0, 7)
-    out = negative_sampling(graph, batch, 70_000)
+    graph = RelGraph(torch.cat([torch.stack([h, t]), torch.stack([t, h])], 1), torch.cat([r, r + 1]), 10, 2).to(device)
+    batch = torch.tensor([[0, 1, 0], [0, 7, 0]], device=device)  # row 0: tails of (0, 0, ?), row 1: heads of (?, 0, 7)
+    out = negative_sampling(graph, batch, 70_000, generator=torch.Generator(device).manual_seed(0)).cpu()
     tails = torch.bincount(out[0, 1:, 1], minlength=10)
     assert tails[[1, 4, 5]].sum() == 0
     allowed = tails[[0, 2, 3, 6, 7, 8, 9]]
@@ -313,8 +338,12 @@ def test_bad_input_raises_clear_errors():
     odd = RelGraph(graph.edge_index, graph.edge_type, 40, 11)
     with pytest.raises(ValueError, match="must count direct and inverse relations"):
         negative_sampling(odd, triples[:4], 4)
-    # Unchecked out-of-range rows never read outside the index: they match / exclude nothing.
+    # Unchecked out-of-range rows never read outside the index: they match / exclude nothing, so
+    # the corrupted end is drawn from every entity (the positive included) and the rest is kept.
     unchecked = easy_edge_mask(graph, torch.tensor([[10**9, 2, 0], [0, 1, 99]]), check_values=False)
     assert not unchecked.any()
-    out = negative_sampling(graph, torch.tensor([[0, 1, 99], [0, 10**9, 1]]), 8, check_values=False)
-    assert ((out[:, 1:, :2] >= 0) & (out[:, 1:, :2] < 10**9 + 1)).all()
+    out = negative_sampling(graph, torch.tensor([[0, 1, 99], [0, 10**9, 1]]), 2000, check_values=False,
+                            generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out[0, 1:, 0::2], torch.tensor([0, 99]).expand(2000, 2))
+    assert torch.equal(out[1, 1:, 1:], torch.tensor([10**9, 1]).expand(2000, 2))
+    assert set(out[0, 1:, 1].tolist()) == set(out[1, 1:, 0].tolist()) == set(range(40))
