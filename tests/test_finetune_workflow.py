@@ -114,6 +114,7 @@ def test_torchrun_two_processes_rank0_writes(data_root, tmp_path):
     assert "2 process(es)" in out.stderr + out.stdout
 
 
+@pytest.mark.slow  # torch.compile's C++ code generation: about a minute on a 2-core machine
 def test_compiled_training_runs_and_saves_plain_keys(data_root, tmp_path):
     run([f"datasets.root={data_root}", f"hydra.run.dir={tmp_path}", *SMALL, "train.num_epoch=1", "train.compile=true"],
         cwd=tmp_path)
