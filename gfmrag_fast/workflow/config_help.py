@@ -126,16 +126,24 @@ def _primary_files(dirs: List[str], name: str, seen: Optional[set] = None) -> Li
 
 
 def _format(value: Any) -> str:
+    """A value as it is written on the command line (``[a, b]``, ``null``, ``''``), cut at 80 characters."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, str):
-        return value if value and not value.isspace() else json.dumps(value)
-    if isinstance(value, (list, dict)):
-        text = json.dumps(value, separators=(", ", ": "))
-        return text if len(text) <= 80 else text[:77] + "..."
-    return str(value)
+        if not value.strip():
+            return repr(value)
+        if value == "???":  # OmegaConf's mark of a value that must be given
+            return value
+        return value if re.fullmatch(r"[\w@.:/${}%\-]+", value) else json.dumps(value)
+    if isinstance(value, list):
+        text = "[" + ", ".join(_format(v) for v in value) + "]"
+    elif isinstance(value, dict):
+        text = "{" + ", ".join(f"{k}: {_format(v)}" for k, v in value.items()) + "}"
+    else:
+        return str(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _leaves(node: Any, prefix: str = "") -> List[Tuple[str, Any]]:
@@ -148,8 +156,8 @@ def _leaves(node: Any, prefix: str = "") -> List[Tuple[str, Any]]:
     return out
 
 
-def _wrap(text: str, indent: int = 4) -> str:
-    return textwrap.fill(text, WIDTH, initial_indent=" " * indent, subsequent_indent=" " * indent)
+def _wrap(text: str, indent: int = 4, hanging: int = 0) -> str:
+    return textwrap.fill(text, WIDTH, initial_indent=" " * indent, subsequent_indent=" " * (indent + hanging))
 
 
 def _descriptions(root: Any) -> Tuple[str, Dict[str, str], Dict[str, str], Dict[str, Dict[str, str]]]:
@@ -205,7 +213,7 @@ def render(root: Any) -> str:
                 out.append(_wrap(described[f"defaults.{group}"]))
             for option, text in options[group].items():
                 text = " ".join(text.split())
-                out.append(_wrap(f"{option}: {text}" if text else option, 6))
+                out.append(_wrap(f"{option}: {text}" if text else option, 6, hanging=2))
             out.append("")
     out += ["== Settings (key=value) ==", ""]
     section = None
