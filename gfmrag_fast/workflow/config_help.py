@@ -1,9 +1,10 @@
 """``--help`` of the workflows: every setting with its current value and what it does, taken from
 the comments of the config files.
 
-Hydra's ``--help`` prints ``hydra.help.template`` (our ``config/hydra/help/gfmrag_fast.yaml``),
-whose text is the resolver registered here: ``${gfmrag_fast_help:}``. It reads the composed
-config (command-line overrides applied) and the comments of the files it came from:
+Hydra's ``--help`` prints ``hydra.help.template``; the workflow configs set it to
+``${gfmrag_fast_help:}``, the resolver registered here (so an entry module imports this one). It
+reads the composed config (command-line overrides applied) and the comments of the files it came
+from:
 
 * a comment block directly above a key (no blank line between) and a comment after its value
   describe that key; a key in a config group's file (``text_emb_model/minilm.yaml``) is
@@ -79,9 +80,9 @@ def parse_comments(text: str) -> Tuple[str, Dict[str, str]]:
             stack.pop()
         key = ".".join([k for _, k in stack] + [match["key"]])
         comment = _split_comment(match["rest"])[1]
-        text_ = " ".join(part for part in (*pending, comment) if part)
-        if text_:
-            described[key] = text_
+        description = " ".join(part for part in (*pending, comment) if part)
+        if description:
+            described[key] = description
         stack.append((indent, match["key"]))
         pending = []
     return "\n".join(header), described
@@ -188,9 +189,9 @@ def _descriptions(root: Any) -> Tuple[str, Dict[str, str], Dict[str, str], Dict[
     return header, described, groups, options
 
 
-def settings(root: Any) -> List[Tuple[str, Any, Optional[str]]]:
+def settings(root: Any, described: Optional[Dict[str, str]] = None) -> List[Tuple[str, Any, Optional[str]]]:
     """(dotted key, value, description or None) of every setting of the composed config ``root``."""
-    described = _descriptions(root)[1]
+    described = _descriptions(root)[1] if described is None else described
     config = OmegaConf.to_container(root, resolve=False)
     config.pop("hydra", None)
     return [(key, value, described.get(key)) for key, value in _leaves(config)]
@@ -217,7 +218,7 @@ def render(root: Any) -> str:
             out.append("")
     out += ["== Settings (key=value) ==", ""]
     section = None
-    for key, value, text in settings(root):
+    for key, value, text in settings(root, described):
         top = key.split(".")[0]
         if "." in key and top != section:
             section = top
