@@ -138,12 +138,9 @@ def locality_order(edge_index: torch.Tensor, num_nodes: int) -> torch.Tensor:  #
     roots = lowest_degree_per_component(torch.nonzero(level == depth[comp]).flatten())
     level, rank = _cuthill_mckee_levels(ptr, nbr, degree, roots, num_nodes)
     # Cuthill–McKee is (component, level, rank); reversing within each component negates the last two.
-    key = (comp * num_nodes + (num_nodes - 1 - level)) * num_nodes + (num_nodes - 1 - rank)
-    if num_nodes ** 3 >= 2 ** 63:  # the packed key would overflow: stable sorts instead
-        order = torch.argsort(-rank, stable=True)
-        order = order[torch.argsort(-level[order], stable=True)]
-        return order[torch.argsort(comp[order], stable=True)]
-    return torch.argsort(key)
+    order = torch.argsort(-rank, stable=True)
+    order = order[torch.argsort(-level[order], stable=True)]
+    return order[torch.argsort(comp[order], stable=True)]
 
 
 def relabel(order: torch.Tensor) -> torch.Tensor:  # [N] -> [N]
