@@ -133,6 +133,23 @@ def test_option_checked_and_in_the_fingerprint(musique_both, tmp_path):
         KGDataset(tmp_path, "x", text_emb_model=TrigramEmb(), entity_order="rcm")
 
 
+def test_kg_held_out_triples_follow_the_numbering(tmp_path):
+    shutil.copytree(REPO / "tests" / "data" / "tiny_kg", tmp_path / "tiny_kg")
+    both = {order: KGDataset(tmp_path, "tiny_kg", text_emb_model=TrigramEmb(), entity_order=order)
+            for order in ("original", "locality")}
+    kg_entities = both["original"].stats["kg_entities"]
+    for split in ("valid_triples", "test_triples", "target_edge_index"):
+        named = []
+        for ds in both.values():
+            names, values = list(ds.ent2id), getattr(ds.graph, split)
+            rows = values.t() if split == "target_edge_index" else values[:, :2]
+            named.append([(names[h], names[t]) for h, t in rows.tolist()])
+        assert named[0] == named[1], split
+    # Entities only in valid.txt / test.txt have no edge: numbered after the KG's, as in GFM-RAG.
+    assert sorted(both["locality"].ent2id[name] for name in list(both["original"].ent2id)[kg_entities:]) == \
+        list(range(kg_entities, both["original"].num_nodes))
+
+
 def test_stage2_same_by_name(musique_both):
     original, local = musique_both["original"], musique_both["locality"]
     assert set(original.ent2id) == set(local.ent2id) and original.ent2id != local.ent2id
