@@ -2,9 +2,10 @@
 
 Matches GFM-RAG's ``KGDataset``: entities and relations are numbered in order of first appearance
 in ``kg.txt`` (head before tail on each line; with ``entity_order="locality"`` entities are then
-renumbered so that graph neighbours get nearby ids, see :mod:`.ordering`), every triple (h, r, t) also gets the inverse edge
-(t, r + R, h) named ``"inverse_" + name`` (made unique where that is itself a relation of the
-KG: :func:`inverse_relation_names`), and all 2R relation names are embedded with the text model.
+renumbered so that graph neighbours get nearby ids, see :mod:`.ordering`), every triple
+(h, r, t) also gets the inverse edge (t, r + R, h) named ``"inverse_" + name`` (made unique where
+that is itself a relation of the KG: :func:`inverse_relation_names`), and all 2R relation names
+are embedded with the text model.
 ``valid.txt`` / ``test.txt`` beside ``kg.txt`` become held-out link-prediction triples.
 """
 
