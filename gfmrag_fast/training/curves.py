@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..atomic_io import atomic_write
@@ -106,9 +105,6 @@ def _plot_loss(ax, history: Sequence[Dict[str, Any]]) -> None:
         ax.axvline(done, color="grey", linestyle=":", linewidth=0.6)
     if ends:
         ax.plot(*zip(*ends), "o-", color="tab:red", markersize=4, label="epoch mean")
-    finite = [loss for _, loss in ends if math.isfinite(loss)]
-    if finite and min(finite) > 0:
-        ax.set_ylim(bottom=0)
     ax.set(xlabel="training step (dotted: epoch ends)", ylabel="training loss", title="loss")
     ax.set_xlim(left=0)
     ax.grid(alpha=0.3)
