@@ -3,6 +3,7 @@ valid split), evaluated as split "valid" beside "test", on small synthetic QA da
 
 import json
 import logging
+import re
 
 import pytest
 import torch
@@ -164,3 +165,14 @@ def test_no_validation_when_the_fraction_is_zero(tmp_path, one_thread):
     task = make_task([ds], [ds], valid_fraction=0)
     assert task.train_sizes == [20] and [row for row, _, _ in task.eval_parts["chain"]] == ["test"]
     task.datasets.close()
+
+
+def test_stage2_embedding_shows_progress_and_gives_the_same_vectors(tmp_path, caplog):
+    """600 questions: embedded in chunks (512 + 88) with a progress line at each tenth of the way
+    in a log (no terminal here); the vectors are those of one call on all of them."""
+    caplog.set_level(logging.INFO, logger="gfmrag_fast.data.kg_dataset")
+    ds = write_chain(tmp_path, "many", num_train=600)
+    lines = re.findall(r"many: embedded (\d+) of 600 train questions \([\d.]+ texts/s, [\d.]+ s left\)", caplog.text)
+    assert lines == ["512", "600"]
+    texts = [f"q {i}?" for i in range(600)]
+    assert torch.equal(ds.split("train").question_embeddings, HashEmb().encode(texts, is_query=True))
