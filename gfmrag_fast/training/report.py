@@ -71,6 +71,8 @@ def summary(history: Sequence[Dict[str, Any]], best_epoch: Optional[int], metric
     lines = []
     if best_epoch is None:
         lines.append(f"no epoch was scored on {metric}: the model of the last epoch is kept")
+    elif not math.isfinite(best_score):
+        lines.append(f"epoch {best_epoch} of {len(history)}, the last, is kept: no epoch was evaluated on {metric}")
     else:
         on = f"mean {metric_split} {metric}" if metric_split else f"mean {metric}"
         score = format_value(best_score) if math.isfinite(best_score) else "not evaluated"
