@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,7 +31,8 @@ __all__ = ["KGDataset", "check_dataset_name", "inverse_relation_names", "resolve
 log = logging.getLogger(__name__)
 
 INVERSE_PREFIX = "inverse_"
-# Embedding fewer texts than this is too quick for a progress bar to help.
+# Embedding fewer texts than this is too quick for progress to help; more are embedded (and
+# their progress shown) in chunks of this many.
 _PROGRESS_TEXTS = 512
 
 
@@ -204,13 +206,34 @@ class KGDataset:
     def _embed(self, texts: list[str], is_query: bool, what: str) -> torch.Tensor:
         """[len(texts), D] float32 embeddings from the text model."""
         log.info("%s: embedding %d %s", self.data_name, len(texts), what)
-        # A bar only on a terminal: in a log file it is thousands of carriage-return lines.
-        bar = len(texts) >= _PROGRESS_TEXTS and sys.stderr.isatty()
-        emb = self.text_emb_model.encode(texts, is_query=is_query, show_progress_bar=bar)
+        if len(texts) < _PROGRESS_TEXTS:
+            emb = self.text_emb_model.encode(texts, is_query=is_query, show_progress_bar=False)
+        else:
+            emb = torch.cat(list(self._embed_chunks(texts, is_query, what)))
         emb = torch.as_tensor(emb).detach().to("cpu", torch.float32)
         if emb.dim() != 2 or emb.shape[0] != len(texts):
             raise RuntimeError(f"text model returned shape {tuple(emb.shape)} for {len(texts)} {what}, expected [n, D]")
         return emb
+
+    def _embed_chunks(self, texts: list[str], is_query: bool, what: str):
+        """The embeddings of ``texts`` in chunks of _PROGRESS_TEXTS, with progress: a bar on a
+        terminal, else a log line at every tenth of the way (a bar in a log file is thousands of
+        carriage-return lines)."""
+        from tqdm import tqdm
+
+        began, reported = time.perf_counter(), 0
+        with tqdm(total=len(texts), desc=f"{self.data_name}: {what}", unit="text", leave=False,
+                  disable=not sys.stderr.isatty()) as bar:
+            for start in range(0, len(texts), _PROGRESS_TEXTS):
+                chunk = texts[start:start + _PROGRESS_TEXTS]
+                yield torch.as_tensor(self.text_emb_model.encode(chunk, is_query=is_query, show_progress_bar=False))
+                done = start + len(chunk)
+                bar.update(len(chunk))
+                if bar.disable and (10 * done // len(texts) > reported or done == len(texts)):
+                    reported = 10 * done // len(texts)
+                    rate = done / max(time.perf_counter() - began, 1e-9)
+                    log.info("%s: embedded %d of %d %s (%.0f texts/s, %.0f s left)", self.data_name, done,
+                             len(texts), what, rate, (len(texts) - done) / rate)
 
     def _build(self, inputs: dict[str, str | None], out: str) -> dict[str, Any]:
         """Process the KG files and write graph.pt, ent2id.json, rel2id.json into ``out``."""

@@ -33,11 +33,12 @@ def gather_mean(values: Dict[str, List[float]], env: DistEnv) -> Dict[str, float
     return {key: float(sum(vals) / len(vals)) for key, vals in merged.items() if vals}
 
 
-def dataset_info(ds, key: str, describe: Callable[[Any], Dict[str, Any]]) -> Any:
+def dataset_info(ds, key: str, describe: Callable[[Any], Dict[str, Any]], optional: bool = False) -> Any:
     """``ds.info[key]`` of a :class:`LazyDataset` (described when the workflow scanned it), else
-    ``describe(ds)[key]`` of a loaded dataset."""
-    return ds.info[key] if isinstance(ds, LazyDataset) else describe(ds)[key]
-
+    ``describe(ds)[key]`` of a loaded dataset; with ``optional``, None where the key is absent
+    (a description made before the key existed)."""
+    info = ds.info if isinstance(ds, LazyDataset) else describe(ds)
+    return info.get(key) if optional else info[key]
 
 
 class GraphPartitions:
