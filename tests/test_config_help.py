@@ -28,7 +28,7 @@ CASES = [
         "train.checkpoint=???\n    The trained retriever",
         "retrieval.entity_linker.max_entities=5\n    Most entities linked per question.",
     ]),
-    ("stage2_qa_finetune", [], ["Fine-tuning a GFM-RAG retriever", "task.best_metric=doc_recall@5\n    averaged"]),
+    ("stage2_qa_finetune", [], ["Fine-tuning a GFM-RAG retriever", "task.best_metric=doc_recall@5\n    on the validation questions"]),
     ("stage2_kg_pretrain", [], ["task.num_negative=256\n    Negative answers drawn per training triple"]),
 ]
 

@@ -51,12 +51,14 @@ def test_qa_task_takes_every_setting_from_the_config():
         cfg = compose("finetune", overrides=[
             "train.batch_size=3", "train.eval_batch_size=5", "train.fast_test=4", "train.init_entities_weight=false",
             "task.metric=[mrr]", "datasets.max_datasets_in_memory=1", "datasets.data_loading_workers=0", "seed=9",
-            "doc_ranker=topk_ranker", "doc_ranker.top_k=3", "task.losses.1.cfg.weight=0.5"])
+            "doc_ranker=topk_ranker", "doc_ranker.top_k=3", "task.losses.1.cfg.weight=0.5",
+            "train.valid_fraction=0.25", "train.min_valid_questions=2"])
     ds = LazyDataset("a", lambda: pytest.fail("the task must not load a dataset to be built"),
                      {"train": 5, "test": 2, "feat_dim": 8})
     task = build_task(cfg, [ds], [ds], torch.device("cpu"))
     try:
         assert (task.batch_size, task.eval_batch_size, task.fast_test, task.seed) == (3, 5, 4, 9)
+        assert (task.valid_fraction, task.min_valid_questions) == (0.25, 2)
         assert task.metrics == ["mrr"] and task.max_datasets_in_memory == 1 and task._init_entities_weight is False
         assert [(loss.name, loss.weight) for loss in task.losses] == [("ent_bce_loss", 0.3), ("ent_pcr_loss", 0.5)]
         ranker = task._make_ranker(torch.eye(4))

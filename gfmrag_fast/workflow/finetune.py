@@ -47,6 +47,7 @@ def build_task(cfg: DictConfig, train_sets: list, valid_sets: list, device) -> Q
         metrics=cfg.task.metric, batch_size=cfg.train.batch_size,
         eval_batch_size=cfg.train.get("eval_batch_size") or cfg.train.batch_size,
         init_entities_weight=cfg.train.init_entities_weight, fast_test=cfg.train.get("fast_test"),
+        valid_fraction=cfg.train.valid_fraction, min_valid_questions=cfg.train.min_valid_questions,
         text_emb_conf=text_emb_config(cfg), device=device, seed=int(cfg.seed), **dataset_options(cfg),
         graph_partition=graph_partition(cfg),
     )
