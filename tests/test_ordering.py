@@ -4,12 +4,9 @@ The end-to-end case builds the bundled MuSiQue dataset both ways with a stub tex
 character trigrams) and checks that everything read by name is the same.
 """
 
-import os
 import shutil
 import zlib
 from pathlib import Path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch

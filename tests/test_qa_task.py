@@ -8,12 +8,13 @@ import re
 import pytest
 import torch
 
-from conftest import HashEmb, small_model
 from gfmrag_fast.data import QADataset
 from gfmrag_fast.metrics import retrieval_metrics
 from gfmrag_fast.models.doc_ranker import IDFWeightedTopKRanker
 from gfmrag_fast.training import DistEnv
 from gfmrag_fast.training.qa_task import QAFinetuneTask, check_valid_options, describe_qa_dataset, hold_out
+
+from helpers import HashEmb, small_model
 
 LOSSES = [{"name": "bce", "loss": {"_target_": "gfmrag.losses.BCELoss", "adversarial_temperature": 0.2},
            "cfg": {"weight": 0.3}}, {"name": "pcr", "loss": {"_target_": "gfmrag.losses.ListCELoss"},
