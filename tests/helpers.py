@@ -14,7 +14,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch_geometric.data import Data
 
 from gfmrag_fast.synthetic import random_graph
 
@@ -51,6 +50,8 @@ TEXT_DIM = 12  # text-embedding width of make_graph / make_batch / retriever
 
 def make_graph(num_nodes=30, num_edges=120, num_relations=6, seed=0):
     """An asymmetric graph (no inverse edges, so direction matters) with an isolated node and a hub."""
+    from torch_geometric.data import Data
+
     edge_index, edge_type = random_graph(num_nodes, num_edges, num_relations, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
     return Data(edge_index=edge_index, edge_type=edge_type, num_nodes=num_nodes, num_relations=num_relations,
