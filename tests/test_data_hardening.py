@@ -97,14 +97,15 @@ def signature(ds):
 
 
 # --------------------------------------------------------------------------- concurrent builders
-def _hammer(root, name, kind, seconds, force_every, start, results):
+def _hammer(root, name, kind, seconds, force_every, start, results, min_loads=4):
+    # At least min_loads loads whatever the machine's load (no timing condition), more while time is left.
     torch.set_num_threads(1)
     cls = QADataset if kind == "qa" else KGDataset
     emb = StubEmb()
     loads, errors, sigs = 0, [], set()
     start.wait()
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    while loads < min_loads or time.monotonic() < deadline:
         loads += 1
         try:
             ds = cls(root, name, text_emb_model=emb, force_rebuild=bool(force_every) and loads % force_every == 0)
@@ -130,13 +131,12 @@ def test_concurrent_builds_and_force_rebuilds_never_fail_a_load(root, monkeypatc
     for p in procs:
         p.start()
     start.set()
-    outcomes = [results.get(timeout=60) for _ in procs]
+    outcomes = [results.get(timeout=300) for _ in procs]
     for p in procs:
         p.join(timeout=30)
     total = sum(o[0] for o in outcomes)
     failures = sum(o[1] for o in outcomes)
     assert failures == 0, f"{failures} of {total} loads failed, e.g. {[e for o in outcomes for e in o[2]][:3]}"
-    assert all(o[0] >= 3 for o in outcomes), [o[0] for o in outcomes]
     assert len({s for o in outcomes for s in o[3]}) == 1  # one and the same dataset everywhere
     assert leftovers(root, name) == []
     cls = QADataset if kind == "qa" else KGDataset
@@ -172,7 +172,7 @@ def _race(root, embs):
     for p in procs:
         p.start()
     start.set()
-    outcomes = [results.get(timeout=60) for _ in procs]
+    outcomes = [results.get(timeout=300) for _ in procs]
     for p in procs:
         p.join(30)
     assert [o[3] for o in outcomes] == [None] * len(procs)
