@@ -98,5 +98,7 @@ def _extension():
 setup(
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)},
-    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+    # A fixed build folder (pip's editable builds otherwise compile in a new temporary folder each
+    # time), so that ninja recompiles only the sources that changed.
+    options={"bdist_wheel": {"py_limited_api": "cp310"}, "build_ext": {"build_temp": os.path.join(ROOT, "build", "ext")}},
 )
