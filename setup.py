@@ -95,10 +95,16 @@ def _extension():
     return CppExtension(sources=sources, extra_compile_args=extra, **kwargs)
 
 
+class _BuildExt(BuildExtension.with_options(no_python_abi_suffix=True)):
+    def finalize_options(self):
+        super().finalize_options()
+        # One fixed object folder: pip's editable builds would compile in a new temporary folder
+        # every time; with this one ninja recompiles only the sources that changed.
+        self.build_temp = os.path.join(ROOT, "build", "ext")
+
+
 setup(
     ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)},
-    # A fixed build folder (pip's editable builds otherwise compile in a new temporary folder each
-    # time), so that ninja recompiles only the sources that changed.
-    options={"bdist_wheel": {"py_limited_api": "cp310"}, "build_ext": {"build_temp": os.path.join(ROOT, "build", "ext")}},
+    cmdclass={"build_ext": _BuildExt},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

@@ -33,15 +33,18 @@ say() { echo "setup: $*"; }
 # Prints "[k/n] compiling <source>" for each ninja step and the lines a user must see (pip's
 # progress, compiler errors); everything else goes to the log only.
 progress() {
+  # pip indents the build backend's output: match on the line without its leading blanks.
   awk '
-    /^\[[0-9]+\/[0-9]+\]/ {
-      src = ""; for (i = 2; i <= NF; i++) if ($i == "-c" && i < NF) src = $(i + 1)
-      if (src == "") { n = split($0, w, " "); src = w[n] }
-      sub(".*/(csrc|gfmrag_fast)/", "", src); what = ($0 ~ / -shared | -o [^ ]*\.so/) ? "linking" : "compiling"
-      printf "setup:   %s %s %s\n", $1, what, src; fflush(); next
+    { line = $0; sub(/^[ \t]+/, "", line) }
+    line ~ /^\[[0-9]+\/[0-9]+\]/ {
+      n = split(line, w, " "); src = w[n]
+      for (i = 2; i < n; i++) if (w[i] == "-c") src = w[i + 1]
+      sub(".*/csrc/", "csrc/", src)
+      printf "setup:   %s compiling %s\n", w[1], src; fflush(); next
     }
-    /^(Collecting|Downloading|Installing collected|Successfully installed|Building editable|ERROR|error|FAILED)/ ||
-    /error:|Error / || /^gfmrag_fast: building/ { print "setup:   " $0; fflush() }
+    line ~ / -shared / && line ~ /_C\.so/ { print "setup:   linking gfmrag_fast/_C.so"; fflush(); next }
+    line ~ /^(Collecting|Installing collected|Successfully installed|ERROR|FAILED|gfmrag_fast: building)/ ||
+    line ~ /(error|Error):/ { print "setup:   " line; fflush() }
   '
 }
 
