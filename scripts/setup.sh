@@ -104,7 +104,7 @@ build_key() {
   digest ${sources} setup.py CMakeLists.txt \
     "FORCE_CUDA=${FORCE_CUDA:-}" "FORCE_ONLY_CPU=${FORCE_ONLY_CPU:-}" "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST}" \
     "DEBUG=${DEBUG:-}" "CUDA_HOME=${CUDA_HOME:-}" "CXX=${CXX:-}" \
-    "$("${VPY}" -c 'import torch; print(torch.__version__, torch.version.cuda)')"
+    "torch $("${VPY}" -c 'import importlib.metadata as m; print(m.version("torch"))')"  # not importing it: seconds
 }
 key=$(build_key)
 if [[ "${built}" == 1 ]]; then
