@@ -31,21 +31,24 @@ t0=$(date +%s)
 say() { echo "setup: $*"; }
 
 # Prints "[k/n] compiling <source>" for each ninja step and the lines a user must see (pip's
-# progress, compiler errors); everything else goes to the log only.
+# progress, compiler errors); everything else goes to the log only. A bash loop, not awk: mawk
+# reads its input in large blocks, which would hold the progress back until the build ends.
 progress() {
-  # pip indents the build backend's output: match on the line without its leading blanks.
-  awk '
-    { line = $0; sub(/^[ \t]+/, "", line) }
-    line ~ /^\[[0-9]+\/[0-9]+\]/ {
-      n = split(line, w, " "); src = w[n]
-      for (i = 2; i < n; i++) if (w[i] == "-c") src = w[i + 1]
-      sub(".*/csrc/", "csrc/", src)
-      printf "setup:   %s compiling %s\n", w[1], src; fflush(); next
-    }
-    line ~ / -shared / && line ~ /_C\.so/ { print "setup:   linking gfmrag_fast/_C.so"; fflush(); next }
-    line ~ /^(Collecting|Installing collected|Successfully installed|ERROR|FAILED|gfmrag_fast: building)/ ||
-    line ~ /(error|Error):/ { print "setup:   " line; fflush() }
-  '
+  local line step src
+  while IFS= read -r line; do
+    line="${line#"${line%%[![:space:]]*}"}"  # pip indents the build backend's output
+    if [[ "${line}" =~ ^(\[[0-9]+/[0-9]+\]) ]]; then
+      step="${BASH_REMATCH[1]}"
+      src="${line##* }"
+      if [[ "${line}" =~ \ -c\ ([^ ]+) ]]; then src="${BASH_REMATCH[1]}"; fi
+      echo "setup:   ${step} compiling csrc/${src##*/csrc/}"
+    elif [[ "${line}" == *" -shared "* && "${line}" == *_C.so* ]]; then
+      echo "setup:   linking gfmrag_fast/_C.so"
+    elif [[ "${line}" =~ ^(Collecting|Installing\ collected|Successfully\ installed|ERROR|FAILED|gfmrag_fast:\ building) ||
+            "${line}" =~ (error|Error): ]]; then
+      echo "setup:   ${line}"
+    fi
+  done
 }
 
 # Runs "$@" with its output in the log and the filtered progress on the console; on failure,

@@ -28,6 +28,14 @@ if os.environ.get("FAKE_BUILD_FAILS"):
     sys.exit(1)
 print("  noise the user does not need", flush=True)
 print("[1/2] c++ -MMD -c " + os.path.abspath("csrc/a.cpp") + " -o build/a.o", flush=True)
+if os.environ.get("FAKE_WAIT_FOR"):  # go on only once the test has seen the first progress line
+    import time
+    for _ in range(600):
+        if os.path.exists(os.environ["FAKE_WAIT_FOR"]):
+            break
+        time.sleep(0.1)
+    else:
+        sys.exit("the first progress line was not shown while the build ran")
 print("[2/2] c++ -MMD -c " + os.path.abspath("csrc/cpu/b.cpp") + " -o build/b.o", flush=True)
 print("g++ -shared build/a.o build/b.o -o " + os.path.abspath("gfmrag_fast/_C.so"), flush=True)
 open("gfmrag_fast/_C.so", "w").close()
@@ -102,6 +110,21 @@ def run_setup(root, **env):
     base.update(env)
     return subprocess.run(["bash", "scripts/setup.sh"], cwd=root, env=base, capture_output=True, text=True,
                           timeout=300)
+
+
+def test_progress_is_shown_while_the_build_runs(project, tmp_path):
+    go = tmp_path / "go"
+    env = {**os.environ, "TORCH_SPEC": TORCH_SPEC, "TORCH_CUDA_ARCH_LIST": "9.0", "MAX_JOBS": "1",
+           "PYTHONPATH": str(project), "FAKE_WAIT_FOR": str(go)}
+    proc = subprocess.Popen(["bash", "scripts/setup.sh"], cwd=project, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "[1/2] compiling csrc/a.cpp" in line:
+            go.touch()
+    assert proc.wait(timeout=120) == 0, "".join(seen)
+    assert go.exists(), "".join(seen)
 
 
 def builds(root):
