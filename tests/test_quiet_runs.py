@@ -66,3 +66,25 @@ def test_rank_zero_shows_everything():
     shown, filed, handlers, caught = _capture_root(DistEnv(rank=0, world_size=2))
     assert shown == filed == ["info", "shared warning", "about my shard", "an error"]
     assert len(handlers) == 2 and len(caught) == 1
+
+
+def test_torchrun_prints_each_dataset_warning_as_often_as_one_process(tmp_path):
+    import os
+    import shutil
+    from pathlib import Path
+
+    data = tmp_path / "data"
+    shutil.copytree(Path(__file__).parent / "data" / "tiny_qa", data / "tiny_qa")  # 2 of 4 questions skipped
+    args = [f"datasets.root={data}", "datasets.train_names=[tiny_qa]", "datasets.valid_names=[tiny_qa]",
+            "model.entity_model.input_dim=8", "model.entity_model.hidden_dims=[8,8]", "train.batch_size=2",
+            "train.num_epoch=1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    counts = []
+    for launcher in ([sys.executable], [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                        "--nproc_per_node=2"]):
+        run_dir = tmp_path / f"run{len(counts)}"
+        result = subprocess.run([*launcher, "-m", "gfmrag_fast.workflow.finetune", *args, f"hydra.run.dir={run_dir}"],
+                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        counts.append((result.stdout + result.stderr).count("tiny_qa/train: skipped 2 of 4 questions"))
+    assert counts[0] >= 1 and counts[1] == counts[0], counts
