@@ -10,34 +10,26 @@ Build switches (environment variables):
   DEBUG=1            -O0 -g, no NDEBUG
 """
 
-import glob
+import importlib.util
 import os
-import shutil
 import sys
-import sysconfig
 
 from setuptools import setup
 
-
-def _find_cuda_home():
-    """The real toolkit folder. nvcc on PATH may be a wrapper script or a link outside it."""
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            return os.environ[var]
-    candidates = []
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-    candidates.append("/usr/local/cuda")
-    for home in candidates:
-        if os.path.exists(os.path.join(home, "bin", "nvcc")) and os.path.exists(
-            os.path.join(home, "include", "cuda_runtime.h")
-        ):
-            return home
-    return None
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-_cuda_home = _find_cuda_home()
+def _load_build_config():
+    """csrc/build_config.py: the source list, include folders and CUDA search CMakeLists.txt uses too."""
+    path = os.path.join(ROOT, "csrc", "build_config.py")
+    spec = importlib.util.spec_from_file_location("gfmrag_fast_build_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build_config = _load_build_config()
+_cuda_home = build_config.find_cuda_home()
 if _cuda_home:
     # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
     os.environ["CUDA_HOME"] = _cuda_home
@@ -45,7 +37,6 @@ if _cuda_home:
 import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
 DEBUG = os.environ.get("DEBUG", "0") == "1"
 
 
@@ -61,18 +52,9 @@ def _want_cuda():
     return torch.version.cuda is not None and _cuda_home is not None
 
 
-def _extra_cuda_includes():
-    """CUDA library headers shipped in the torch wheel's nvidia packages (cuBLAS, cuSPARSE...)."""
-    dirs = []
-    for base in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
-        dirs += glob.glob(os.path.join(base, "nvidia", "cu*", "include"))
-        dirs += glob.glob(os.path.join(base, "nvidia", "*", "include"))
-    return sorted(set(d for d in dirs if os.path.isdir(d)))
-
-
 def _extension():
     with_cuda = _want_cuda()
-    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = build_config.sources(cuda=with_cuda)
     opt = ["-O0", "-g"] if DEBUG else ["-O3"]
     cxx_flags = opt + ["-fopenmp"]
     if not DEBUG:
@@ -80,15 +62,14 @@ def _extension():
     extra = {"cxx": cxx_flags}
     kwargs = dict(
         name="gfmrag_fast._C",
-        include_dirs=[os.path.join(ROOT, "csrc")],
+        include_dirs=build_config.include_dirs(),
         define_macros=[("GFMRAG_FAST_PYTHON_MODULE", None)],
         extra_link_args=["-fopenmp"],
         py_limited_api=True,
     )
     if with_cuda:
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
         extra["nvcc"] = opt + ["-lineinfo", "--expt-relaxed-constexpr", "-DNDEBUG" if not DEBUG else "-G"]
-        kwargs["include_dirs"] += _extra_cuda_includes()
+        kwargs["include_dirs"] += build_config.nvidia_include_dirs()
         print(f"gfmrag_fast: building CPU and CUDA kernels (CUDA_HOME={_cuda_home})")
         return CUDAExtension(sources=sources, extra_compile_args=extra, **kwargs)
     print("gfmrag_fast: building CPU kernels only")

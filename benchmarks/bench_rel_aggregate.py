@@ -14,16 +14,26 @@ On the CPU every case also reports its time over a copy floor: the traffic the o
 (forward: x read once and the output written once, 2 |x|; forward + backward: 5 |x|, adding
 grad_out and x read and grad_x written) at the copy bandwidth of the machine, measured in the same
 test as bytes read + written per second by a 256 MiB torch copy into preallocated memory.
+
+The locality cases time the kernel on one graph under three entity numberings: shuffled (random
+ids), original (the graph's own: first appearance in kg.txt for the bundled MuSiQue KG; for the
+real-shape generator that is already a random numbering, it shuffles ids) and locality
+(gfmrag_fast.data.ordering.locality_order, what ``entity_order: locality`` gives at stage 2). Only
+the ids differ: same edges in the same order, same x. A table of their ratios to the shuffled
+numbering is printed at the end.
 """
 
 import functools
+import os
 import time
 
 import pytest
 import torch
 from torch_geometric.nn import MessagePassing
 
-from gfmrag_fast.ops import rel_aggregate, rel_aggregate_reference
+from gfmrag_fast.data import read_triples
+from gfmrag_fast.data.ordering import locality_order, relabel
+from gfmrag_fast.ops import RelGraph, rel_aggregate, rel_aggregate_reference
 from gfmrag_fast.synthetic import real_shape_kg, synthetic_kg
 
 # name: (num_nodes N, triples T (E = 2T), relation types 2R, batch B, dim d)
@@ -144,3 +154,102 @@ def test_rel_aggregate(measure, case, device, shape, per_query, dtype, direction
     measure(run, f"rel_aggregate/{name}/{device}/{direction}", impl, device, rounds=5 if device == "cpu" else 10,
             dtype=str(dtype), shape=shape, per_query=per_query, node_major=node_major, num_nodes=num_nodes,
             num_edges=2 * num_triples, num_relations=num_relations, batch=batch, dim=dim, **info)
+
+
+# ------------------------------------------------------------------------------------ locality
+MUSIQUE_KG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "data", "musique_hippo", "processed", "stage1", "kg.txt")
+LOCALITY_BATCH, LOCALITY_DIM = 8, 64
+NUMBERINGS = ("shuffled", "original", "locality")
+_LOCALITY = {}  # (graph, layout, direction) -> {numbering: (median wall ms, median CPU ms)}
+
+
+@functools.lru_cache(maxsize=1)
+def musique_graph():
+    """The bundled MuSiQue KG as stage 2 numbers it by default: entities and relations in order of
+    first appearance, every triple plus its inverse edge."""
+    ent, rel, triples = {}, {}, []
+    for h, r, t in read_triples(MUSIQUE_KG)[0]:
+        triples.append((ent.setdefault(h, len(ent)), ent.setdefault(t, len(ent)), rel.setdefault(r, len(rel))))
+    hrt = torch.tensor(triples)
+    edge_index = torch.cat([hrt[:, :2].t(), hrt[:, :2].t().flip(0)], dim=1)
+    edge_type = torch.cat([hrt[:, 2], hrt[:, 2] + len(rel)])
+    return RelGraph(edge_index, edge_type, len(ent), 2 * len(rel))
+
+
+LOCALITY_GRAPHS = {
+    "hotpotqa4-skewed": lambda: synthetic_graph("skewed", 20_539, 24_677, 8_762, "cpu"),
+    "musique": musique_graph,
+}
+
+
+@functools.lru_cache(maxsize=len(NUMBERINGS))
+def numbered_graph(graph_name, numbering):
+    graph = LOCALITY_GRAPHS[graph_name]()
+    edge_index, n = graph.edge_index.long(), graph.num_nodes
+    if numbering == "original":
+        return graph
+    if numbering == "shuffled":
+        new_id = torch.randperm(n, generator=torch.Generator().manual_seed(2))
+    else:
+        new_id = relabel(locality_order(edge_index, n))
+    return RelGraph(new_id[edge_index], graph.edge_type, n, graph.num_relations)
+
+
+@pytest.fixture(scope="module")
+def locality_table(request):
+    yield _LOCALITY
+    if not _LOCALITY:
+        return
+    lines = [f"rel_aggregate by entity numbering (CPU, B = {LOCALITY_BATCH}, d = {LOCALITY_DIM}, float32, "
+             "shared table; median wall / CPU ms of calls taking turns, speed-up over shuffled)"]
+    for (graph, layout, direction), times in sorted(_LOCALITY.items()):
+        wall0, cpu0 = times["shuffled"]
+        cells = [f"{k} {wall:7.2f} / {cpu:7.2f} ms ({wall0 / wall:4.2f}x / {cpu0 / cpu:4.2f}x)"
+                 for k, (wall, cpu) in times.items()]
+        lines.append(f"  {graph:16s} {layout:11s} {direction:16s} " + "  ".join(cells))
+    # Printed past pytest's output capture, which holds a module fixture's teardown output.
+    with request.config.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():
+        print("\n" + "\n".join(lines), flush=True)
+
+
+def _median(values):
+    return sorted(values)[len(values) // 2]
+
+
+@pytest.mark.parametrize("direction", ["forward", "forward_backward"])
+@pytest.mark.parametrize("layout", ["batch_major", "node_major"])
+@pytest.mark.parametrize("graph_name", list(LOCALITY_GRAPHS))
+def test_rel_aggregate_locality(locality_table, graph_name, layout, direction, rounds=11):
+    """The three numberings take turns call by call, so that load from other processes on the
+    machine falls on all three alike; medians of wall time and of this process's CPU time."""
+    gen = torch.Generator().manual_seed(1)
+    num_nodes = LOCALITY_GRAPHS[graph_name]().num_nodes
+    shape = (num_nodes, LOCALITY_BATCH, LOCALITY_DIM) if layout == "node_major" else \
+        (LOCALITY_BATCH, num_nodes, LOCALITY_DIM)
+    x = torch.randn(shape, generator=gen, requires_grad=direction == "forward_backward")
+    relation = torch.randn(numbered_graph(graph_name, "original").num_relations, LOCALITY_DIM, generator=gen,
+                           requires_grad=direction == "forward_backward")
+    grad_out = torch.randn(shape, generator=gen)
+    fn = functools.partial(rel_aggregate, node_major=layout == "node_major")
+
+    def run(graph):
+        if direction == "forward":
+            with torch.no_grad():
+                fn(x, relation, graph)
+        else:
+            x.grad = relation.grad = None
+            fn(x, relation, graph).backward(grad_out)
+
+    graphs = {numbering: numbered_graph(graph_name, numbering) for numbering in NUMBERINGS}
+    wall = {numbering: [] for numbering in NUMBERINGS}
+    cpu = {numbering: [] for numbering in NUMBERINGS}
+    for step in range(rounds + 1):
+        for numbering, graph in graphs.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            run(graph)
+            if step:  # the first round warms up
+                wall[numbering].append(time.perf_counter() - start)
+                cpu[numbering].append(time.process_time() - start_cpu)
+    locality_table[(graph_name, layout, direction)] = {
+        numbering: (_median(wall[numbering]) * 1e3, _median(cpu[numbering]) * 1e3) for numbering in NUMBERINGS}

@@ -20,9 +20,12 @@
 #include <ATen/core/Tensor.h>
 #include <c10/macros/Macros.h>
 
+#include "rounded_arith.h"
+
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 
 namespace gfmrag_fast {
 
@@ -31,7 +34,6 @@ constexpr int64_t kRowsPerChunk = 64;     // rows per partial sum of the paramet
 constexpr int64_t kChunksPerGroup = 64;   // partial sums added per group, before the groups are
 constexpr int kNumParamGrads = 3;         // rows of grad_params: bias, ln_weight, ln_bias
 
-C10_HOST_DEVICE inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 C10_HOST_DEVICE inline int64_t num_row_chunks(int64_t rows) { return ceil_div(rows, kRowsPerChunk); }
 
 // Shapes and options of one call, after the shared checks.
@@ -66,61 +68,28 @@ DenseTailArgs check_dense_tail_norm_backward_inputs(const at::Tensor& grad_out, 
                                                     const std::optional<at::Tensor>& ln_weight,
                                                     const std::optional<at::Tensor>& ln_bias);
 
+template <typename T>
+struct TypeTag { using type = T; };
+
+// Calls f(TypeTag<param_t>{}) with param_t the parameters' C++ type: scalar_t, or float for
+// float16/bfloat16 tensors with float32 parameters (autocast).
+template <typename scalar_t, typename F>
+void with_param_type(at::ScalarType param_dtype, F&& f) {
+  if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
+    if (param_dtype == at::kFloat) return f(TypeTag<float>{});
+  }
+  f(TypeTag<scalar_t>{});
+}
+
 // dtype of the per-row statistics (and of all arithmetic): float64 for float64, else float32.
 at::ScalarType stats_dtype(at::ScalarType dtype);
 
-// --- arithmetic shared by the CPU and CUDA kernels -------------------------------------------
-//
-// On the GPU, products and sums go through the _rn intrinsics so that nvcc cannot contract
-// `a * b + c` into one FMA: every operation then rounds as on the CPU.
-
-C10_HOST_DEVICE inline float tail_add(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-C10_HOST_DEVICE inline double tail_add(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-C10_HOST_DEVICE inline float tail_sub(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-C10_HOST_DEVICE inline double tail_sub(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dsub_rn(a, b);
-#else
-  return a - b;
-#endif
-}
-C10_HOST_DEVICE inline float tail_mul(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-C10_HOST_DEVICE inline double tail_mul(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
+// --- arithmetic shared by the CPU and CUDA kernels (rounded_arith.h) -----------------------
 
 // 1 / sqrt(var + eps), correctly rounded division and square root on both sides.
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t tail_rstd(acc_t var, acc_t eps) {
-  return acc_t(1) / std::sqrt(tail_add(var, eps));
+  return acc_t(1) / std::sqrt(add_rn(var, eps));
 }
 
 // The ReLU, NaN passing through as in torch.relu.
@@ -133,15 +102,15 @@ C10_HOST_DEVICE inline acc_t tail_relu(acc_t y) {
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t tail_normalise(acc_t v, acc_t mean, acc_t rstd, acc_t gamma, acc_t beta,
                                             acc_t& xhat) {
-  xhat = tail_mul(tail_sub(v, mean), rstd);
-  return tail_add(tail_mul(xhat, gamma), beta);
+  xhat = mul_rn(sub_rn(v, mean), rstd);
+  return add_rn(mul_rn(xhat, gamma), beta);
 }
 
 // The gradient of LayerNorm's input for one channel, from gx = d loss / d xhat and the row means
 // of gx (a_mean) and of gx * xhat (b_mean).
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t tail_input_grad(acc_t gx, acc_t xhat, acc_t rstd, acc_t a_mean, acc_t b_mean) {
-  return tail_mul(rstd, tail_sub(tail_sub(gx, a_mean), tail_mul(xhat, b_mean)));
+  return mul_rn(rstd, sub_rn(sub_rn(gx, a_mean), mul_rn(xhat, b_mean)));
 }
 
 }  // namespace gfmrag_fast

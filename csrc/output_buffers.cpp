@@ -6,12 +6,16 @@
 #include <c10/core/Allocator.h>
 #include <c10/util/Exception.h>
 #include <c10/util/accumulate.h>
+#include <torch/library.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <map>
 #include <mutex>
+#include <vector>
 
 #ifdef __linux__
 #include <sys/mman.h>
@@ -21,7 +25,7 @@ namespace gfmrag_fast {
 namespace {
 
 constexpr size_t kMinCachedBytes = size_t(4) << 20;
-constexpr size_t kMaxCachedBytes = size_t(256) << 20;
+constexpr size_t kDefaultLimitBytes = size_t(256) << 20;
 constexpr size_t kHugePage = size_t(2) << 20;
 
 class OutputAllocator final : public c10::Allocator {
@@ -70,7 +74,7 @@ class OutputAllocator final : public c10::Allocator {
   void give(void* data, size_t bytes) {
     {
       const std::lock_guard<std::mutex> lock(mutex_);
-      if (bytes >= kMinCachedBytes && cached_bytes_ + bytes <= kMaxCachedBytes) {
+      if (bytes >= kMinCachedBytes && cached_bytes_ + bytes <= limit_bytes_.load()) {
         free_.emplace(bytes, data);
         cached_bytes_ += bytes;
         return;
@@ -80,6 +84,30 @@ class OutputAllocator final : public c10::Allocator {
   }
 
  public:
+  size_t limit_bytes() const { return limit_bytes_.load(); }
+
+  void set_limit(size_t bytes) {
+    std::vector<void*> dropped;
+    {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      limit_bytes_.store(bytes);
+      // Largest first: the fewest buffers freed to get under the limit.
+      while (cached_bytes_ > bytes) {
+        const auto last = std::prev(free_.end());
+        cached_bytes_ -= last->first;
+        dropped.push_back(last->second);
+        free_.erase(last);
+      }
+    }
+    for (void* data : dropped) std::free(data);
+  }
+
+  std::vector<int64_t> stats() {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    return {static_cast<int64_t>(limit_bytes_.load()), static_cast<int64_t>(cached_bytes_),
+            static_cast<int64_t>(free_.size())};
+  }
+
   static OutputAllocator& instance() {
     static OutputAllocator* allocator = new OutputAllocator();  // never destroyed: tensors may outlive statics
     return *allocator;
@@ -89,15 +117,31 @@ class OutputAllocator final : public c10::Allocator {
   std::mutex mutex_;
   std::multimap<size_t, void*> free_;
   size_t cached_bytes_ = 0;
+  std::atomic<size_t> limit_bytes_{kDefaultLimitBytes};  // read without the lock by empty_output
 };
 
 }  // namespace
 
 at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
-  if (!options.device().is_cpu() || bytes < kMinCachedBytes) return at::empty(sizes, options);
+  if (!options.device().is_cpu() || bytes < kMinCachedBytes || OutputAllocator::instance().limit_bytes() == 0) {
+    return at::empty(sizes, options);
+  }
   return at::detail::empty_generic(sizes, &OutputAllocator::instance(), c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    c10::typeMetaToScalarType(options.dtype()), std::nullopt);
+}
+
+void set_output_cache_limit(int64_t megabytes) {
+  TORCH_CHECK_VALUE(megabytes >= 0 && megabytes <= (int64_t(1) << 30),
+                    "output cache limit must be between 0 and 2**30 MiB, got ", megabytes);
+  OutputAllocator::instance().set_limit(static_cast<size_t>(megabytes) << 20);
+}
+
+std::vector<int64_t> output_cache_stats() { return OutputAllocator::instance().stats(); }
+
+TORCH_LIBRARY_FRAGMENT(gfmrag_fast, m) {
+  m.def("output_cache_limit(int megabytes) -> ()", &set_output_cache_limit);
+  m.def("output_cache_stats() -> int[]", &output_cache_stats);
 }
 
 }  // namespace gfmrag_fast

@@ -5,6 +5,7 @@
 #pragma once
 
 #include "rel_aggregate.h"
+#include "rounded_arith.h"
 
 #include <c10/macros/Macros.h>
 
@@ -21,23 +22,6 @@
 namespace gfmrag_fast {
 
 // --- the arithmetic ----------------------------------------------------------------------------
-
-// a + b rounded once: nvcc may not contract `acc + w * m` into an FMA, so the CUDA kernels round
-// like the CPU ones (built without FMA contraction), operation for operation.
-C10_HOST_DEVICE inline float add_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-C10_HOST_DEVICE inline double add_rn(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
 
 template <Message M, typename acc_t>
 C10_HOST_DEVICE inline acc_t message_of(acc_t x, acc_t r) {
@@ -205,6 +189,16 @@ inline ListPlan list_plan(at::TensorList graph, EdgeList list) {
           graph[kListPtr[l]].size(0) - 1, graph[pieces + 1].size(0)};
 }
 
+constexpr Kernel kernel_of(Grad grad) {
+  return grad == Grad::X ? Kernel::GradX : grad == Grad::Relation ? Kernel::GradRelation : Kernel::GradEdgeWeight;
+}
+
+// A gradient kernel's edge weights and mask in the order it walks its edge list; undefined for
+// the edge-weight gradient, which walks the edges in original order (no reordering needed).
+struct WalkOrderArrays {
+  at::Tensor weight;
+  at::Tensor mask;
+};
 inline EdgeList list_of(Kernel kernel) {
   switch (kernel) {
     case Kernel::Forward:
@@ -214,6 +208,12 @@ inline EdgeList list_of(Kernel kernel) {
     default:
       return EdgeList::Rel;
   }
+}
+
+inline WalkOrderArrays walk_order_arrays(Kernel kernel, const std::optional<at::Tensor>& edge_weight,
+                                         const std::optional<at::Tensor>& edge_mask, at::TensorList graph) {
+  if (kernel == Kernel::GradEdgeWeight) return {};
+  return {in_walk_order(edge_weight, graph, list_of(kernel)), in_walk_order(edge_mask, graph, list_of(kernel))};
 }
 
 }  // namespace gfmrag_fast

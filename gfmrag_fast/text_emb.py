@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from . import targets
+
 __all__ = ["DEFAULT_MODEL_NAME", "TextEmbModel"]
 
 log = logging.getLogger(__name__)
@@ -115,7 +117,8 @@ class TextEmbModel:
 
         Known keys: ``text_emb_model_name``, ``normalize``, ``batch_size``, ``query_instruct``,
         ``passage_instruct``, ``model_kwargs``, ``trust_remote_code`` (false when absent, as in
-        released GFM-RAG configs); ``_target_`` (Hydra's) is ignored.
+        released GFM-RAG configs); ``_target_``: GFM-RAG's ``BaseTextEmbModel`` or this class; another
+        one (GFM-RAG's other wrappers) is warned about and encoded as sentence-transformers does.
         """
         if not isinstance(cfg, Mapping) or type(cfg).__module__.startswith("omegaconf"):
             from omegaconf import OmegaConf  # only OmegaConf nodes need it
@@ -124,10 +127,14 @@ class TextEmbModel:
         unknown = set(cfg) - set(_CONFIG_KEYS) - {"_target_"}
         if unknown:
             raise ValueError(f"TextEmbModel.from_config: unknown keys {sorted(unknown)}; known: {list(_CONFIG_KEYS)}")
-        target = cfg.get("_target_") or ""
-        if target and not target.endswith("BaseTextEmbModel"):
-            # GFM-RAG's other wrappers (e.g. NV-Embed) post-process embeddings differently.
-            log.warning("text_emb_model _target_ %s: encoding as sentence-transformers' default model does", target)
+        target = cfg.get("_target_")
+        if target:
+            try:
+                targets.resolve(target, "text_emb_model")
+            except ValueError:
+                # GFM-RAG's other wrappers (e.g. NV-Embed) post-process embeddings differently.
+                log.warning("text_emb_model _target_ %s: encoding as sentence-transformers' default model does",
+                            target)
         kwargs = {k: cfg[k] for k in _CONFIG_KEYS[1:] if k in cfg}
         return cls(model_name=cfg.get("text_emb_model_name"), device=device, **kwargs)
 

@@ -250,7 +250,7 @@ def test_pretrain_two_processes_three_datasets_two_in_memory(many_datasets_root,
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     assert [(row["dataset"], row["split"]) for row in rows] == [(f"kg0{k}", split) for k in range(3)
                                                                   for split in ("valid", "test")]
-    assert re.search(r"epoch 0 step 1 loss \S+ \| [\d.]+ steps/s, [\d.]+ queries/s", output)
+    assert re.search(r"epoch 0 step 1/\d+ \(\d+%\) loss \S+ \| [\d.]+ steps/s, [\d.]+ queries/s", output)
     assert "at most 2 of 2 resident" in output
     state = torch.load(tmp_path / "model_last.pth", weights_only=True)
     assert (state["epoch"], state["step"], state["world_size"], len(state["rank_rng"])) == (1, 0, 2, 2)

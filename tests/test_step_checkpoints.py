@@ -196,7 +196,8 @@ def test_step_checkpoints_every_save_interval_and_throughput_logged(tmp_path, ca
                      ("model_best.pth", 1, 0), ("model_last.pth", 1, 2), ("model_last.pth", 1, 4),
                      ("model_last.pth", 2, 0)]
     logged = re.findall(r"epoch (\d) step (\d) loss \S+ \| ([\d.]+) steps/s, ([\d.]+) queries/s", caplog.text)
-    assert [(epoch, step) for epoch, step, _, _ in logged] == [("0", "0"), ("0", "2"), ("0", "4"), ("1", "0"),
+    # Steps counted from 1 (steps done): the first at once, then every log_interval.
+    assert [(epoch, step) for epoch, step, _, _ in logged] == [("0", "1"), ("0", "2"), ("0", "4"), ("1", "1"),
                                                                 ("1", "2"), ("1", "4")]
     assert all(float(queries) == pytest.approx(4 * float(steps), rel=0.05, abs=0.1)
                for _, _, steps, queries in logged)

@@ -16,24 +16,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <type_traits>
 #include <vector>
 
 namespace gfmrag_fast {
 namespace {
-
-template <typename T>
-struct TypeTag { using type = T; };
-
-// Calls f(TypeTag<param_t>{}) with param_t the parameters' C++ type: scalar_t, or float for
-// float16/bfloat16 tensors with float32 parameters (autocast).
-template <typename scalar_t, typename F>
-void with_param_type(at::ScalarType param_dtype, F&& f) {
-  if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
-    if (param_dtype == at::kFloat) return f(TypeTag<float>{});
-  }
-  f(TypeTag<scalar_t>{});
-}
 
 // A parameter as an acc_t row, LayerNorm's identity (`fallback`) where it is absent.
 template <typename acc_t, typename param_t>
@@ -53,11 +39,11 @@ inline acc_t lane_sum(int64_t dim, const F& value) {
   acc_t lanes[kTailLanes] = {};
   int64_t c0 = 0;
   for (; c0 + kTailLanes <= dim; c0 += kTailLanes) {
-    for (int k = 0; k < kTailLanes; ++k) lanes[k] = tail_add(lanes[k], value(c0 + k));
+    for (int k = 0; k < kTailLanes; ++k) lanes[k] = add_rn(lanes[k], value(c0 + k));
   }
-  for (int k = 0; c0 + k < dim; ++k) lanes[k] = tail_add(lanes[k], value(c0 + k));
+  for (int k = 0; c0 + k < dim; ++k) lanes[k] = add_rn(lanes[k], value(c0 + k));
   for (int offset = kTailLanes / 2; offset > 0; offset /= 2) {
-    for (int k = 0; k < offset; ++k) lanes[k] = tail_add(lanes[k], lanes[k + offset]);
+    for (int k = 0; k < offset; ++k) lanes[k] = add_rn(lanes[k], lanes[k + offset]);
   }
   return lanes[0];
 }
@@ -86,6 +72,16 @@ struct TailRows {
   int64_t dim;
 };
 
+// Calls row(r, hr) for r in [begin, end), hr = row r of h. The row lambdas are always inlined,
+// so that they are compiled for the target of each clone of their caller (they hold the channel
+// loops that should vectorise); the rows they write are __restrict__ arguments of the caller,
+// which tells the compiler that nothing they read aliases them.
+#define GFMRAG_INLINE_LAMBDA __attribute__((always_inline))
+template <typename scalar_t, typename Row>
+C10_ALWAYS_INLINE void for_each_tail_row(const TailRows<scalar_t>& t, int64_t begin, int64_t end, const Row& row) {
+  for (int64_t r = begin; r < end; ++r) row(r, t.h + r * t.dim);
+}
+
 template <typename scalar_t>
 GFMRAG_CPU_CLONES void forward_rows(const TailRows<scalar_t>& t, at::opmath_type<scalar_t> eps, int64_t begin,
                                     int64_t end, scalar_t* __restrict__ out, at::opmath_type<scalar_t>* __restrict__ stats,
@@ -93,16 +89,13 @@ GFMRAG_CPU_CLONES void forward_rows(const TailRows<scalar_t>& t, at::opmath_type
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t dim = t.dim;
   const acc_t width = static_cast<acc_t>(dim);
-  const acc_t* __restrict__ b = t.bias;
-  const acc_t* __restrict__ gamma = t.gamma;
-  const acc_t* __restrict__ beta = t.beta;
-  for (int64_t r = begin; r < end; ++r) {
-    const scalar_t* __restrict__ hr = t.h + r * dim;
-    for (int64_t c = 0; c < dim; ++c) v[c] = tail_add(static_cast<acc_t>(hr[c]), b[c]);
+  const acc_t *b = t.bias, *gamma = t.gamma, *beta = t.beta;
+  for_each_tail_row(t, begin, end, [&](int64_t r, const scalar_t* __restrict__ hr) GFMRAG_INLINE_LAMBDA {
+    for (int64_t c = 0; c < dim; ++c) v[c] = add_rn(static_cast<acc_t>(hr[c]), b[c]);
     const acc_t mean = lane_sum<acc_t>(dim, [&](int64_t c) { return v[c]; }) / width;
     const acc_t var = lane_sum<acc_t>(dim, [&](int64_t c) {
-                        const acc_t centred = tail_sub(v[c], mean);
-                        return tail_mul(centred, centred);
+                        const acc_t centred = sub_rn(v[c], mean);
+                        return mul_rn(centred, centred);
                       }) / width;
     const acc_t rstd = tail_rstd(var, eps);
     scalar_t* __restrict__ o = out + r * dim;
@@ -111,7 +104,7 @@ GFMRAG_CPU_CLONES void forward_rows(const TailRows<scalar_t>& t, at::opmath_type
       const scalar_t* __restrict__ xr = t.x + r * dim;
       for (int64_t c = 0; c < dim; ++c) {
         const acc_t y = tail_relu(tail_normalise(v[c], mean, rstd, gamma[c], beta[c], xhat));
-        o[c] = static_cast<scalar_t>(tail_add(y, static_cast<acc_t>(xr[c])));
+        o[c] = static_cast<scalar_t>(add_rn(y, static_cast<acc_t>(xr[c])));
       }
     } else {
       for (int64_t c = 0; c < dim; ++c) {
@@ -120,7 +113,7 @@ GFMRAG_CPU_CLONES void forward_rows(const TailRows<scalar_t>& t, at::opmath_type
     }
     stats[2 * r] = mean;
     stats[2 * r + 1] = rstd;
-  }
+  });
 }
 
 // Rows [begin, end) of one chunk: grad_h (pointing at row `begin`), and the chunk's partial sums of
@@ -136,34 +129,31 @@ GFMRAG_CPU_CLONES void backward_rows(const TailRows<scalar_t>& t, int64_t begin,
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t dim = t.dim;
   const acc_t width = static_cast<acc_t>(dim);
-  const acc_t* __restrict__ b = t.bias;
-  const acc_t* __restrict__ gamma = t.gamma;
-  const acc_t* __restrict__ beta = t.beta;
-  for (int64_t r = begin; r < end; ++r) {
-    const scalar_t* __restrict__ hr = t.h + r * dim;
+  const acc_t *b = t.bias, *gamma = t.gamma, *beta = t.beta;
+  for_each_tail_row(t, begin, end, [&](int64_t r, const scalar_t* __restrict__ hr) GFMRAG_INLINE_LAMBDA {
     const scalar_t* __restrict__ gr = t.grad_out + r * dim;
     const acc_t mean = t.stats[2 * r], rstd = t.stats[2 * r + 1];
     for (int64_t c = 0; c < dim; ++c) {
       acc_t xh;
-      const acc_t y = tail_normalise(tail_add(static_cast<acc_t>(hr[c]), b[c]), mean, rstd, gamma[c], beta[c], xh);
+      const acc_t y = tail_normalise(add_rn(static_cast<acc_t>(hr[c]), b[c]), mean, rstd, gamma[c], beta[c], xh);
       // The ReLU's gradient: threshold_backward's rule, so a NaN output passes its gradient.
       // (Loaded before the select, so that the loop has no branch and vectorises.)
       const acc_t g = static_cast<acc_t>(gr[c]);
       const acc_t grad_y = y <= acc_t(0) ? acc_t(0) : g;
       xhat[c] = xh;
-      grad_xhat[c] = tail_mul(grad_y, gamma[c]);
-      p_weight[c] = tail_add(p_weight[c], tail_mul(grad_y, xh));
-      p_beta[c] = tail_add(p_beta[c], grad_y);
+      grad_xhat[c] = mul_rn(grad_y, gamma[c]);
+      p_weight[c] = add_rn(p_weight[c], mul_rn(grad_y, xh));
+      p_beta[c] = add_rn(p_beta[c], grad_y);
     }
     const acc_t a_mean = lane_sum<acc_t>(dim, [&](int64_t c) { return grad_xhat[c]; }) / width;
-    const acc_t b_mean = lane_sum<acc_t>(dim, [&](int64_t c) { return tail_mul(grad_xhat[c], xhat[c]); }) / width;
+    const acc_t b_mean = lane_sum<acc_t>(dim, [&](int64_t c) { return mul_rn(grad_xhat[c], xhat[c]); }) / width;
     scalar_t* __restrict__ gh = grad_h + (r - begin) * dim;
     for (int64_t c = 0; c < dim; ++c) {
       const acc_t grad_v = tail_input_grad(grad_xhat[c], xhat[c], rstd, a_mean, b_mean);
       gh[c] = static_cast<scalar_t>(grad_v);
-      p_bias[c] = tail_add(p_bias[c], grad_v);
+      p_bias[c] = add_rn(p_bias[c], grad_v);
     }
-  }
+  });
 }
 
 // out[j] = Σ_{i in [begin, end)} in[i, j], i in order, for j < columns (rows of `columns` values).
@@ -172,7 +162,7 @@ void sum_rows(const acc_t* in, int64_t begin, int64_t end, int64_t columns, acc_
   std::fill(out, out + columns, acc_t(0));
   for (int64_t i = begin; i < end; ++i) {
     const acc_t* __restrict__ row = in + i * columns;
-    for (int64_t j = 0; j < columns; ++j) out[j] = tail_add(out[j], row[j]);
+    for (int64_t j = 0; j < columns; ++j) out[j] = add_rn(out[j], row[j]);
   }
 }
 

@@ -219,6 +219,26 @@ void fold_partial_sums(const ListPlan& plan, int64_t r, const std::vector<acc_t>
   }
 }
 
+// Runs a plan whose rows are sums (the gradients): each piece walks its edges into a partial sum;
+// each row walks its edges whole or folds its pieces' partials in piece order, then
+// write(row, acc) stores its `width` sums.
+template <typename acc_t, typename Walk, typename Write>
+void run_summed_plan(const ListPlan& plan, int64_t width, const Walk& walk, const Write& write) {
+  std::vector<acc_t> partial(plan.pieces * width);
+  auto piece = [&](int64_t p, acc_t* acc, int32_t*) {
+    std::fill(acc, acc + width, acc_t(0));
+    walk(plan.piece_begin[p], plan.piece_end[p], acc);
+    std::copy(acc, acc + width, partial.data() + p * width);
+  };
+  auto row = [&](int64_t r, acc_t* acc, int32_t*) {
+    std::fill(acc, acc + width, acc_t(0));
+    if (walked_whole(plan, r)) walk(plan.ptr[r], plan.ptr[r + 1], acc);
+    else fold_partial_sums(plan, r, partial, width, acc);
+    write(r, acc);
+  };
+  run_plan<acc_t>(plan, width, false, piece, row);
+}
+
 // acc[c] += message_grad(g[c], other[c], s) for c < dim, only where edge e won for max/min
 // (adding 0 elsewhere: acc starts at +0 and never becomes -0, so that is the same as skipping).
 template <Message M, bool kExtremum, typename scalar_t, typename acc_t>
@@ -240,8 +260,6 @@ void backward_x_kernel(const Inputs<scalar_t>& in, const ListPlan& plan, const s
   const int32_t* dst = in.graph[kSrcDst];
   const int32_t* type = in.graph[kSrcType];
   const int32_t* eid = in.graph[kSrcEid];
-  std::vector<acc_t> partial(plan.pieces * width);
-
   auto walk = [&](int32_t begin, int32_t end, acc_t* acc) {
     const auto load = [&](int32_t k) {
       if (k + kEdgesAhead < E) prefetch_rows(in, grad_out, dst[k + kEdgesAhead]);
@@ -257,21 +275,12 @@ void backward_x_kernel(const Inputs<scalar_t>& in, const ListPlan& plan, const s
       }
     });
   };
-  auto piece = [&](int64_t p, acc_t* acc, int32_t*) {
-    std::fill(acc, acc + width, acc_t(0));
-    walk(plan.piece_begin[p], plan.piece_end[p], acc);
-    std::copy(acc, acc + width, partial.data() + p * width);
-  };
-  auto row = [&](int64_t u, acc_t* acc, int32_t*) {
-    std::fill(acc, acc + width, acc_t(0));
-    if (walked_whole(plan, u)) walk(plan.ptr[u], plan.ptr[u + 1], acc);
-    else fold_partial_sums(plan, u, partial, width, acc);
+  run_summed_plan<acc_t>(plan, width, walk, [&](int64_t u, const acc_t* acc) {
     for (int64_t b = 0; b < B; ++b) {
       scalar_t* o = grad_x + in.at(b, u);
       for (int64_t c = 0; c < D; ++c) o[c] = static_cast<scalar_t>(acc[b * D + c]);
     }
-  };
-  run_plan<acc_t>(plan, width, false, piece, row);
+  });
 }
 
 template <typename scalar_t, Message M, Aggregate A>
@@ -285,8 +294,6 @@ void backward_relation_kernel(const Inputs<scalar_t>& in, const ListPlan& plan, 
   const int32_t* dst = in.graph[kRelDst];
   const int32_t* src = in.graph[kRelSrc];
   const int32_t* eid = in.graph[kRelEid];
-  std::vector<acc_t> partial(plan.pieces * width);
-
   auto walk = [&](int32_t begin, int32_t end, acc_t* acc) {
     const auto load = [&](int32_t k) {
       if (k + kEdgesAhead < E) {
@@ -305,21 +312,12 @@ void backward_relation_kernel(const Inputs<scalar_t>& in, const ListPlan& plan, 
       }
     });
   };
-  auto piece = [&](int64_t p, acc_t* acc, int32_t*) {
-    std::fill(acc, acc + width, acc_t(0));
-    walk(plan.piece_begin[p], plan.piece_end[p], acc);
-    std::copy(acc, acc + width, partial.data() + p * width);
-  };
-  auto row = [&](int64_t r, acc_t* acc, int32_t*) {
-    std::fill(acc, acc + width, acc_t(0));
-    if (walked_whole(plan, r)) walk(plan.ptr[r], plan.ptr[r + 1], acc);
-    else fold_partial_sums(plan, r, partial, width, acc);
+  run_summed_plan<acc_t>(plan, width, walk, [&](int64_t r, const acc_t* acc) {
     for (int64_t ob = 0; ob < num_out; ++ob) {
       scalar_t* o = grad_relation + (ob * R + r) * D;
       for (int64_t c = 0; c < D; ++c) o[c] = static_cast<scalar_t>(acc[ob * D + c]);
     }
-  };
-  run_plan<acc_t>(plan, width, false, piece, row);
+  });
 }
 
 // lane[c] += g[c] * MSG(x[c], r[c]) (where edge e won, for max/min): the edge weight's derivative.
@@ -403,14 +401,11 @@ at::Tensor rel_aggregate_backward_cpu(const at::Tensor& grad_out, const at::Tens
                                       c10::string_view message, c10::string_view aggregate, bool node_major) {
   const RelAggregateArgs a = check_rel_aggregate_backward_inputs(grad_out, x, relation, aux, graph, edge_weight,
                                                                  edge_mask, message, aggregate, node_major);
-  constexpr Kernel K = G == Grad::X ? Kernel::GradX : G == Grad::Relation ? Kernel::GradRelation : Kernel::GradEdgeWeight;
-  // The edge-weight gradient walks the edges in original order: its arrays need no reordering.
-  const bool walks_list = K != Kernel::GradEdgeWeight;
-  const at::Tensor weight = walks_list ? in_walk_order(edge_weight, graph, list_of(K)) : at::Tensor();
-  const at::Tensor mask = walks_list ? in_walk_order(edge_mask, graph, list_of(K)) : at::Tensor();
+  constexpr Kernel K = kernel_of(G);
+  const WalkOrderArrays walked = walk_order_arrays(K, edge_weight, edge_mask, graph);
   at::Tensor grad = empty_grad(G, x, relation, a);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rel_aggregate_backward_cpu", [&] {
-    const auto in = make_inputs<scalar_t>(x, relation, &aux, graph, weight, mask, a);
+    const auto in = make_inputs<scalar_t>(x, relation, &aux, graph, walked.weight, walked.mask, a);
     const scalar_t* g = grad_out.const_data_ptr<scalar_t>();
     scalar_t* o = grad.mutable_data_ptr<scalar_t>();
     dispatch_message_aggregate(a.message, a.aggregate, [&](auto m, auto r) {

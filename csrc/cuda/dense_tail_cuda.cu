@@ -39,17 +39,6 @@ constexpr int64_t kMaxDim = 1024;
 constexpr int64_t kMaxGridBlocks = std::numeric_limits<int32_t>::max();  // grid.x limit
 static_assert(kWarpSize == kTailLanes, "the row sums' lane count is the warp size");
 
-template <typename T>
-struct TypeTag { using type = T; };
-
-template <typename scalar_t, typename F>
-void with_param_type(at::ScalarType param_dtype, F&& f) {
-  if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
-    if (param_dtype == at::kFloat) return f(TypeTag<float>{});
-  }
-  f(TypeTag<scalar_t>{});
-}
-
 // Calls f(std::integral_constant<int, P>{}) with P channels per lane, the smallest of 2, 4, ...,
 // 32 that holds a row of `dim` channels.
 template <typename F>
@@ -71,7 +60,7 @@ template <typename acc_t>
 __device__ __forceinline__ acc_t warp_sum(acc_t v) {
 #pragma unroll
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    v = tail_add(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    v = add_rn(v, __shfl_xor_sync(0xffffffffu, v, offset));
   }
   return v;
 }
@@ -108,8 +97,8 @@ __global__ void forward_kernel(const scalar_t* __restrict__ h, const scalar_t* _
     for (int i = 0; i < P; ++i) {
       const int64_t c = lane + i * kWarpSize;
       if (c < dim) {
-        v[i] = tail_add(static_cast<acc_t>(h[base + c]), param_at(bias, c, acc_t(0)));
-        sum = tail_add(sum, v[i]);
+        v[i] = add_rn(static_cast<acc_t>(h[base + c]), param_at(bias, c, acc_t(0)));
+        sum = add_rn(sum, v[i]);
       }
     }
     const acc_t mean = warp_sum(sum) / width;
@@ -117,8 +106,8 @@ __global__ void forward_kernel(const scalar_t* __restrict__ h, const scalar_t* _
 #pragma unroll
     for (int i = 0; i < P; ++i) {
       if (lane + i * kWarpSize < dim) {
-        const acc_t centred = tail_sub(v[i], mean);
-        squares = tail_add(squares, tail_mul(centred, centred));
+        const acc_t centred = sub_rn(v[i], mean);
+        squares = add_rn(squares, mul_rn(centred, centred));
       }
     }
     const acc_t rstd = tail_rstd(warp_sum(squares) / width, eps);
@@ -129,7 +118,7 @@ __global__ void forward_kernel(const scalar_t* __restrict__ h, const scalar_t* _
         acc_t xhat;
         acc_t y = tail_relu(tail_normalise(v[i], mean, rstd, param_at(gamma, c, acc_t(1)),
                                            param_at(beta, c, acc_t(0)), xhat));
-        if (x != nullptr) y = tail_add(y, static_cast<acc_t>(x[base + c]));
+        if (x != nullptr) y = add_rn(y, static_cast<acc_t>(x[base + c]));
         out[base + c] = static_cast<scalar_t>(y);
       }
     }
@@ -165,15 +154,15 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad_out, const sca
         const int64_t c = lane + i * kWarpSize;
         if (c < dim) {
           const acc_t g = param_at(gamma, c, acc_t(1));
-          const acc_t v = tail_add(static_cast<acc_t>(h[base + c]), param_at(bias, c, acc_t(0)));
+          const acc_t v = add_rn(static_cast<acc_t>(h[base + c]), param_at(bias, c, acc_t(0)));
           const acc_t y = tail_normalise(v, mean, rstd, g, param_at(beta, c, acc_t(0)), xhat[i]);
           // The ReLU's gradient: threshold_backward's rule, so a NaN output passes its gradient.
           const acc_t grad_y = y <= acc_t(0) ? acc_t(0) : static_cast<acc_t>(grad_out[base + c]);
-          grad_xhat[i] = tail_mul(grad_y, g);
-          p_weight[i] = tail_add(p_weight[i], tail_mul(grad_y, xhat[i]));
-          p_beta[i] = tail_add(p_beta[i], grad_y);
-          a = tail_add(a, grad_xhat[i]);
-          b = tail_add(b, tail_mul(grad_xhat[i], xhat[i]));
+          grad_xhat[i] = mul_rn(grad_y, g);
+          p_weight[i] = add_rn(p_weight[i], mul_rn(grad_y, xhat[i]));
+          p_beta[i] = add_rn(p_beta[i], grad_y);
+          a = add_rn(a, grad_xhat[i]);
+          b = add_rn(b, mul_rn(grad_xhat[i], xhat[i]));
         }
       }
       const acc_t a_mean = warp_sum(a) / width;
@@ -184,7 +173,7 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad_out, const sca
         if (c < dim) {
           const acc_t grad_v = tail_input_grad(grad_xhat[i], xhat[i], rstd, a_mean, b_mean);
           grad_h[base + c] = static_cast<scalar_t>(grad_v);
-          p_bias[i] = tail_add(p_bias[i], grad_v);
+          p_bias[i] = add_rn(p_bias[i], grad_v);
         }
       }
     }
@@ -212,7 +201,7 @@ __global__ void sum_row_groups_kernel(const acc_t* __restrict__ in, int64_t rows
   const int64_t g = item / columns, j = item - g * columns;
   const int64_t end = rows < (g + 1) * group ? rows : (g + 1) * group;
   acc_t sum = 0;
-  for (int64_t i = g * group; i < end; ++i) sum = tail_add(sum, in[i * columns + j]);
+  for (int64_t i = g * group; i < end; ++i) sum = add_rn(sum, in[i * columns + j]);
   out[item] = static_cast<out_t>(sum);
 }
 

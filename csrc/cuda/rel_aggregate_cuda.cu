@@ -120,6 +120,18 @@ __device__ __forceinline__ void for_each_row_vector(int64_t rows, int64_t dim, i
   }
 }
 
+// Calls f(item, i, slot, c) for every thread group `item` of pass P of a plan (piece or row
+// i = item / per_row, slot = item % per_row, per_row = shape.groups_per_row) and each of its
+// vectors of V channels starting at channel c.
+template <int V, typename F>
+__device__ __forceinline__ void for_each_group(const ListPlan& plan, const WorkShape& shape, Pass pass, int64_t dim,
+                                               int threads_per_row, F&& f) {
+  for_each_row_vector<V>(pass_groups(plan, shape, pass), dim, threads_per_row, [&](int64_t item, int64_t c) {
+    const int64_t i = item / shape.groups_per_row;
+    f(item, i, item - i * shape.groups_per_row, c);
+  });
+}
+
 __device__ __forceinline__ int64_t thread_index() {
   return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
 }
@@ -168,6 +180,29 @@ __device__ __forceinline__ void store_result(scalar_t* out, const acc_t (&acc)[V
 #pragma unroll
   for (int j = 0; j < V; ++j) res.v[j] = static_cast<scalar_t>(acc[j]);
   store_pack<V>(out, res);
+}
+
+// The end of a group of a gradient kernel (whose rows are sums), at channels [c, c + V): in the
+// pieces pass it walks piece i into its partial sums; in the rows pass it walks row i whole, or
+// folds the partials of the row's pieces in piece order, and stores the row at `out`. The group
+// is number `slot` of the `per_row` groups of its piece or row; partial is [pieces, per_row, D].
+template <Pass P, typename scalar_t, typename acc_t, int V, typename Walk>
+__device__ __forceinline__ void sum_group(const ListPlan& plan, int64_t i, int64_t slot, int64_t per_row,
+                                          acc_t* partial, int64_t D, int64_t c, const Walk& walk,
+                                          acc_t (&acc)[V], scalar_t* out) {
+  if constexpr (P == Pass::Pieces) {
+    walk(piece_edges(plan, i));
+    store_partial(partial + (i * per_row + slot) * D + c, acc);
+  } else {
+    if (walked_whole(plan, i)) {
+      walk(row_edges(plan, i));
+    } else {
+      for (int32_t p = plan.piece_ptr[i]; p < plan.piece_ptr[i + 1]; ++p) {
+        add_partial(acc, partial + (p * per_row + slot) * D + c);
+      }
+    }
+    store_result(out, acc);
+  }
 }
 
 // Inputs shared by every kernel, as raw device pointers; passed to kernels by value. Tensors
@@ -232,9 +267,8 @@ __global__ void forward_kernel(const Inputs<scalar_t> in, const ListPlan plan, c
   const int32_t* src = in.graph[kDstSrc];
   const int32_t* type = in.graph[kDstType];
   const int32_t* eid = in.graph[kDstEid];
-  const int64_t groups = pass_groups(plan, shape, P);  // shape = {B, 1}: one group per (row, b)
-  for_each_row_vector<V>(groups, D, threads_per_row, [&](int64_t item, int64_t c) {
-    const int64_t i = item / shape.groups_per_row, b = item - i * shape.groups_per_row;
+  // shape = {B, 1}: one group per (piece or row i, b)
+  for_each_group<V>(plan, shape, P, D, threads_per_row, [&](int64_t item, int64_t i, int64_t b, int64_t c) {
     const bool counting = c == 0;
     if (counting) GFMRAG_FAST_COUNT_GROUP(Kernel::Forward, P, item);
     const scalar_t* xb = in.x + in.at(b, 0) + c;
@@ -307,13 +341,12 @@ __global__ void backward_x_kernel(const Inputs<scalar_t> in, const ListPlan plan
                                   int threads_per_row) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kExtremum = is_extremum(A);
-  const int64_t B = in.batch, D = in.dim;
+  const int64_t D = in.dim;
   const int32_t* dst = in.graph[kSrcDst];
   const int32_t* type = in.graph[kSrcType];
   const int32_t* eid = in.graph[kSrcEid];
-  const int64_t groups = pass_groups(plan, shape, P);  // shape = {B, 1}: one group per (row, b)
-  for_each_row_vector<V>(groups, D, threads_per_row, [&](int64_t item, int64_t c) {
-    const int64_t i = item / shape.groups_per_row, b = item - i * shape.groups_per_row;
+  // shape = {B, 1}: one group per (piece or row i, b)
+  for_each_group<V>(plan, shape, P, D, threads_per_row, [&](int64_t item, int64_t i, int64_t b, int64_t c) {
     const bool counting = c == 0;
     if (counting) GFMRAG_FAST_COUNT_GROUP(Kernel::GradX, P, item);
     const scalar_t* rb = in.relation_of(b) + c;
@@ -336,17 +369,7 @@ __global__ void backward_x_kernel(const Inputs<scalar_t> in, const ListPlan plan
         add_message_grads<M, kExtremum>(acc, gs, rs, sel, e.eid, scale);
       });
     };
-    if constexpr (P == Pass::Pieces) {
-      walk(piece_edges(plan, i));
-      store_partial(partial + item * D + c, acc);
-    } else {
-      if (walked_whole(plan, i)) {
-        walk(row_edges(plan, i));
-      } else {
-        for (int32_t p = plan.piece_ptr[i]; p < plan.piece_ptr[i + 1]; ++p) add_partial(acc, partial + (p * B + b) * D + c);
-      }
-      store_result(grad_x + in.at(b, i) + c, acc);
-    }
+    sum_group<P>(plan, i, b, shape.groups_per_row, partial, D, c, walk, acc, grad_x + in.at(b, i) + c);
   });
 }
 
@@ -364,9 +387,7 @@ __global__ void backward_relation_kernel(const Inputs<scalar_t> in, const ListPl
   const int32_t* dst = in.graph[kRelDst];
   const int32_t* src = in.graph[kRelSrc];
   const int32_t* eid = in.graph[kRelEid];
-  const int64_t groups = pass_groups(plan, shape, P);
-  for_each_row_vector<V>(groups, D, threads_per_row, [&](int64_t item, int64_t c) {
-    const int64_t i = item / per_row, ob = item - i * per_row;
+  for_each_group<V>(plan, shape, P, D, threads_per_row, [&](int64_t item, int64_t i, int64_t ob, int64_t c) {
     const int64_t b_begin = ob * shape.batch_loop, b_end = b_begin + shape.batch_loop;
     const bool counting = c == 0;
     if (counting) GFMRAG_FAST_COUNT_GROUP(Kernel::GradRelation, P, item);
@@ -394,19 +415,7 @@ __global__ void backward_relation_kernel(const Inputs<scalar_t> in, const ListPl
         }
       });
     };
-    if constexpr (P == Pass::Pieces) {
-      walk(piece_edges(plan, i));
-      store_partial(partial + item * D + c, acc);
-    } else {
-      if (walked_whole(plan, i)) {
-        walk(row_edges(plan, i));
-      } else {
-        for (int32_t p = plan.piece_ptr[i]; p < plan.piece_ptr[i + 1]; ++p) {
-          add_partial(acc, partial + (p * per_row + ob) * D + c);
-        }
-      }
-      store_result(grad_relation + (ob * R + i) * D + c, acc);
-    }
+    sum_group<P>(plan, i, ob, per_row, partial, D, c, walk, acc, grad_relation + (ob * R + i) * D + c);
   });
 }
 
@@ -524,22 +533,20 @@ at::Tensor rel_aggregate_backward_cuda(const at::Tensor& grad_out, const at::Ten
                                                                  edge_mask, message, aggregate, node_major);
   const at::cuda::OptionalCUDAGuard guard(device_of(x));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  constexpr Kernel K = G == Grad::X ? Kernel::GradX : G == Grad::Relation ? Kernel::GradRelation : Kernel::GradEdgeWeight;
+  constexpr Kernel K = kernel_of(G);
   at::Tensor grad = empty_grad(G, x, relation, a);
   // Row kernels for x and the relation table; one warp per edge for the edge weights, so that
   // every edge's entry is written even when B * d == 0.
   const int64_t work = K == Kernel::GradEdgeWeight ? a.num_edges : grad.numel();
   if (work == 0) return grad;
-  // The edge-weight gradient walks the edges in original order: its arrays need no reordering.
   const bool walks_list = K != Kernel::GradEdgeWeight;
-  const at::Tensor weight = walks_list ? in_walk_order(edge_weight, graph, list_of(K)) : at::Tensor();
-  const at::Tensor mask = walks_list ? in_walk_order(edge_mask, graph, list_of(K)) : at::Tensor();
+  const WalkOrderArrays walked = walk_order_arrays(K, edge_weight, edge_mask, graph);
   const bool extremum = a.aggregate == Aggregate::Max || a.aggregate == Aggregate::Min;
   const ListPlan plan = list_plan(graph, list_of(K));
   const WorkShape shape = work_shape(K, a.batch, a.per_query);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rel_aggregate_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto in = make_inputs<scalar_t>(x, relation, aux, graph, weight, mask, a);
+    const auto in = make_inputs<scalar_t>(x, relation, aux, graph, walked.weight, walked.mask, a);
     const scalar_t* g = grad_out.const_data_ptr<scalar_t>();
     scalar_t* o = grad.mutable_data_ptr<scalar_t>();
     at::Tensor partial = walks_list ? empty_partials(x, plan, shape, a.dim, c10::CppTypeToScalarType<acc_t>::value)

@@ -1,9 +1,11 @@
 """Stage-2 processing of a knowledge graph: numbering, inverse edges, relation embeddings.
 
 Matches GFM-RAG's ``KGDataset``: entities and relations are numbered in order of first appearance
-in ``kg.txt`` (head before tail on each line), every triple (h, r, t) also gets the inverse edge
-(t, r + R, h) named ``"inverse_" + name`` (made unique where that is itself a relation of the
-KG: :func:`inverse_relation_names`), and all 2R relation names are embedded with the text model.
+in ``kg.txt`` (head before tail on each line; with ``entity_order="locality"`` entities are then
+renumbered so that graph neighbours get nearby ids, see :mod:`.ordering`), every triple
+(h, r, t) also gets the inverse edge (t, r + R, h) named ``"inverse_" + name`` (made unique where
+that is itself a relation of the KG: :func:`inverse_relation_names`), and all 2R relation names
+are embedded with the text model.
 ``valid.txt`` / ``test.txt`` beside ``kg.txt`` become held-out link-prediction triples.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +23,7 @@ from torch_geometric.data import Data
 
 from ..text_emb import TextEmbModel
 from .cache import PROCESSING_VERSION, CacheReader, file_digest, fingerprint, load_or_build, save_json, save_tensors
+from .ordering import ENTITY_ORDERS, locality_order, relabel
 from .readers import read_triples
 
 __all__ = ["KGDataset", "check_dataset_name", "inverse_relation_names", "resolve_text_emb_model"]
@@ -27,7 +31,8 @@ __all__ = ["KGDataset", "check_dataset_name", "inverse_relation_names", "resolve
 log = logging.getLogger(__name__)
 
 INVERSE_PREFIX = "inverse_"
-# Embedding fewer texts than this is too quick for a progress bar to help.
+# Embedding fewer texts than this is too quick for progress to help; more are embedded (and
+# their progress shown) in chunks of this many.
 _PROGRESS_TEXTS = 512
 
 
@@ -115,6 +120,13 @@ class KGDataset:
             load or build the same dataset (see :mod:`gfmrag_fast.data.cache`).
         on_error: ``"raise"`` on a malformed line (``ValueError`` naming file:line) or
             ``"skip"`` it (counted in ``stats``, logged).
+        entity_order: ``"original"``: GFM-RAG's first-appearance entity ids. ``"locality"``:
+            the same entities renumbered by :func:`.ordering.locality_order` (reverse
+            Cuthill–McKee over the KG's edges), so that the aggregation kernels' gathers from
+            neighbours hit the caches. Only the ids differ: everything is built from the one
+            numbering (graph, ``ent2id``, ``ent2doc``, question targets), the edges keep their
+            ``kg.txt`` order, and what is read by name — retrieved entities and documents,
+            rankings, metrics — is the same either way. Part of the cache fingerprint.
 
     Attributes:
         graph: ``torch_geometric.data.Data`` with
@@ -140,9 +152,13 @@ class KGDataset:
         text_emb_model: Any = None,
         force_rebuild: bool = False,
         on_error: str = "raise",
+        entity_order: str = "original",
     ):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if entity_order not in ENTITY_ORDERS:
+            raise ValueError(f"entity_order must be one of {list(ENTITY_ORDERS)}, got {entity_order!r}")
+        self.entity_order = entity_order
         self.root = os.fspath(root)
         self.data_name = check_dataset_name(data_name)
         self.on_error = on_error
@@ -152,7 +168,8 @@ class KGDataset:
 
         inputs = self._input_paths()
         digests = {name: (file_digest(path) if path else None) for name, path in inputs.items()}
-        self.fingerprint = fingerprint(self.kind, self.text_emb_model.config_dict(), digests, {"on_error": on_error})
+        options = {"on_error": on_error, "entity_order": entity_order}
+        self.fingerprint = fingerprint(self.kind, self.text_emb_model.config_dict(), digests, options)
         self.processed_dir = os.path.join(self.dataset_dir, "processed", "stage2", self.fingerprint)
 
         def build(out: str) -> dict[str, Any]:
@@ -189,13 +206,34 @@ class KGDataset:
     def _embed(self, texts: list[str], is_query: bool, what: str) -> torch.Tensor:
         """[len(texts), D] float32 embeddings from the text model."""
         log.info("%s: embedding %d %s", self.data_name, len(texts), what)
-        # A bar only on a terminal: in a log file it is thousands of carriage-return lines.
-        bar = len(texts) >= _PROGRESS_TEXTS and sys.stderr.isatty()
-        emb = self.text_emb_model.encode(texts, is_query=is_query, show_progress_bar=bar)
+        if len(texts) < _PROGRESS_TEXTS:
+            emb = self.text_emb_model.encode(texts, is_query=is_query, show_progress_bar=False)
+        else:
+            emb = torch.cat(list(self._embed_chunks(texts, is_query, what)))
         emb = torch.as_tensor(emb).detach().to("cpu", torch.float32)
         if emb.dim() != 2 or emb.shape[0] != len(texts):
             raise RuntimeError(f"text model returned shape {tuple(emb.shape)} for {len(texts)} {what}, expected [n, D]")
         return emb
+
+    def _embed_chunks(self, texts: list[str], is_query: bool, what: str):
+        """The embeddings of ``texts`` in chunks of _PROGRESS_TEXTS, with progress: a bar on a
+        terminal, else a log line at every tenth of the way (a bar in a log file is thousands of
+        carriage-return lines)."""
+        from tqdm import tqdm
+
+        began, reported = time.perf_counter(), 0
+        with tqdm(total=len(texts), desc=f"{self.data_name}: {what}", unit="text", leave=False,
+                  disable=not sys.stderr.isatty()) as bar:
+            for start in range(0, len(texts), _PROGRESS_TEXTS):
+                chunk = texts[start:start + _PROGRESS_TEXTS]
+                yield torch.as_tensor(self.text_emb_model.encode(chunk, is_query=is_query, show_progress_bar=False))
+                done = start + len(chunk)
+                bar.update(len(chunk))
+                if bar.disable and (10 * done // len(texts) > reported or done == len(texts)):
+                    reported = 10 * done // len(texts)
+                    rate = done / max(time.perf_counter() - began, 1e-9)
+                    log.info("%s: embedded %d of %d %s (%.0f texts/s, %.0f s left)", self.data_name, done,
+                             len(texts), what, rate, (len(texts) - done) / rate)
 
     def _build(self, inputs: dict[str, str | None], out: str) -> dict[str, Any]:
         """Process the KG files and write graph.pt, ent2id.json, rel2id.json into ``out``."""
@@ -240,6 +278,8 @@ class KGDataset:
         hrt = torch.tensor(triples, dtype=torch.long)  # [T, 3] as (h, t, r)
         target_edge_index = hrt[:, :2].t().contiguous()  # [2, T]
         target_edge_type = hrt[:, 2].contiguous()  # [T]
+        if self.entity_order == "locality":
+            ent2id = self._renumber(ent2id, target_edge_index, graph)
         rel_names = list(rel2id) + inverse_relation_names(list(rel2id))
         rel_emb = self._embed(rel_names, is_query=False, what="relation names")
         graph.update(
@@ -251,12 +291,27 @@ class KGDataset:
             target_edge_index=target_edge_index,
             target_edge_type=target_edge_type,
         )
-        stats.update(entities=len(ent2id), relations=num_rel)
+        stats.update(entities=len(ent2id), relations=num_rel, entity_order=self.entity_order)
         save_tensors(os.path.join(out, self.GRAPH_FILE), graph)
         save_json(os.path.join(out, "ent2id.json"), ent2id)
         save_json(os.path.join(out, "rel2id.json"), {name: i for i, name in enumerate(rel_names)})
         self.ent2id = ent2id  # for subclasses that build on the numbering
         return stats
+
+    def _renumber(
+        self, ent2id: dict[str, int], target_edge_index: torch.Tensor, graph: dict[str, Any]
+    ) -> dict[str, int]:
+        """Relabel entities in place by :func:`locality_order` of the KG's edges: the [2, T]
+        target edges and the held-out triples in ``graph``; returns ``ent2id`` in the new ids
+        (in id order, as ``list(ent2id)`` is read as the names by id). Entities only in held-out
+        files are isolated nodes: each is a component of its own, numbered after the KG's."""
+        new_id = relabel(locality_order(target_edge_index, len(ent2id)))
+        target_edge_index.copy_(new_id[target_edge_index])
+        for key in ("valid_triples", "test_triples"):
+            if key in graph:
+                graph[key][:, :2] = new_id[graph[key][:, :2]]
+        ids = new_id.tolist()
+        return dict(sorted(((name, ids[old]) for name, old in ent2id.items()), key=lambda item: item[1]))
 
     # ------------------------------------------------------------------ load
     def _load(self, cache: CacheReader) -> None:

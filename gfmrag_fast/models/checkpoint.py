@@ -9,11 +9,11 @@
                                        "aggregate_func": "sum", "short_cut": true, "layer_norm": true},
                       "rel_emb_dim": 768}}
 
-``model.pth`` = ``torch.save({"model": state_dict})``. Targets are resolved by class name: any
-``gfmrag.…`` or ``gfmrag_fast.…`` path ending in one of :data:`MODEL_CLASSES` (GFM-RAG 1.x wrote
-``gfmrag.models.GNNRetriever`` / ``gfmrag.ultra.models.QueryNBFNet``; later versions moved the
-modules, the class names stayed). Other keys starting with ``_`` (Hydra's ``_recursive_``,
-``_convert_``) are ignored.
+``model.pth`` = ``torch.save({"model": state_dict})``. Targets are resolved by
+:mod:`gfmrag_fast.targets` (kind ``model``): any ``gfmrag.…`` or ``gfmrag_fast.…`` path ending in
+one of the four model class names (GFM-RAG 1.x wrote ``gfmrag.models.GNNRetriever`` /
+``gfmrag.ultra.models.QueryNBFNet``; later versions moved the modules, the class names stayed).
+Other keys starting with ``_`` (Hydra's ``_recursive_``, ``_convert_``) are not arguments.
 
 Every checkpoint file is read by :func:`load_checkpoint_file`: ``torch.load(weights_only=True)``,
 so a file can hold tensors and plain Python values only and loading it never runs code; a file
@@ -31,19 +31,14 @@ from typing import Any, Dict, Mapping, Tuple
 import torch
 from torch import nn
 
+from .. import targets
 from ..atomic_io import atomic_json, atomic_torch_save
 from .entity import EntityNBFNet, QueryNBFNet
 from .retriever import GNNRetriever, QueryGNN
 
-MODEL_CLASSES = {cls.__name__: cls for cls in (GNNRetriever, QueryGNN, QueryNBFNet, EntityNBFNet)}
-
 # What save_pretrained writes: the original's names, so GFM-RAG's own code can load the folder.
-ORIGINAL_TARGETS = {
-    GNNRetriever: "gfmrag.models.GNNRetriever",
-    QueryGNN: "gfmrag.models.QueryGNN",
-    QueryNBFNet: "gfmrag.ultra.models.QueryNBFNet",
-    EntityNBFNet: "gfmrag.ultra.models.EntityNBFNet",
-}
+ORIGINAL_TARGETS = {cls: targets.gfmrag_target("model", cls) for cls in (GNNRetriever, QueryGNN, QueryNBFNet,
+                                                                          EntityNBFNet)}
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.pth"
@@ -99,28 +94,13 @@ def looks_like_local_path(spec: str) -> bool:
 
 
 def resolve_target(target: str) -> type:
-    """The class for a config ``_target_``; ValueError naming the known ones otherwise."""
-    namespace, _, name = str(target).rpartition(".")
-    if namespace.split(".")[0] in ("gfmrag", "gfmrag_fast") and name in MODEL_CLASSES:
-        return MODEL_CLASSES[name]
-    known = sorted(ORIGINAL_TARGETS.values()) + [f"gfmrag_fast.models.{n}" for n in sorted(MODEL_CLASSES)]
-    raise ValueError(
-        f"unknown model _target_ {target!r}: known targets are {known} "
-        f"(any gfmrag.* or gfmrag_fast.* path ending in {sorted(MODEL_CLASSES)})"
-    )
+    """The class for a model config ``_target_``; ValueError naming the known ones otherwise."""
+    return targets.resolve(target, "model")
 
 
 def build_model(config: Mapping[str, Any]) -> nn.Module:
     """Instantiates a ``model_config`` mapping (nested ``_target_`` mappings first)."""
-    if "_target_" not in config:
-        raise ValueError(f"model config has no _target_: {dict(config)}")
-    cls = resolve_target(config["_target_"])
-    kwargs = {}
-    for key, value in config.items():
-        if key.startswith("_"):
-            continue
-        kwargs[key] = build_model(value) if isinstance(value, Mapping) and "_target_" in value else value
-    return cls(**kwargs)
+    return targets.instantiate(config, "model")
 
 
 def model_config(model: nn.Module) -> Dict[str, Any]:
@@ -137,7 +117,8 @@ def model_config(model: nn.Module) -> Dict[str, Any]:
             raise ValueError("save_pretrained: activation must be given by name to be saved in config.json")
         return {"_target_": ORIGINAL_TARGETS[type(model)], **config}
     raise ValueError(
-        f"save_pretrained: cannot describe a {type(model).__name__}; expected one of {sorted(MODEL_CLASSES)}"
+        f"save_pretrained: cannot describe a {type(model).__name__}; expected one of "
+        f"{sorted(cls.__name__ for cls in ORIGINAL_TARGETS)}"
     )
 
 

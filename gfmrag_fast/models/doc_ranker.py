@@ -166,10 +166,3 @@ class HybridRanker(DocRanker):
         if has_entities is None:
             return fused
         return torch.where(has_entities.to(fused.device).bool()[:, None], fused, dense)
-
-
-# Config names (GFM-RAG's ``_target_`` class names) -> classes.
-DOC_RANKERS = {
-    cls.__name__: cls for cls in (SimpleRanker, IDFWeightedRanker, TopKRanker, IDFWeightedTopKRanker)
-}
-DOC_RANKERS["IDFRanker"] = IDFWeightedRanker

@@ -1,4 +1,7 @@
-"""Loads the compiled op library and says how to build it when it is missing."""
+"""Loads the compiled op library and says how to build it when it is missing; the CPU output
+buffer cache's switch."""
+
+import os
 
 import torch
 
@@ -35,3 +38,43 @@ def check_device_supported(device: torch.device) -> None:
                 "`FORCE_CUDA=1 pip install --no-build-isolation -e .` on a machine with a CUDA toolkit"
             )
         raise RuntimeError(f"gfmrag_fast has no kernels for device type '{device.type}'")
+
+
+OUTPUT_CACHE_ENV = "GFMRAG_FAST_OUTPUT_CACHE_MB"
+
+
+def set_output_cache(megabytes: int) -> None:
+    """Limits the memory kept for large CPU op outputs to `megabytes` MiB; 0 turns the cache off.
+
+    Outputs of 4 MiB or more (rel_aggregate's result and gradients) come from a cache of freed
+    buffers, so that a training step does not pay the OS's page faults and zeroing for fresh memory
+    on every call; the kept buffers count towards the process's memory. The default is 256 MiB, or
+    the value of the environment variable GFMRAG_FAST_OUTPUT_CACHE_MB when the library is loaded.
+    Lowering the limit frees kept buffers beyond it at once.
+    """
+    if isinstance(megabytes, bool) or not isinstance(megabytes, int) or megabytes < 0:
+        raise ValueError(f"set_output_cache: megabytes must be an int >= 0 (0 turns the cache off), got {megabytes!r}")
+    torch.ops.gfmrag_fast.output_cache_limit(megabytes)
+
+
+def output_cache_info() -> dict:
+    """The CPU output buffer cache: {"limit_mb": float, "cached_mb": float, "buffers": int}."""
+    limit, cached, buffers = torch.ops.gfmrag_fast.output_cache_stats()
+    return {"limit_mb": limit / 2**20, "cached_mb": cached / 2**20, "buffers": buffers}
+
+
+def _output_cache_from_env() -> None:
+    value = os.environ.get(OUTPUT_CACHE_ENV)
+    if value is None or value.strip() == "":
+        return
+    try:
+        megabytes = int(value)
+    except ValueError:
+        megabytes = -1
+    if megabytes < 0:
+        raise ValueError(f"{OUTPUT_CACHE_ENV} must be a whole number of MiB >= 0 (0 turns the CPU output cache off), "
+                         f"got {value!r}")
+    set_output_cache(megabytes)
+
+
+_output_cache_from_env()

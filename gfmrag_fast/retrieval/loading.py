@@ -93,7 +93,6 @@ def text_model_from_config(
     only this function's ``trust_remote_code`` argument, the caller's decision, enables it.
     """
     config = dict(config or {})
-    config.pop("_target_", None)
     if config.pop("trust_remote_code", None):
         log.warning("the checkpoint's text model config asks for trust_remote_code: ignored (pass "
                     "trust_remote_code=True yourself if you trust %s)", config.get("text_emb_model_name"))
@@ -101,8 +100,8 @@ def text_model_from_config(
     if isinstance(kwargs, Mapping) and "trust_remote_code" in kwargs:
         log.warning("the checkpoint's text model config sets model_kwargs.trust_remote_code: ignored")
         config["model_kwargs"] = {k: v for k, v in kwargs.items() if k != "trust_remote_code"} or None
-    unknown = sorted(set(config) - set(_TEXT_KEYS))
+    unknown = sorted(set(config) - set(_TEXT_KEYS) - {"_target_"})
     if unknown:
         log.warning("the checkpoint's text model config has unknown keys %s: ignored", unknown)
-    kept = {k: config[k] for k in _TEXT_KEYS if k in config}
+    kept = {k: config[k] for k in ("_target_", *_TEXT_KEYS) if k in config}
     return TextEmbModel.from_config({**kept, "trust_remote_code": bool(trust_remote_code)}, device=device)

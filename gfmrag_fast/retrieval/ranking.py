@@ -14,7 +14,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..models.doc_ranker import DOC_RANKERS, DocRanker, HybridRanker
+from .. import targets
+from ..models.doc_ranker import DocRanker, HybridRanker
 
 __all__ = ["DEFAULT_DENSE_WEIGHT", "make_doc_ranker", "needs_question_embeddings"]
 
@@ -58,15 +59,15 @@ def make_doc_ranker(spec: Any, ent2doc: torch.Tensor, doc_embeddings: Callable[[
 
 
 def _build(target: str, options: dict, ent2doc: torch.Tensor, doc_embeddings: Callable[[], torch.Tensor]) -> DocRanker:
-    name = target.rsplit(".", 1)[-1]
-    if name == "HybridRanker":
+    try:
+        cls = targets.resolve(target, "doc_ranker")
+    except ValueError as exc:
+        raise ValueError(f"{exc}; or one of the names {sorted(_NAMES)}") from None
+    if cls is HybridRanker:
         gnn = options.pop("gnn_ranker", None)
         gnn_ranker = None if gnn is None else make_doc_ranker(gnn, ent2doc, doc_embeddings)
         if isinstance(gnn_ranker, HybridRanker):
             raise ValueError("HybridRanker: gnn_ranker must be a GNN ranker, not another hybrid one")
         options.setdefault("dense_weight", DEFAULT_DENSE_WEIGHT)
         return HybridRanker(ent2doc, doc_embeddings(), gnn_ranker=gnn_ranker, **options)
-    if name not in DOC_RANKERS:
-        known = sorted(_NAMES) + sorted(DOC_RANKERS) + ["HybridRanker"]
-        raise ValueError(f"unknown doc_ranker {target!r}; known: {known}")
-    return DOC_RANKERS[name](ent2doc, **options)
+    return targets.instantiate({**options, "_target_": target}, "doc_ranker", ent2doc)

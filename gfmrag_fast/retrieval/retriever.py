@@ -104,6 +104,7 @@ class GFMRetriever:
         device: Union[str, torch.device, None] = None,
         text_emb_model: Any = None,
         trust_remote_code: bool = False,
+        entity_order: str = "locality",
         **kwargs: Any,
     ) -> "GFMRetriever":
         """Loads a checkpoint and the dataset's stage-2 cache (building it if missing).
@@ -112,12 +113,14 @@ class GFMRetriever:
         of a run, or a Hugging Face repo id (:func:`.loading.load_checkpoint`). The text model is
         the checkpoint's (``text_emb_model_config``) unless ``text_emb_model`` is given; a
         checkpoint's config can never enable ``trust_remote_code``, only this argument can.
+        ``entity_order`` numbers the stage-2 entities as the workflows do by default, so the cache
+        a fine-tune or evaluate run built is reused (``"original"``: GFM-RAG's first-appearance ids).
         Other keyword arguments go to the constructor.
         """
         model, text_config = load_checkpoint(path_or_repo_id)
         if text_emb_model is None:
             text_emb_model = text_model_from_config(text_config, trust_remote_code=trust_remote_code)
-        dataset = QADataset(data_root, data_name, text_emb_model=text_emb_model)
+        dataset = QADataset(data_root, data_name, text_emb_model=text_emb_model, entity_order=entity_order)
         return cls(model, dataset, doc_ranker=doc_ranker, device=device, **kwargs)
 
     # -- entity linking -----------------------------------------------------------------------

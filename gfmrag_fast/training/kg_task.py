@@ -130,11 +130,17 @@ class KGCompletionTask:
         return prepared
 
     # --- training ------------------------------------------------------------------------
+    def _plan(self, epoch: int, env: DistEnv, max_steps: Optional[int] = None) -> EpochPlan:
+        return EpochPlan(self.train_sizes, self.batch_size, epoch, self.seed, env.rank, env.world_size,
+                         self.max_datasets_in_memory, max_steps)
+
+    def num_batches(self, epoch: int, env: DistEnv) -> int:
+        """This rank's steps in a whole ``epoch``."""
+        return len(self._plan(epoch, env))
+
     def train_batches(self, epoch: int, env: DistEnv, start: int = 0, max_steps: Optional[int] = None):
         """(dataset index, triples [b, 3]) of steps ``start``... of ``epoch`` (at most ``max_steps``)."""
-        plan = EpochPlan(self.train_sizes, self.batch_size, epoch, self.seed, env.rank, env.world_size,
-                         self.max_datasets_in_memory, max_steps)
-        for i, items in walk_steps(plan, self.train_names, self.datasets, start):
+        for i, items in walk_steps(self._plan(epoch, env, max_steps), self.train_names, self.datasets, start):
             yield i, self.datasets.get(self.train_names[i]).extras["triples"][items]
 
     def queries(self, item) -> int:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import logging
+import math
 import os
+import random
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -14,6 +17,13 @@ from ..models.checkpoint import save_pretrained
 from .distributed import DistEnv
 from .epoch_plan import EpochPlan, walk_datasets, walk_steps
 from .tasks_common import GraphPartitions, dataset_info, gather_mean, resolve_loss, shard
+
+log = logging.getLogger(__name__)
+
+# Defaults of train.valid_fraction and train.min_valid_questions: 7 of the bundled MuSiQue
+# data's 70 training questions.
+VALID_FRACTION = 0.1
+MIN_VALID_QUESTIONS = 5
 
 
 class LossTerm:
@@ -51,17 +61,63 @@ def check_training_questions(ds) -> None:
 
 def describe_qa_dataset(ds, train: bool) -> Dict[str, Any]:
     """What the task needs to know of a loaded QA dataset to plan without it: its number of
-    ``train`` questions, of ``test`` questions (None: no test split) and ``feat_dim``. A training
-    dataset without a usable question is a ValueError (:func:`check_training_questions`)."""
+    ``train`` questions, of ``valid`` and ``test`` questions (None: no such split) and
+    ``feat_dim``. A training dataset without a usable question is a ValueError
+    (:func:`check_training_questions`)."""
     if train:
         check_training_questions(ds)
     return {"train": len(ds.split("train")) if "train" in ds.splits else 0,
+            "valid": len(ds.split("valid")) if "valid" in ds.splits else None,
             "test": len(ds.split("test")) if "test" in ds.splits else None, "feat_dim": ds.feat_dim}
+
+
+def check_valid_options(fraction: Any, minimum: Any) -> Tuple[float, int]:
+    """(train.valid_fraction, train.min_valid_questions) as numbers; ValueError naming the key."""
+    try:
+        fraction = float(fraction)
+    except (TypeError, ValueError):
+        raise ValueError(f"train.valid_fraction must be a number in [0, 0.5], got {fraction!r}") from None
+    if not 0 <= fraction <= 0.5:
+        raise ValueError(f"train.valid_fraction must be in [0, 0.5] (0: hold out nothing), got {fraction}")
+    if isinstance(minimum, bool) or not isinstance(minimum, int) and not (
+            isinstance(minimum, float) and minimum.is_integer()):
+        raise ValueError(f"train.min_valid_questions must be a whole number at least 1, got {minimum!r}")
+    if int(minimum) < 1:
+        raise ValueError(f"train.min_valid_questions must be at least 1, got {minimum}")
+    return fraction, int(minimum)
+
+
+def hold_out(num_questions: int, fraction: float, minimum: int, seed: int, name: str
+             ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """(validation, training) question indices [k], [n - k] of a dataset's ``num_questions``
+    training questions, both sorted: k = max(``minimum``, ceil(``fraction`` * n)) questions
+    drawn at random, seeded by ``seed`` and the dataset ``name`` (the same split in every run
+    and on every rank). None when ``fraction`` is 0, or when the dataset is too small to give k
+    questions and still train on at least as many (n < 2k)."""
+    if fraction <= 0:
+        return None
+    count = max(int(minimum), math.ceil(fraction * num_questions))
+    if num_questions - count < count:
+        return None
+    order = list(range(num_questions))
+    random.Random(f"valid {seed} {name}").shuffle(order)
+    return torch.tensor(sorted(order[:count]), dtype=torch.long), torch.tensor(sorted(order[count:]), dtype=torch.long)
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of a torchrun job (or a single process): the one that logs what every rank decides alike."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 class QAFinetuneTask:
     """Trains ``GNNRetriever`` on the train splits of ``train_sets`` and evaluates entity and
-    document retrieval on the test split of every ``valid_sets`` dataset.
+    document retrieval on every ``valid_sets`` dataset: on its test split (rows with split
+    "test") and on its validation questions (split "valid"), on which the best epoch is chosen.
+
+    The validation questions of a dataset are its ``valid`` split when it has one; else, for a
+    dataset that is also trained on, a seeded part of its training questions that is then not
+    trained on (:func:`hold_out`: ``valid_fraction`` of them, at least ``min_valid_questions``).
+    A dataset too small for that is trained on whole and has test rows only (logged).
 
     Datasets are loaded objects or :class:`~gfmrag_fast.data.LazyDataset` (described by
     :func:`describe_qa_dataset`); at most ``max_datasets_in_memory`` of them are resident at a
@@ -90,19 +146,47 @@ class QAFinetuneTask:
         max_datasets_in_memory: Optional[int] = None,
         data_loading_workers: int = 0,
         graph_partition: str = "none",
+        valid_fraction: float = VALID_FRACTION,
+        min_valid_questions: int = MIN_VALID_QUESTIONS,
     ):
+        self.valid_fraction, self.min_valid_questions = check_valid_options(valid_fraction, min_valid_questions)
+        self.seed = seed
         self.train_names = [ds.data_name for ds in train_sets]
-        self.train_sizes = [dataset_info(ds, "train", functools.partial(describe_qa_dataset, train=True))
-                            for ds in train_sets]
+        describe_train = functools.partial(describe_qa_dataset, train=True)
         describe_valid = functools.partial(describe_qa_dataset, train=False)
-        # Only datasets with a test split are evaluated.
-        self.valid_names = [ds.data_name for ds in valid_sets if dataset_info(ds, "test", describe_valid) is not None]
+        sizes = [dataset_info(ds, "train", describe_train) for ds in train_sets]
+        evaluated = {ds.data_name for ds in valid_sets}
+        # Per training dataset, the train-split questions trained on (None: all of them), and
+        # the held-out ones of those that give their validation questions that way.
+        self.train_items: List[Optional[torch.Tensor]] = []
+        held_out: Dict[str, torch.Tensor] = {}
+        for ds, size in zip(train_sets, sizes):
+            parts = None
+            if ds.data_name in evaluated and not dataset_info(ds, "valid", describe_train, optional=True):
+                parts = self._hold_out(ds.data_name, size)
+            if parts is not None:
+                held_out[ds.data_name] = parts[0]
+            self.train_items.append(None if parts is None else parts[1])
+        self.train_sizes = [size if items is None else len(items) for size, items in zip(sizes, self.train_items)]
+        # Per evaluated dataset: (row split, dataset split, question indices or None: all of it).
+        self.eval_parts: Dict[str, List[Tuple[str, str, Optional[torch.Tensor]]]] = {}
+        for ds in valid_sets:
+            parts = []
+            if dataset_info(ds, "valid", describe_valid, optional=True):
+                parts.append(("valid", "valid", None))
+            elif ds.data_name in held_out:
+                parts.append(("valid", "train", held_out[ds.data_name]))
+            if dataset_info(ds, "test", describe_valid) is not None:
+                parts.append(("test", "test", None))
+            if parts:
+                self.eval_parts[ds.data_name] = parts
+        self.valid_names = list(self.eval_parts)
         self.losses = [LossTerm(spec) for spec in losses]
         if not self.losses:
             raise ValueError("task.losses is empty: nothing to train")
         self.metrics = list(metrics)
         self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
-        self.fast_test, self.text_emb_conf, self.device, self.seed = fast_test, text_emb_conf, device, seed
+        self.fast_test, self.text_emb_conf, self.device = fast_test, text_emb_conf, device
         self._init_entities_weight = init_entities_weight
         # "contiguous" / "metis": each graph's nodes split over the ranks (models.partition), in
         # the training loop's thread when a dataset is first used, kept while it is resident.
@@ -114,6 +198,23 @@ class QAFinetuneTask:
         self.datasets = ResidentDatasets([*train_sets, *valid_sets], self._prepare, max_datasets_in_memory,
                                          data_loading_workers)
 
+    def _hold_out(self, name: str, size: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """:func:`hold_out` of training dataset ``name``, said in the log either way."""
+        parts = hold_out(size, self.valid_fraction, self.min_valid_questions, self.seed, name)
+        if not _is_main_process():
+            return parts
+        if parts is not None:
+            log.info("%s: %d of its %d training questions are held out as validation questions (not trained on; "
+                     "train.valid_fraction=%g, train.min_valid_questions=%d, seed %d): the best epoch is chosen on "
+                     "them", name, len(parts[0]), size, self.valid_fraction, self.min_valid_questions, self.seed)
+        elif self.valid_fraction > 0:
+            need = 2 * max(self.min_valid_questions, math.ceil(self.valid_fraction * size))
+            log.warning("%s: only %d training questions, fewer than the %d needed to hold out validation questions "
+                        "and train on as many (train.valid_fraction=%g, train.min_valid_questions=%d): all of them "
+                        "are trained on, and the dataset gives no validation rows", name, size, need,
+                        self.valid_fraction, self.min_valid_questions)
+        return parts
+
     def _prepare(self, ds) -> PreparedDataset:
         """Graph, entity weights, ent2doc (and the document ranker) on the device."""
         prepared = prepare_dataset(ds, self.device, with_entities_weight=self._init_entities_weight, with_ent2doc=True)
@@ -124,12 +225,19 @@ class QAFinetuneTask:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     # --- training ------------------------------------------------------------------------
+    def _plan(self, epoch: int, env: DistEnv, max_steps: Optional[int] = None) -> EpochPlan:
+        return EpochPlan(self.train_sizes, self.batch_size, epoch, self.seed, env.rank, env.world_size,
+                         self.max_datasets_in_memory, max_steps)
+
+    def num_batches(self, epoch: int, env: DistEnv) -> int:
+        """This rank's steps in a whole ``epoch``."""
+        return len(self._plan(epoch, env))
+
     def train_batches(self, epoch: int, env: DistEnv, start: int = 0, max_steps: Optional[int] = None):
         """(dataset index, batch) of steps ``start``... of ``epoch`` (at most ``max_steps``)."""
-        plan = EpochPlan(self.train_sizes, self.batch_size, epoch, self.seed, env.rank, env.world_size,
-                         self.max_datasets_in_memory, max_steps)
-        for i, items in walk_steps(plan, self.train_names, self.datasets, start):
-            yield i, self._batch(self.train_names[i], "train", items.tolist())
+        for i, items in walk_steps(self._plan(epoch, env, max_steps), self.train_names, self.datasets, start):
+            kept = self.train_items[i]  # the plan numbers the questions trained on; map to the split's
+            yield i, self._batch(self.train_names[i], "train", (items if kept is None else kept[items]).tolist())
 
     def _batch(self, name: str, split: str, items: List[int]) -> Dict[str, Any]:
         """The collated questions ``items`` of a resident dataset's split, on the device (no
@@ -160,17 +268,24 @@ class QAFinetuneTask:
 
     # --- evaluation ----------------------------------------------------------------------
     def evaluate(self, model, env: DistEnv) -> List[Dict[str, Any]]:
-        return [self._evaluate_dataset(model, name, env) for name in walk_datasets(self.valid_names, self.datasets)]
+        """A row per evaluated dataset and split: "valid" (its validation questions), then "test"."""
+        return [self._evaluate_part(model, name, row_split, split, items, env)
+                for name in walk_datasets(self.valid_names, self.datasets)
+                for row_split, split, items in self.eval_parts[name]]
 
-    def _evaluate_dataset(self, model, name: str, env: DistEnv) -> Dict[str, Any]:
+    def _evaluate_part(self, model, name: str, row_split: str, split: str, items: Optional[torch.Tensor],
+                       env: DistEnv) -> Dict[str, Any]:
+        """Metrics of questions ``items`` (None: all) of ``split`` of a resident dataset."""
         state = self.datasets.get(name)
-        count = len(state.dataset.split("test"))
+        count = len(state.dataset.split(split)) if items is None else len(items)
         count = count if not self.fast_test else min(count, int(self.fast_test))
         mine = list(shard(count, env))
+        if items is not None:
+            mine = items[mine].tolist()
         graph = self.partitions.graph(name, state)
         values: Dict[str, List[float]] = {}
         for start in range(0, len(mine), self.eval_batch_size):
-            batch = self._batch(name, "test", mine[start:start + self.eval_batch_size])
+            batch = self._batch(name, split, mine[start:start + self.eval_batch_size])
             pred = model(graph, batch, entities_weight=state.entities_weight).float()
             for prefix, scores, target in (
                 ("ent", pred, batch["supporting_entities_masks"]),
@@ -178,7 +293,7 @@ class QAFinetuneTask:
             ):
                 for metric, per_query in retrieval_metrics(scores, target, self.metrics).items():
                     values.setdefault(f"{prefix}_{metric}", []).extend(per_query.tolist())
-        return {"dataset": name, "split": "test", "questions": count, **gather_mean(values, env)}
+        return {"dataset": name, "split": row_split, "questions": count, **gather_mean(values, env)}
 
     def save_pretrained(self, model, folder: str) -> None:
         save_pretrained(model, self.text_emb_conf, folder)

@@ -4,11 +4,14 @@ A training checkpoint (``model_last.pth``, ``model_best.pth``, ``model_epoch_<e>
 
     {"model": state_dict, "optimizer": state_dict, "epoch": epoch to train next, "step": its next step,
      "best_score": float, "best_epoch": int or None, "run_id": str,
-     "history": [{"epoch", "loss", <metric>}], "rng": {"torch", "cuda", "python", "numpy"},
+     "history": [{"epoch", "loss", <metric>, "step_loss": [loss of each step (rank 0's)],
+                  "rows": [the epoch's evaluation rows]}] (older checkpoints: the first three only),
+     "rng": {"torch", "cuda", "python", "numpy"},
      "rank_rng": [rng of every rank] (several processes), "world_size": int,
      "data_world_size": int (the data-parallel shards of an epoch's batches: world_size, or 1 when
      graph-partitioned),
-     "epoch_loss": tensor [world size] (mid-epoch only: each rank's sum of the epoch's losses so far)}
+     "epoch_loss": tensor [world size] (mid-epoch only: each rank's sum of the epoch's losses so far),
+     "step_losses": tensor [steps done] (mid-epoch only: rank 0's loss of each of them, for the curves)}
 
 ``step`` is 0 at an epoch's end (the checkpoint after epoch ``epoch - 1``; older checkpoints have no
 ``step``) and k > 0 in a checkpoint written mid-epoch (``train.save_interval``) after k steps of
@@ -35,7 +38,7 @@ TRAINING_KEYS = ("model", "optimizer", "epoch")
 _TYPES = {"model": Mapping, "optimizer": Mapping, "epoch": int, "step": int, "best_score": (int, float),
           "best_epoch": (int, type(None)), "run_id": str, "history": list, "rng": (Mapping, type(None)),
           "rank_rng": (list, type(None)), "world_size": int, "data_world_size": int,
-          "epoch_loss": torch.Tensor}
+          "epoch_loss": torch.Tensor, "step_losses": torch.Tensor}
 
 
 def capture_rng() -> Dict[str, Any]:

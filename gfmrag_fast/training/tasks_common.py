@@ -6,29 +6,15 @@ from typing import Any, Callable, Dict, List
 
 import torch
 
+from .. import targets
 from ..data.resident import LazyDataset, PreparedDataset
-from ..losses import adversarial_bce, list_ce
 from ..models.partition import PARTITION_METHODS, partition_graph, partition_of
 from .distributed import DistEnv
-
-# GFM-RAG's loss targets (and ours) -> function; keyword arguments come from the config.
-LOSS_TARGETS: Dict[str, Callable[..., torch.Tensor]] = {
-    "BCELoss": adversarial_bce,
-    "ListCELoss": list_ce,
-    "adversarial_bce": adversarial_bce,
-    "list_ce": list_ce,
-}
 
 
 def resolve_loss(spec: Dict[str, Any]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """{"_target_": "gfmrag.losses.BCELoss", "adversarial_temperature": 0.2} -> loss(pred, target)."""
-    spec = dict(spec)
-    target = str(spec.pop("_target_", ""))
-    name = target.rsplit(".", 1)[-1]
-    if name not in LOSS_TARGETS:
-        raise ValueError(f"unknown loss _target_ {target!r}; known: {sorted(LOSS_TARGETS)}")
-    fn = LOSS_TARGETS[name]
-    return lambda pred, tgt: fn(pred, tgt, **spec)
+    return targets.instantiate({**spec, "_partial_": True}, "loss")
 
 
 def shard(n: int, env: DistEnv) -> range:
@@ -47,11 +33,12 @@ def gather_mean(values: Dict[str, List[float]], env: DistEnv) -> Dict[str, float
     return {key: float(sum(vals) / len(vals)) for key, vals in merged.items() if vals}
 
 
-def dataset_info(ds, key: str, describe: Callable[[Any], Dict[str, Any]]) -> Any:
+def dataset_info(ds, key: str, describe: Callable[[Any], Dict[str, Any]], optional: bool = False) -> Any:
     """``ds.info[key]`` of a :class:`LazyDataset` (described when the workflow scanned it), else
-    ``describe(ds)[key]`` of a loaded dataset."""
-    return ds.info[key] if isinstance(ds, LazyDataset) else describe(ds)[key]
-
+    ``describe(ds)[key]`` of a loaded dataset; with ``optional``, None where the key is absent
+    (a description made before the key existed)."""
+    info = ds.info if isinstance(ds, LazyDataset) else describe(ds)
+    return info.get(key) if optional else info[key]
 
 
 class GraphPartitions:

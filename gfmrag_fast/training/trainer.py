@@ -16,6 +16,13 @@ an uninterrupted run would have had: the task computes the epoch's batch order f
 starts at that step without loading or iterating the ones before (``train_batches(..., start=)``),
 so on a CPU the weights are bit-identical to an uninterrupted run's. A mid-epoch checkpoint is
 never a best one: ``model_best.pth`` is only written at an epoch's end.
+
+Model selection: the best epoch is the one with the highest mean ``metric`` over the evaluation
+rows of ``metric_split`` ("valid" by default: questions held out of training, or a KG's valid
+triples). Each evaluation prints a table of those rows; every row (test included) goes to
+``metrics.jsonl``; at the end the summary gives the best epoch's rows of every split. Only when
+no row has that split is the best chosen on all rows, with a warning: a number picked on the
+split it is reported on is optimistic.
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ from ..atomic_io import (
 )
 from ..models.checkpoint import CheckpointError
 from ..models.partition import PARTITION_METHODS
+from .curves import plot_curves
+from .report import format_duration, format_table, summary
 
 LAST, BEST = "model_last.pth", "model_best.pth"
 
@@ -63,7 +72,9 @@ class Task(Protocol):
     def save_pretrained(self, model: torch.nn.Module, folder: str) -> None:
         """Writes the model in GFM-RAG's release format."""
 
-    # Optional: ``queries(batch) -> int``, the queries in a training batch (logged as queries/s).
+    # Optional: ``queries(batch) -> int``, the queries in a training batch (logged as queries/s);
+    # ``num_batches(epoch, env) -> int``, the batches train_batches yields for a whole epoch (for
+    # progress and ETA; the trainer applies train.batch_per_epoch itself).
 
 
 @dataclass
@@ -75,7 +86,7 @@ class TrainOptions:
     save_best_only: bool = True
     save_pretrained: bool = True
     metric: Optional[str] = None  # key averaged over evaluation rows to pick the best epoch
-    metric_split: Optional[str] = None  # average only rows of this split, when there are any
+    metric_split: Optional[str] = "valid"  # average only rows of this split, when there are any (None: all rows)
     dtype: str = "float32"  # or "bfloat16": autocast for forward and loss
     max_grad_norm: Optional[float] = None
     compile: bool = False  # torch.compile the training forward (fuses the dense per-node work)
@@ -112,6 +123,10 @@ class Trainer:
         self.best_epoch: Optional[int] = None  # the epoch whose model model_best.pth holds
         self.run_id = uuid.uuid4().hex  # ties model_best.pth to the model_last.pth of the same run
         self.history: List[Dict[str, Any]] = []
+        # This process's loss of every step of the current epoch (detached, on the device: read
+        # once at the epoch's end, so a step needs no host synchronisation).
+        self._step_losses: List[torch.Tensor] = []
+        self._warned_selection = False
         if options.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"train.dtype must be float32 or bfloat16, got {options.dtype!r}")
         if int(options.num_epoch) < 1:
@@ -149,7 +164,13 @@ class Trainer:
             state["rank_rng"] = rngs
         if step:
             state["epoch_loss"] = epoch_loss
+            state["step_losses"] = self._stacked_step_losses().cpu()
         return state
+
+    def _stacked_step_losses(self) -> torch.Tensor:  # [steps of the epoch so far]
+        if not self._step_losses:
+            return torch.zeros(0)
+        return torch.stack([loss.to(self.env.device) for loss in self._step_losses])
 
     def resume(self, state: Dict[str, Any], source: Optional[str] = None) -> None:
         """Continues a run from a training checkpoint (loaded from the file ``source``): model,
@@ -167,6 +188,8 @@ class Trainer:
             # This rank's sum, to the bit; the mean of them after a change of the number of processes.
             self._resumed_loss = (epoch_loss[self.env.rank] if len(epoch_loss) == self.env.world_size
                                   else epoch_loss.float().mean())
+            # Only the curves use them: a checkpoint written before they were kept has none.
+            self._step_losses = list(state.get("step_losses", torch.zeros(0)).float().unbind())
         self.best_score = float(state.get("best_score", -math.inf))
         best_epoch = state.get("best_epoch")
         self.best_epoch = None if best_epoch is None else int(best_epoch)
@@ -238,6 +261,16 @@ class Trainer:
             return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
         return torch.autocast(self.env.device.type, enabled=False)
 
+    def num_batches(self, epoch: int) -> Optional[int]:
+        """This rank's training steps in ``epoch`` (None: unknown, the task does not say and
+        ``train.batch_per_epoch`` is not set)."""
+        count = getattr(self.task, "num_batches", None)
+        total = int(count(epoch, self.data_env)) if count is not None else None
+        cap = self.options.batch_per_epoch
+        if cap is not None:
+            total = int(cap) if total is None else min(total, int(cap))
+        return total
+
     def train_epoch(self, epoch: int, start: int = 0) -> float:
         """Trains steps ``start``... of ``epoch`` (``start`` > 0: resumed mid-epoch); returns the
         epoch's mean loss, over every rank."""
@@ -245,9 +278,16 @@ class Trainer:
         total, count = torch.zeros((), device=self.env.device), start
         if start:
             total += self._resumed_loss.to(self.env.device)
+        else:
+            self._step_losses = []
         where: Dict[str, int] = {"start": start} if start else {}
         if self.options.batch_per_epoch is not None:
             where["max_steps"] = int(self.options.batch_per_epoch)
+        num_steps = self.num_batches(epoch)
+        if self.env.is_main:
+            log.info("epoch %d of %d: %s batches per epoch%s", epoch, self.options.num_epoch,
+                     num_steps if num_steps is not None else "an unknown number of",
+                     f", resuming after step {start}" if start else "")
         # data_env: the task's view of the ranks (one rank when graph-partitioned: same batches everywhere)
         batches = self.task.train_batches(epoch, self.data_env, **where)
         progress = None
@@ -255,11 +295,12 @@ class Trainer:
             from tqdm import tqdm
 
             # In a log file a progress bar is thousands of lines: only draw it on a terminal.
-            progress = tqdm(desc=f"epoch {epoch}", total=self.options.batch_per_epoch, initial=start, leave=False,
+            progress = tqdm(desc=f"epoch {epoch}", total=num_steps, initial=start, leave=False,
                             dynamic_ncols=True, disable=not sys.stderr.isatty())
-        began = time.time()
+        began = time.perf_counter()
         queries_of = getattr(self.task, "queries", None)
         window = _Throughput(self.data_env.world_size)  # graph-partitioned ranks share their queries
+        interval = max(int(self.options.log_interval), 1)
         for step, batch in enumerate(batches, start=start):
             if self.options.batch_per_epoch is not None and step >= self.options.batch_per_epoch:
                 break
@@ -273,16 +314,21 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.options.max_grad_norm)
             self.optimizer.step()
             total += loss.detach().float()
+            self._step_losses.append(loss.detach().float())
             count += 1
             window.add(queries_of(batch) if queries_of is not None else 0)
             if progress is not None:
                 progress.update(1)
-            if self.env.is_main and step % max(self.options.log_interval, 1) == 0:
+            # The first step of this process is logged at once (it says the run is alive and
+            # how fast it goes), then every log_interval steps and the epoch's last one.
+            if self.env.is_main and (count == start + 1 or count % interval == 0 or count == num_steps):
                 values = {"loss": loss.item(), **{k: float(v) for k, v in logs.items()}}
                 if progress is not None:
                     progress.set_postfix({k: f"{v:.4f}" for k, v in values.items()})
-                log.info("epoch %d step %d %s | %s", epoch, step, " ".join(f"{k} {v:.4f}" for k, v in values.items()),
-                         window.report(with_queries=queries_of is not None))
+                log.info("epoch %d step %s %s | %s | %s", epoch, _fraction(count, num_steps),
+                         " ".join(f"{k} {v:.4f}" for k, v in values.items()),
+                         window.report(with_queries=queries_of is not None),
+                         self._eta(epoch, count - start, count, num_steps, time.perf_counter() - began))
             if self.options.save_interval and (step + 1) % int(self.options.save_interval) == 0:
                 self._save_step(epoch, step + 1, total)
         if progress is not None:
@@ -292,8 +338,19 @@ class Trainer:
         total = total.item()
         mean_loss = self.env.mean(total / max(count, 1))
         if self.env.is_main:
-            log.info("epoch %d: %d batches, mean loss %.4f, %.1f s", epoch, count, mean_loss, time.time() - began)
+            elapsed = time.perf_counter() - began
+            log.info("epoch %d: %d batches, mean loss %.4f, %s (%.2f steps/s)", epoch, count, mean_loss,
+                     format_duration(elapsed), (count - start) / max(elapsed, 1e-9))
         return mean_loss
+
+    def _eta(self, epoch: int, trained: int, done: int, num_steps: Optional[int], elapsed: float) -> str:
+        """Time left in this epoch and in the run's training steps, at the epoch's mean speed so far."""
+        if num_steps is None or trained <= 0:
+            return "ETA unknown (the number of batches is not known)"
+        per_step = elapsed / trained
+        left = max(num_steps - done, 0) * per_step
+        later = (self.options.num_epoch - epoch - 1) * num_steps * per_step
+        return f"ETA epoch {format_duration(left)}, run {format_duration(left + later)} (+ evaluations)"
 
     def _save_step(self, epoch: int, done: int, epoch_loss: torch.Tensor) -> None:
         """model_last.pth after ``done`` steps of ``epoch`` (every rank takes part: their
@@ -312,14 +369,29 @@ class Trainer:
         if self.env.is_main:
             for row in rows:
                 append_jsonl(row, self._path("metrics.jsonl"))
-                log.info("evaluation %s", row)
+            shown = self.selection_rows(rows)
+            hidden = sorted({str(row.get("split")) for row in rows} - {str(row.get("split")) for row in shown})
+            note = (f" ({', '.join(hidden)} rows in metrics.jsonl; reported for the best epoch at the end)"
+                    if hidden else "")
+            log.info("epoch %d evaluation%s:\n%s", epoch, note, format_table(shown))
+        return rows
+
+    def selection_rows(self, rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        """The rows the best epoch is chosen on: those of ``metric_split``, or all of them (said
+        once) when none has it."""
+        split = self.options.metric_split
+        chosen = [row for row in rows if row.get("split") == split] if split is not None else rows
+        if chosen or not rows:
+            return chosen
+        if not self._warned_selection and self.env.is_main:
+            splits = ", ".join(sorted({str(row.get("split")) for row in rows}))
+            log.warning("no evaluation row of split %r: the best epoch is chosen on the %s rows, so their numbers "
+                        "for it are optimistic (hold out validation data to avoid this)", split, splits)
+        self._warned_selection = True
         return rows
 
     def score(self, rows: List[Dict[str, Any]]) -> float:
-        split = self.options.metric_split
-        if split is not None and any(row.get("split") == split for row in rows):
-            rows = [row for row in rows if row.get("split") == split]
-        values = [row[self.options.metric] for row in rows if self.options.metric in row]
+        values = [row[self.options.metric] for row in self.selection_rows(rows) if self.options.metric in row]
         return float(np.mean(values)) if values else -math.inf
 
     def _drop_stale_metrics(self) -> None:
@@ -343,7 +415,13 @@ class Trainer:
             if improved:
                 self.best_score = max(score, self.best_score) if rows else self.best_score
                 self.best_epoch = epoch
-            self.history.append({"epoch": epoch, "loss": loss, **({self.options.metric: score} if rows else {})})
+            if rows and self.env.is_main:
+                log.info("epoch %d: %s %s %.4f%s", epoch, self.options.metric_split or "mean", self.options.metric,
+                         score, " (best so far)" if improved else
+                         f" (best: epoch {self.best_epoch}, {self.best_score:.4f})")
+            step_loss = self._stacked_step_losses().cpu().tolist()  # this process's
+            self.history.append({"epoch": epoch, "loss": loss, **({self.options.metric: score} if rows else {}),
+                                 "step_loss": step_loss, "rows": rows})
             rngs = self.env.gather_objects(capture_rng())
             if self.env.is_main:
                 state = self.state(epoch + 1, rngs=rngs)
@@ -360,7 +438,17 @@ class Trainer:
             self._load_best()
             self.task.save_pretrained(self.raw_model, self._path("pretrained"))
         self.env.barrier()
-        return {"best_score": self.best_score, "history": self.history}
+        best_rows = next((h.get("rows") or [] for h in self.history if h["epoch"] == self.best_epoch), [])
+        if self.env.is_main:
+            saved = [self._path(name) for name in (BEST, "pretrained", "metrics.jsonl", "training_curves.png")
+                     if os.path.exists(self._path(name))]
+            log.info("training done: %s", summary(self.history, self.best_epoch, self.options.metric,
+                                                  self.options.metric_split if any(
+                                                      row.get("split") == self.options.metric_split
+                                                      for row in best_rows) else None,
+                                                  self.best_score, saved))
+        return {"best_score": self.best_score, "best_epoch": self.best_epoch, "best_rows": best_rows,
+                "history": self.history}
 
     def _load_best(self) -> None:
         """Puts the best epoch's weights into the model, checking model_best.pth holds them."""
@@ -379,26 +467,11 @@ class Trainer:
         self.raw_model.load_state_dict(best["model"])
 
     def plot(self) -> None:
-        """training_curves.png: loss and the selection metric per epoch."""
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:  # plotting is optional
-            return
-        epochs = [h["epoch"] for h in self.history]
-        fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
-        ax[0].plot(epochs, [h["loss"] for h in self.history], marker="o")
-        ax[0].set(xlabel="epoch", ylabel="training loss")
-        metric = self.options.metric
-        points = [(h["epoch"], h[metric]) for h in self.history if metric in h and math.isfinite(h[metric])]
-        if points:
-            ax[1].plot(*zip(*points), marker="o", color="tab:green")
-        ax[1].set(xlabel="epoch", ylabel=f"{metric} (mean over evaluation sets)")
-        fig.tight_layout()
-        atomic_write(self._path("training_curves.png"), lambda f: fig.savefig(f, format="png", dpi=90))
-        plt.close(fig)
+        """training_curves.png: the loss of every step, every evaluated metric, the best epoch."""
+        folder = os.path.abspath(self.output_dir)
+        run = "/".join(folder.split(os.sep)[-3:])
+        plot_curves(self._path("training_curves.png"), self.history, f"{type(self.task).__name__}: {run}",
+                    self.options.metric, self.options.metric_split, self.best_epoch)
 
 
 class _Throughput:
@@ -420,3 +493,10 @@ class _Throughput:
             text += f", {self.queries * self.world_size / elapsed:.1f} queries/s"
         self.since, self.steps, self.queries = now, 0, 0
         return text
+
+
+def _fraction(done: int, total: Optional[int]) -> str:
+    """"12/63 (19%)", or "12" when the total is not known."""
+    if not total:
+        return str(done)
+    return f"{done}/{total} ({100 * done // total}%)"

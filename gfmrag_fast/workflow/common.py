@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import importlib
 import logging
 import os
 import random
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .. import targets
 from ..data import KGDataset, LazyDataset, QADataset, resolve_text_emb_model
 from ..models.checkpoint import (
     CheckpointError, build_model, load_checkpoint_file, load_pretrained, looks_like_local_path,
@@ -21,6 +21,7 @@ from ..models.checkpoint import (
 from ..training import DistEnv, Trainer, TrainOptions, init_distributed
 from ..training.distributed import log_on_main_only
 from ..training.state import check_training_state, is_training_state
+from .startup import datasets_root, log_overrides
 
 log = logging.getLogger("gfmrag_fast")
 
@@ -39,14 +40,14 @@ def setup(cfg: DictConfig) -> tuple[DistEnv, str]:
     np.random.seed(seed)
     torch.manual_seed(seed)
     if env.device.type == "cuda" and cfg.train.get("tf32", True):
-        # Documented default: TF32 matmuls for float32 training (DESIGN §4).
+        # Documented default (train.tf32): TF32 matmuls for float32 training.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     output_dir = HydraConfig.get().runtime.output_dir
     log_on_main_only(env)
     log.info("run folder %s; %d process(es) on %s", output_dir, env.world_size, env.device)
     if env.is_main:
-        log.info("config:\n%s", OmegaConf.to_yaml(cfg))
+        log_overrides(cfg)
     return env, output_dir
 
 
@@ -78,6 +79,7 @@ def scan_datasets(cfg: DictConfig, names: List[str], kind: str, env: DistEnv,
     Rank 0 builds (or loads and verifies) the stage-2 cache of each dataset in turn and describes
     it (``describe(ds)``: its sizes, raising for a dataset that cannot be used), holding one
     dataset at a time; the other ranks receive the descriptions, so they never build a cache."""
+    datasets_root(cfg, names)
     load = dataset_loader(cfg, kind)
     infos = [describe(load(name)) for name in names] if env.is_main else None
     infos = env.gather_objects(infos)[0]
@@ -111,10 +113,9 @@ def train_options(cfg: DictConfig, evaluate: bool, **overrides: Any) -> TrainOpt
 
 
 def build_optimizer(spec: DictConfig, params) -> torch.optim.Optimizer:
-    spec = OmegaConf.to_container(spec, resolve=True)
-    target = spec.pop("_target_", "torch.optim.AdamW")
-    module, name = target.rsplit(".", 1)
-    return getattr(importlib.import_module(module), name)(params, **spec)
+    """``optimizer``: ``_target_`` (default torch.optim.AdamW) and its keyword arguments."""
+    spec = {"_target_": "torch.optim.AdamW", **OmegaConf.to_container(spec, resolve=True)}
+    return targets.instantiate(spec, "optimizer", params)
 
 
 def apply_checkpoint(trainer: Trainer, spec: str | None, env: DistEnv) -> None:

@@ -10,9 +10,13 @@ a run, or a Hugging Face repo id. Writes into the run folder:
   with scores and gold documents.
 """
 
+import os
+
+if __name__ == "__main__":  # before torch loads OpenMP: see gfmrag_fast/workflow/__init__.py
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import json
 import logging
-import os
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -23,6 +27,8 @@ from ..retrieval import GFMRetriever, load_checkpoint, text_model_from_config
 from ..retrieval.evaluation import evaluate_split
 from ..retrieval.loading import RUN_CHECKPOINTS
 from ..text_emb import TextEmbModel
+from . import config_help  # noqa: F401  (registers the resolver --help uses)
+from .startup import RunFolder, datasets_root, log_overrides, run_folder
 
 log = logging.getLogger("gfmrag_fast")
 
@@ -44,17 +50,25 @@ def text_model(cfg: DictConfig, checkpoint_text_config):
 def run(cfg: DictConfig) -> list:
     from hydra.core.hydra_config import HydraConfig
 
-    output_dir = HydraConfig.get().runtime.output_dir
-    if any(os.path.exists(os.path.join(output_dir, name)) for name in RUN_CHECKPOINTS):
-        raise ValueError(f"{output_dir} is a training run folder: evaluate into another hydra.run.dir, so that its "
-                         "metrics.jsonl is not replaced")
-    if not cfg.datasets.valid_names:
-        raise ValueError("datasets.valid_names is empty: nothing to evaluate")
+    with run_folder() as folder:
+        output_dir = HydraConfig.get().runtime.output_dir
+        if any(os.path.exists(os.path.join(output_dir, name)) for name in RUN_CHECKPOINTS):
+            raise ValueError(f"{output_dir} is a training run folder: evaluate into another hydra.run.dir, so that "
+                             "its metrics.jsonl is not replaced")
+        if not cfg.datasets.valid_names:
+            raise ValueError("datasets.valid_names is empty: nothing to evaluate")
+        log_overrides(cfg)
+        datasets_root(cfg, list(cfg.datasets.valid_names))
 
-    # 1. model and the text model it was trained with
-    model, checkpoint_text_config = load_checkpoint(cfg.train.checkpoint)
-    text_emb_model = text_model(cfg, checkpoint_text_config)
+        # 1. model and the text model it was trained with
+        model, checkpoint_text_config = load_checkpoint(cfg.train.checkpoint)
+        text_emb_model = text_model(cfg, checkpoint_text_config)
+        return evaluate(cfg, model, text_emb_model, output_dir, folder)
 
+
+def evaluate(cfg: DictConfig, model, text_emb_model, output_dir: str, folder: RunFolder) -> list:
+    """Retrieves for every question of ``datasets.valid_names`` and writes the outputs; the run
+    folder is the run's (kept whatever happens) from the first dataset loaded on."""
     # 2. data: stage-2 datasets (built once, cached), loaded one at a time: only the dataset being
     # evaluated is in memory (a run may name dozens)
     options = OmegaConf.to_container(cfg.datasets.get("cfgs") or {}, resolve=True)
@@ -69,6 +83,7 @@ def run(cfg: DictConfig) -> list:
                                  init_entities_weight=bool(cfg.train.init_entities_weight),
                                  batch_size=int(cfg.train.eval_batch_size),
                                  entity_linker=OmegaConf.to_container(cfg.retrieval.entity_linker, resolve=True))
+        folder.mark_used()
         row, found = evaluate_split(retriever, ds.split(cfg.retrieval.split), list(cfg.task.metric),
                                     entities=cfg.retrieval.entities, top_k=int(cfg.retrieval.top_k),
                                     limit=cfg.train.fast_test)

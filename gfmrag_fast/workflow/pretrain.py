@@ -4,22 +4,28 @@ Multi-GPU: ``torchrun --nproc_per_node=8 -m gfmrag_fast.workflow.pretrain``; a K
 ``torchrun --nproc_per_node=8 -m gfmrag_fast.workflow.pretrain train.graph_partition=metis``.
 """
 
+import os
+
+if __name__ == "__main__":  # before torch loads OpenMP: see gfmrag_fast/workflow/__init__.py
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import json
 import logging
 import math
-import os
 
 import hydra
 from omegaconf import DictConfig
 
+from ..atomic_io import read_jsonl
 from ..training import Trainer
 from ..training.distributed import shutdown
-from ..atomic_io import read_jsonl
 from ..training.kg_task import KGCompletionTask, describe_kg_dataset
+from . import config_help  # noqa: F401  (registers the resolver --help uses)
 from .common import (
     apply_checkpoint, build_model_from_config, build_optimizer, dataset_options, graph_partition, scan_datasets, setup,
     text_emb_config, train_options,
 )
+from .startup import run_folder
 
 log = logging.getLogger("gfmrag_fast")
 
@@ -50,43 +56,45 @@ def final_metrics(output_dir: str, history: list, metric: str) -> list:
 
 
 def run(cfg: DictConfig) -> dict:
-    env, output_dir = setup(cfg)
-    task = None
-    try:
-        # 1. data: stage-2 KG datasets (built once, cached), described now and loaded when needed
-        if not cfg.datasets.train_names:
-            raise ValueError("datasets.train_names is empty: nothing to pre-train on")
-        training = set(cfg.datasets.train_names)
-        names = list(dict.fromkeys([*cfg.datasets.train_names, *cfg.datasets.valid_names]))
-        datasets = dict(zip(names, scan_datasets(
-            cfg, names, "kg", env, lambda ds: describe_kg_dataset(ds, train=ds.data_name in training))))
-        train_sets = [datasets[name] for name in cfg.datasets.train_names]
-        valid_sets = [datasets[name] for name in cfg.datasets.valid_names]
+    with run_folder() as folder:
+        env, output_dir = setup(cfg)
+        task = None
+        try:
+            # 1. data: stage-2 KG datasets (built once, cached), described now and loaded when needed
+            if not cfg.datasets.train_names:
+                raise ValueError("datasets.train_names is empty: nothing to pre-train on")
+            training = set(cfg.datasets.train_names)
+            names = list(dict.fromkeys([*cfg.datasets.train_names, *cfg.datasets.valid_names]))
+            datasets = dict(zip(names, scan_datasets(
+                cfg, names, "kg", env, lambda ds: describe_kg_dataset(ds, train=ds.data_name in training))))
+            train_sets = [datasets[name] for name in cfg.datasets.train_names]
+            valid_sets = [datasets[name] for name in cfg.datasets.valid_names]
 
-        # 2. model: GFM-RAG's QueryGNN + EntityNBFNet over the relation-name embeddings
-        model = build_model_from_config(cfg, train_sets[0].info["feat_dim"])
+            # 2. model: GFM-RAG's QueryGNN + EntityNBFNet over the relation-name embeddings
+            model = build_model_from_config(cfg, train_sets[0].info["feat_dim"])
 
-        # 3. task, optimizer, trainer (resuming or starting from pre-trained weights)
-        task = build_task(cfg, train_sets, valid_sets, env.device)
-        optimizer = build_optimizer(cfg.optimizer, model.parameters())
-        # The best epoch is picked on valid rows only, never on test.
-        options = train_options(cfg, bool(valid_sets), metric_split="valid")
-        trainer = Trainer(model, optimizer, task, options, output_dir, env)
-        apply_checkpoint(trainer, cfg.train.checkpoint, env)
+            # 3. task, optimizer, trainer (resuming or starting from pre-trained weights)
+            task = build_task(cfg, train_sets, valid_sets, env.device)
+            optimizer = build_optimizer(cfg.optimizer, model.parameters())
+            # The best epoch is picked on valid rows only, never on test.
+            options = train_options(cfg, bool(valid_sets), metric_split="valid")
+            trainer = Trainer(model, optimizer, task, options, output_dir, env)
+            apply_checkpoint(trainer, cfg.train.checkpoint, env)
 
-        # 4. train, evaluating filtered link prediction after each epoch; report the best epoch
-        result = trainer.fit()
-        if env.is_main:
-            rows = final_metrics(output_dir, result["history"], cfg.task.best_metric)
-            for row in rows:
-                log.info("final %s", row)
-            best = result["best_score"] if math.isfinite(result["best_score"]) else None  # None: not evaluated
-            print(json.dumps({"best": {cfg.task.best_metric: best}, "metrics": rows, "output_dir": output_dir}))
-        return result
-    finally:
-        if task is not None:
-            task.datasets.close()
-        shutdown(env)
+            # 4. train, evaluating filtered link prediction after each epoch; report the best epoch
+            folder.mark_used()
+            result = trainer.fit()
+            if env.is_main:
+                rows = final_metrics(output_dir, result["history"], cfg.task.best_metric)
+                for row in rows:
+                    log.info("final %s", row)
+                best = result["best_score"] if math.isfinite(result["best_score"]) else None  # None: not evaluated
+                print(json.dumps({"best": {cfg.task.best_metric: best}, "metrics": rows, "output_dir": output_dir}))
+            return result
+        finally:
+            if task is not None:
+                task.datasets.close()
+            shutdown(env)
 
 
 @hydra.main(config_path="config", config_name="pretrain", version_base=None)

@@ -4,6 +4,11 @@ The pre-train workflow (:mod:`.pretrain`) with the config ``stage2_kg_pretrain``
 settings as ``pretrain``), so GFM-RAG users' scripts keep working.
 """
 
+import os
+
+if __name__ == "__main__":  # before torch loads OpenMP: see gfmrag_fast/workflow/__init__.py
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import hydra
 from omegaconf import DictConfig
 

@@ -4,6 +4,11 @@ The fine-tune workflow (:mod:`.finetune`) with the config ``stage2_qa_finetune``
 settings as ``finetune``), so GFM-RAG users' scripts keep working.
 """
 
+import os
+
+if __name__ == "__main__":  # before torch loads OpenMP: see gfmrag_fast/workflow/__init__.py
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import hydra
 from omegaconf import DictConfig
 
