@@ -76,8 +76,16 @@ def _extension():
     return CppExtension(sources=sources, extra_compile_args=extra, **kwargs)
 
 
+class _BuildExt(BuildExtension.with_options(no_python_abi_suffix=True)):
+    def finalize_options(self):
+        super().finalize_options()
+        # One fixed object folder: pip's editable builds would compile in a new temporary folder
+        # every time; with this one ninja recompiles only the sources that changed.
+        self.build_temp = os.path.join(ROOT, "build", "ext")
+
+
 setup(
     ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)},
+    cmdclass={"build_ext": _BuildExt},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

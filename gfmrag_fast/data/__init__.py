@@ -20,8 +20,17 @@ processes at once; files verified on load: see :mod:`gfmrag_fast.data.cache`).
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
+
+# torch_geometric 2.x applies torch.jit.script to a few classes when it is imported, and torch
+# >= 2.10 answers each with a FutureWarning that TorchScript is deprecated: noise on every run of
+# every workflow. Nothing here uses TorchScript, so that one warning is silenced for that one
+# import. Only modules of this subpackage import torch_geometric, and Python runs this file first.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+    import torch_geometric.data  # noqa: F401
 
 from .batch import QACollate, collate_qa, entities_weight, index_mask
 from .cache import PROCESSING_VERSION, CacheError

@@ -74,7 +74,8 @@ log = logging.getLogger(__name__)
 
 # Bump when the stage-2 output for the same inputs changes (numbering, file layout, ...).
 # 2: meta.json records every file's size and sha256; inverse relation names made unique.
-PROCESSING_VERSION = 2
+# 3: names in the JSON files also match kg.txt's / the corpus's ignoring case, spacing, punctuation.
+PROCESSING_VERSION = 3
 META_FILE = "meta.json"
 STAGING_PREFIX = ".tmp-"
 ASIDE_PREFIX = ".old-"

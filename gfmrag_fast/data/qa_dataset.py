@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from .batch import QACollate, entities_weight
 from .cache import PROCESSING_VERSION, CacheReader, file_digest, fingerprint, load_or_build, save_json, save_tensors
 from .kg_dataset import KGDataset
-from .readers import clean_name, json_type, read_json
+from .readers import NameIndex, clean_name, json_type, read_json
 
 __all__ = ["QADataset", "QASplit", "IndexLists"]
 
@@ -121,11 +121,11 @@ def _check_questions(path: str, items: Any) -> None:
                     raise ValueError(f"{where}: {field!r} must be a list of names, item {k} is {json_type(name)}")
 
 
-def _lookup(names: list[str], table: dict[str, int]) -> tuple[list[int], int]:
+def _lookup(names: list[str], table: NameIndex) -> tuple[list[int], int]:
     """(ids of the known names, deduplicated in order, number of unknown names)."""
     ids, unknown = {}, 0
     for name in names:
-        idx = table.get(clean_name(name))
+        idx = table.get(name)
         if idx is None:
             unknown += 1
         else:
@@ -139,14 +139,20 @@ class QADataset(KGDataset):
     Extra inputs: ``processed/stage1/document2entities.json`` (required),
     ``raw/dataset_corpus.json`` (optional: fixes the document numbering — its key order — and
     the document count; else the keys of document2entities.json are the documents) and
-    ``processed/stage1/{train,test}.json`` (at least one). Names are compared after stripping
-    outer whitespace; unknown names are dropped and counted.
+    ``processed/stage1/{train,test}.json`` (at least one). Entity names and document titles in
+    the JSON files are matched to kg.txt's names / the corpus's titles as written (outer
+    whitespace stripped), else ignoring case, spacing and punctuation (see
+    :class:`~gfmrag_fast.data.readers.NameIndex`); unknown names are dropped and counted, and
+    one log line per build says how many.
 
     Attributes (besides :class:`KGDataset`'s):
         doc2id: document title → id (``doc2id.json``); ``doc_names`` lists them by id.
         ent2doc: [N, num_docs] sparse COO float, 1 where the entity occurs in the document.
         splits: split name → :class:`QASplit`; also ``split(name)``.
         entity_embeddings(), document_embeddings(): for retrieval, built on first use and cached.
+        stats["names"]: over document2entities.json and the question files, how many names were
+            found as written (``exact``), found only by their normalised form (``normalized``),
+            or not found (``unknown``).
         stats[split]: ``questions``, ``kept``, ``skipped`` and per reason ``skipped_no_question_entities``,
             ``skipped_no_supporting_entities``, ``skipped_no_supporting_docs`` (a question
             missing several counts under each), and ``unknown_question_entities``,
@@ -173,11 +179,31 @@ class QADataset(KGDataset):
 
     def _build(self, inputs: dict[str, str | None], out: str) -> dict[str, Any]:
         stats = super()._build(inputs, out)
+        self._names = {"ent": NameIndex(self.ent2id)}
         doc2id, stats["documents"] = self._build_documents(inputs, out)
+        self._names["doc"] = NameIndex(doc2id)
         for split in SPLITS:
             if inputs[f"{split}.json"] is not None:
                 stats[split] = self._build_split(split, inputs[f"{split}.json"], doc2id, out)
+        stats["names"] = {k: sum(index.counts[k] for index in self._names.values()) for k in ("exact", "normalized", "unknown")}
+        self._report_names(stats)
         return stats
+
+    def _report_names(self, stats: dict[str, Any]) -> None:
+        """One log line per build: names matched only after normalisation, and names not found."""
+        names, docs = stats["names"], stats["documents"]
+        if not (names["normalized"] or names["unknown"] or docs["unknown_docs"]):
+            return
+        where = [f"document2entities.json: {docs['unknown_entities']} entity name(s), "
+                 f"{docs['unknown_docs']} document(s) not in the corpus"]
+        for split in SPLITS:
+            if split in stats:
+                where.append(f"{split}.json: " + ", ".join(
+                    f"{stats[split]['unknown_' + key]} {key.replace('_', ' ')}" for _, key, _, _ in _TARGETS))
+        level = logging.WARNING if names["unknown"] or docs["unknown_docs"] else logging.INFO
+        log.log(level, "%s: %d name(s) matched kg.txt / the corpus only after normalising case, spacing and "
+                "punctuation; %d name(s) not found and ignored (%s)", self.data_name, names["normalized"],
+                names["unknown"], "; ".join(where))
 
     def _build_documents(self, inputs: dict[str, str | None], out: str) -> tuple[dict[str, int], dict[str, int]]:
         """Number the documents; write doc2id.json and ent2doc.pt (the [2, nnz] entity-document pairs)."""
@@ -207,12 +233,9 @@ class QADataset(KGDataset):
             if doc is None:
                 unknown_docs += 1
                 continue
-            ids, unknown = _lookup(entities, self.ent2id)
+            ids, unknown = _lookup(entities, self._names["ent"])
             unknown_ents += unknown
             pairs.update((e, doc) for e in ids)
-        if unknown_docs or unknown_ents:
-            log.warning("%s: %d document(s) not in the corpus and %d entity name(s) not in kg.txt were ignored",
-                        d2e_path, unknown_docs, unknown_ents)
         index = torch.tensor(sorted(pairs), dtype=torch.long).view(-1, 2).t().contiguous()  # [2, nnz]
         save_tensors(os.path.join(out, "ent2doc.pt"), {"index": index, "size": [len(self.ent2id), len(doc2id)]})
         save_json(os.path.join(out, "doc2id.json"), doc2id)
@@ -224,7 +247,7 @@ class QADataset(KGDataset):
         """Map one question file to id lists, embed the kept questions, write ``<split>.pt``."""
         items = read_json(path)
         _check_questions(path, items)
-        tables = {"ent": self.ent2id, "doc": doc2id}
+        tables = self._names
         counts = {"questions": len(items), "kept": 0, "skipped": 0}
         counts.update({f"skipped_{reason}": 0 for *_, reason in _TARGETS})
         counts.update({f"unknown_{key}": 0 for _, key, _, _ in _TARGETS})

@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import unicodedata
 from typing import Any
 
 from tqdm.auto import tqdm
 
-__all__ = ["KG_DELIMITER", "read_triples", "read_json", "clean_name", "json_type"]
+__all__ = ["KG_DELIMITER", "read_triples", "read_json", "clean_name", "normalize_name", "NameIndex", "json_type"]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,48 @@ def clean_name(name: str) -> str:
     kg.txt and "paris" in document2entities.json are the same entity.
     """
     return name.strip()
+
+
+_NOT_WORD = re.compile(r"[\W_]+")  # any run of characters that are not letters or digits
+
+
+def normalize_name(name: str) -> str:
+    """The form in which two spellings of one name compare equal: Unicode NFKC, case folded, every
+    run of punctuation, symbols and whitespace made one space, no outer spaces.
+
+    "New-York", " new york " and "NEW YORK!" all become "new york". GFM-RAG's own KG construction
+    writes entity names lower-cased with punctuation replaced by spaces, while questions are
+    labelled by hand or by another tool, so their names often differ from kg.txt's in just these
+    ways.
+    """
+    return " ".join(_NOT_WORD.sub(" ", unicodedata.normalize("NFKC", name).casefold()).split())
+
+
+class NameIndex:
+    """Looks names up in a ``{name: id}`` table (names as :func:`clean_name` left them).
+
+    A name is looked up as written (outer whitespace stripped) first; failing that, by its
+    :func:`normalize_name` form, which must then belong to exactly one name of the table: when
+    "Paris" and "paris" are two entities of kg.txt, "PARIS" matches neither. Counts what it
+    found: ``exact``, ``normalized`` (found only by the normalised form) and ``unknown``.
+    """
+
+    def __init__(self, table: dict[str, int]):
+        self.table = table
+        owners: dict[str, set[int]] = {}
+        for name, idx in table.items():
+            owners.setdefault(normalize_name(name), set()).add(idx)
+        self._normalized = {key: next(iter(ids)) for key, ids in owners.items() if key and len(ids) == 1}
+        self.counts = {"exact": 0, "normalized": 0, "unknown": 0}
+
+    def get(self, name: str) -> int | None:
+        idx = self.table.get(clean_name(name))
+        if idx is not None:
+            self.counts["exact"] += 1
+            return idx
+        idx = self._normalized.get(normalize_name(name))
+        self.counts["normalized" if idx is not None else "unknown"] += 1
+        return idx
 
 
 def _check_exists(path: str | os.PathLike) -> str:

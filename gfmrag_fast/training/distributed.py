@@ -1,7 +1,9 @@
 """torchrun / DDP plumbing: one process per device, rank 0 alone logs and writes."""
 
 import datetime
+import logging
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, List
 
@@ -61,6 +63,47 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 60) -> DistE
             backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes)
         )
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+# ``log.warning(..., extra=ALL_RANKS)`` marks a message that says something about the rank that
+# logs it (its own data, its own device): every rank shows it, prefixed with the rank.
+ALL_RANKS = {"all_ranks": True}
+
+
+class _MainRankFilter(logging.Filter):
+    """On a rank other than 0: passes errors and records marked :data:`ALL_RANKS` only."""
+
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "all_ranks", False):
+            if not getattr(record, "rank_prefixed", False):
+                record.msg = f"[rank {self.rank}] {record.msg}"
+                record.rank_prefixed = True
+            return True
+        return record.levelno >= logging.ERROR
+
+
+def log_on_main_only(env: DistEnv) -> None:
+    """Rank 0 alone logs; the other ranks keep errors and messages marked :data:`ALL_RANKS`.
+
+    Under torchrun every rank runs the same code on the same configuration, so a warning about a
+    dataset or the configuration would otherwise be printed once per process. On ranks other than
+    0 this drops their file handlers (rank 0 writes the run's log), filters the remaining root
+    handlers, and ignores Python ``warnings`` (rank 0 shows the same ones). Rank 0 is unchanged.
+    Call it after logging is configured (Hydra does that before the task function runs).
+    """
+    if env.is_main:
+        return
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+        elif not any(isinstance(f, _MainRankFilter) for f in handler.filters):
+            handler.addFilter(_MainRankFilter(env.rank))
+    warnings.simplefilter("ignore")
 
 
 def shutdown(env: DistEnv) -> None:

@@ -19,6 +19,7 @@ from ..models.checkpoint import (
     CheckpointError, build_model, load_checkpoint_file, load_pretrained, looks_like_local_path,
 )
 from ..training import DistEnv, Trainer, TrainOptions, init_distributed
+from ..training.distributed import log_on_main_only
 from ..training.state import check_training_state, is_training_state
 from .startup import datasets_root, log_overrides
 
@@ -43,12 +44,7 @@ def setup(cfg: DictConfig) -> tuple[DistEnv, str]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     output_dir = HydraConfig.get().runtime.output_dir
-    if not env.is_main:
-        # Rank 0 alone logs: the other ranks keep warnings, on the console only.
-        root = logging.getLogger()
-        root.setLevel(logging.WARNING)
-        for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
-            root.removeHandler(handler)
+    log_on_main_only(env)
     log.info("run folder %s; %d process(es) on %s", output_dir, env.world_size, env.device)
     if env.is_main:
         log_overrides(cfg)
