@@ -21,7 +21,7 @@ LOSSES = [{"name": "bce", "loss": {"_target_": "gfmrag.losses.BCELoss", "adversa
                                      "cfg": {"weight": 0.7}}]
 
 
-def write_chain(root, name, num_train, num_test=3):
+def write_chain(root, name, num_train, num_test=3, num_valid=0):
     """A chain of 8 entities e0..e7, one document per edge; question i asks from e_{i % 7} to
     e_{i % 7 + 1} (in doc_{i % 7})."""
     folder = root / name
@@ -41,6 +41,8 @@ def write_chain(root, name, num_train, num_test=3):
 
     (stage1 / "train.json").write_text(json.dumps(questions(num_train, "q")))
     (stage1 / "test.json").write_text(json.dumps(questions(num_test, "t")))
+    if num_valid:
+        (stage1 / "valid.json").write_text(json.dumps(questions(num_valid, "v")))
     return QADataset(str(root), name, text_emb_model=HashEmb())
 
 
@@ -126,16 +128,15 @@ def test_evaluate_gives_valid_rows_of_the_held_out_questions(tmp_path, one_threa
 
 
 def test_a_dataset_with_a_valid_split_keeps_every_training_question(tmp_path, one_thread):
-    ds = write_chain(tmp_path, "chain", num_train=20, num_test=4)
-    ds.splits["valid"] = ds.split("test")  # as a dataset with its own valid questions would have
-    assert describe_qa_dataset(ds, train=True)["valid"] == 4
+    ds = write_chain(tmp_path, "chain", num_train=20, num_test=4, num_valid=3)  # its own valid.json
+    assert describe_qa_dataset(ds, train=True)["valid"] == 3
     task = make_task([ds], [ds])
     assert task.train_sizes == [20]
     assert [(row, split, items) for row, split, items in task.eval_parts["chain"]] == [
         ("valid", "valid", None), ("test", "test", None)]
     with torch.no_grad():
         rows = task.evaluate(small_model("qa").eval(), DistEnv())
-    assert [(r["split"], r["questions"]) for r in rows] == [("valid", 4), ("test", 4)]
+    assert [(r["split"], r["questions"]) for r in rows] == [("valid", 3), ("test", 4)]
     task.datasets.close()
 
 

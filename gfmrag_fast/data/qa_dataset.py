@@ -26,7 +26,7 @@ __all__ = ["QADataset", "QASplit", "IndexLists"]
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "valid", "test")  # valid.json is optional: validation questions for model selection
 _TARGETS = (  # item field → (stored name, lookup table, reason when none is known)
     ("question_entities", "question_entities", "ent", "no_question_entities"),
     ("supporting_entities", "supporting_entities", "ent", "no_supporting_entities"),
