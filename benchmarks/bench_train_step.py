@@ -55,8 +55,8 @@ from gfmrag_fast.ops import easy_edge_mask, negative_sampling, rel_aggregate_ref
 from gfmrag_fast.synthetic import synthetic_kg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = os.environ.get("GFMRAG_DATA", os.path.join(os.path.dirname(REPO), "shared", "data"))
-MUSIQUE_KG = os.path.join(DATA, "qa", "musique_hippo", "processed", "stage1", "kg.txt")
+# The MuSiQue index bundled with the repository (data/README.md).
+MUSIQUE_KG = os.path.join(REPO, "data", "musique_hippo", "processed", "stage1", "kg.txt")
 
 
 @dataclass(frozen=True)

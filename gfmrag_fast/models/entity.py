@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .aggregation import PreparedGraph
+from .aggregation import Boundary, PreparedGraph, RowBoundary
 from .graph_input import num_relations_of, rel_graph_of
 from .layer import GeneralizedRelationalConv
 from .partition import partition_of
@@ -101,7 +101,7 @@ class NBFNet(nn.Module):
         self,
         graph: PreparedGraph,
         x: torch.Tensor,  # [B, N, d0], the first layer's input
-        boundary: torch.Tensor,  # [B, N, d0]
+        boundary: Boundary,  # [B, N, d0], or its nonzero rows
         relation: torch.Tensor,  # [2R, d0] | [B, 2R, d0]
     ) -> List[torch.Tensor]:  # one [B, N, d_l] per layer
         """All layers with the short cut; returns every layer's output."""
@@ -221,10 +221,11 @@ class EntityNBFNet(NBFNet):
         if partition is not None:
             head, owns_head = partition.local_ids(head)
             source = query * owns_head.unsqueeze(-1).to(query.dtype)  # heads of other ranks add 0
-        boundary = query.new_zeros(len(head), prepared.num_nodes, query.shape[-1]).index_put(
-            (torch.arange(len(head), device=head.device), head), source, accumulate=True
-        )
-        hiddens = self.propagate(prepared, boundary, boundary, relation_representations)
+        rows = RowBoundary(head, source, prepared.num_nodes)
+        x0 = rows.dense()
+        # The sum aggregation adds the boundary's B nonzero rows in place; the others need it dense.
+        boundary = rows if self.config["aggregate_func"] == "sum" else x0
+        hiddens = self.propagate(prepared, x0, boundary, relation_representations)
         if partition is None:
             return self.score(hiddens, query, index=t_index)
         local, owned = partition.local_ids(t_index)
