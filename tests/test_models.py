@@ -18,6 +18,7 @@ from gfmrag_fast.models import (
     QueryNBFNet,
     rel_graph_of,
 )
+from gfmrag_fast.models.aggregation import OuterBoundary
 
 TEXT_DIM = 12
 
@@ -289,6 +290,30 @@ def test_query_gnn_matches_restated_math_and_edge_mask_changes_scores():
     expected_masked = ref_entity_model(p, cfg, graph, boundary, boundary, rel, query, t_index=batch[:, :, 1],
                                        mask=edge_mask)
     assert rel_err(masked, expected_masked) <= 1e-5
+
+
+def test_retriever_outer_boundary_gives_the_dense_boundary_gradients():
+    # GNNRetriever hands the sum aggregation its boundary as mask x question (OuterBoundary, added
+    # in place by a batched rank-1 product): gradients must equal those of the dense boundary.
+    model, _ = retriever(seed=8)
+    model.double()
+    graph = make_graph(seed=8)
+    graph.rel_emb = graph.rel_emb.double()
+    batch = make_batch(graph, seed=9)
+    entities_weight = torch.rand(graph.num_nodes, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    mask = batch["question_entities_masks"].double() * entities_weight
+    weights = torch.randn(3, graph.num_nodes, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    params = list(model.parameters())
+    grads = []
+    for outer in (True, False):
+        question = model.question_mlp(batch["question_embeddings"].double())
+        relation = model.rel_mlp(graph.rel_emb)
+        boundary = OuterBoundary(mask, question)
+        scores = model.entity_model(graph, boundary.dense(), relation, question,
+                                    boundary=boundary if outer else None)
+        grads.append(torch.autograd.grad((scores * weights).sum(), params))
+    for got, want in zip(*grads):
+        assert rel_err(got, want) <= 1e-12
 
 
 @pytest.mark.parametrize("aggregate", ["sum", "mean"])

@@ -151,7 +151,45 @@ class RowBoundary:
         return t.index_put_(index, values, accumulate=True) if inplace else t.index_put(index, values, accumulate=True)
 
 
-Boundary = Union[torch.Tensor, RowBoundary]
+class OuterBoundary:
+    """A boundary that is an outer product, ``boundary[b, v] = weights[b, v] * values[b]``, as in
+    retrieval, where it is the question embedding scaled by the question-entity mask.
+
+    The sum aggregation adds it into its result in place as a batched rank-1 product
+    (``baddbmm_``), and the gradient of ``values`` is one batched product with the incoming
+    gradient: no [B, N, d] boundary is read or added, and none of its gradient is accumulated, in
+    any layer. Other aggregations use :meth:`dense`.
+    """
+
+    def __init__(
+        self,
+        weights: torch.Tensor,  # [B, N]
+        values: torch.Tensor,  # [B, d]
+    ):
+        if weights.dim() != 2 or values.dim() != 2 or weights.shape[0] != values.shape[0]:
+            raise ValueError(f"OuterBoundary: weights must be [B, N] and values [B, d], got {tuple(weights.shape)} "
+                             f"and {tuple(values.shape)}")
+        self.weights = weights
+        self.values = values
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    def to(self, dtype: torch.dtype) -> "OuterBoundary":
+        return self if dtype == self.values.dtype else OuterBoundary(self.weights, self.values.to(dtype))
+
+    def dense(self) -> torch.Tensor:  # [B, N, d]
+        return self.weights.to(self.values.dtype).unsqueeze(-1) * self.values.unsqueeze(1)
+
+    def add_to(self, t: torch.Tensor, inplace: bool) -> torch.Tensor:  # [B, N, d] -> [B, N, d]
+        """``t + dense()``, writing into ``t`` when ``inplace``."""
+        # Explicit casts: autocast does not cover in-place products.
+        weights, values = self.weights.to(t.dtype).unsqueeze(-1), self.values.to(t.dtype).unsqueeze(1)
+        return t.baddbmm_(weights, values) if inplace else torch.baddbmm(t, weights, values)
+
+
+Boundary = Union[torch.Tensor, RowBoundary, OuterBoundary]
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -192,13 +230,13 @@ def neighbourhood_update(
 
         if aggregate == "sum":
             agg = reduced("sum")
-            if isinstance(boundary, RowBoundary):
+            if isinstance(boundary, (RowBoundary, OuterBoundary)):
                 # Owned rows of a partitioned graph are a view of the op's result: not written into.
                 return boundary.add_to(agg, inplace=graph.halo is None)
             if graph.halo is None and boundary.dtype == agg.dtype and boundary.shape == agg.shape:
                 return agg.add_(boundary)
             return agg + boundary
-        if isinstance(boundary, RowBoundary):
+        if isinstance(boundary, (RowBoundary, OuterBoundary)):
             boundary = boundary.dense()
         degree = graph.in_degree()
         if aggregate == "mean":

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .aggregation import Boundary, PreparedGraph, RowBoundary
+from .aggregation import Boundary, OuterBoundary, PreparedGraph, RowBoundary
 from .graph_input import num_relations_of, rel_graph_of
 from .layer import GeneralizedRelationalConv
 from .partition import partition_of
@@ -159,6 +159,10 @@ class QueryNBFNet(NBFNet):
     On a partitioned graph (:mod:`.partition`) the layers hold this rank's owned nodes only:
     ``input`` may be [B, N, d0] or the owned rows alone (cheaper), and the owned scores of all
     ranks are combined, so every rank returns the same [B, N].
+
+    ``boundary``, when given, is ``input`` as an :class:`~.aggregation.OuterBoundary`
+    (``weights[b, v] * values[b]``): the sum aggregation then adds it without a [B, N, d0] pass
+    (see :mod:`.aggregation`); ``input`` must still be given, it is the first layer's input.
     """
 
     def forward(
@@ -169,12 +173,17 @@ class QueryNBFNet(NBFNet):
         query: torch.Tensor,  # [B, d0]
         edge_mask: Optional[torch.Tensor] = None,  # [E] bool, True = removed
         edge_weight: Optional[torch.Tensor] = None,  # [E]
+        boundary: Optional[OuterBoundary] = None,  # input, as weights [B, N] x values [B, d0]
     ) -> torch.Tensor:  # [B, N]
         prepared = self.prepare(graph, input.device, edge_mask, edge_weight)
         partition = prepared.halo
         if partition is not None:
             input = partition.owned_rows(input)
-        hiddens = self.propagate(prepared, input, input, relation_representations)
+            if boundary is not None:
+                boundary = OuterBoundary(partition.owned_rows(boundary.weights), boundary.values)
+        if boundary is None or self.config["aggregate_func"] != "sum":
+            boundary = input
+        hiddens = self.propagate(prepared, input, boundary, relation_representations)
         scores = self.score(hiddens, query)
         return scores if partition is None else partition.gather_scores(scores)
 
