@@ -449,8 +449,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timed steps per case (median)")
     parser.add_argument("--shrink", type=int, metavar="F",
                         help="graphs F times smaller; CUDA cases on the CPU when no GPU is present")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.shrink is not None and args.shrink < 1:
         parser.error(f"--shrink must be >= 1, got {args.shrink}")
     allocator = configure_allocator()
