@@ -25,7 +25,7 @@ edges are removed with their inverses, the two counts are equal.
 are complex vectors whose real part is the first d/2 channels and imaginary part the last d/2;
 ``msg = x ⊙ rel`` as complex numbers, i.e. ``(x_re r_re - x_im r_im, x_re r_im + x_im r_re)``.
 The original ran rotate only through its PyG path, which gathers in the opposite direction
-(from ``edge_index[0]`` into ``edge_index[1]``); here every message type uses DESIGN's direction.
+(from ``edge_index[0]`` into ``edge_index[1]``); here every message type gathers in the direction above.
 Not checked against the original's numbers.
 """
 
