@@ -15,12 +15,23 @@ autograd engine, casts, the boundary add, the scoring MLP's elementwise work...)
 attributed to the forward op that recorded them (autograd's sequence numbers). Memory: the bytes
 autograd saves for the backward in one forward (CPU) or the step's peak allocation (CUDA).
 
-Cases: CPU, a synthetic N = 20k graph (B = 4, 6 x 32) and the real MuSiQue KG of
-``../shared/data/qa/musique_hippo`` (16,234 entities, 61,518 edges; pre-training with batch 32,
-6 x 64, 256 negatives, as ``python -m gfmrag_fast.workflow.pretrain`` runs it; random relation
-features stand in for the text embeddings, which do not change the step's work). CUDA: DESIGN §4's
-HotpotQA-sized synthetic graph (N = 82,157, 197,418 edges, 2R = 35,046), B = 8, 6 x 512, 768-d
-relation embeddings, float32 (TF32) and bfloat16 autocast.
+Cases: CPU, a synthetic N = 20k graph (B = 4, 6 x 32) and the real MuSiQue KG bundled in
+``data/musique_hippo`` (16,234 entities, 61,518 edges; pre-training with batch 32, 6 x 64, 256
+negatives, as ``python -m gfmrag_fast.workflow.pretrain`` runs it; random relation features stand
+in for the text embeddings, which do not change the step's work). CUDA: GFM-RAG's size on a
+HotpotQA-sized graph with a real index's shape (``gfmrag_fast.synthetic.real_shape_kg``: N = 82,157,
+98,709 triples + inverses, 2R = 35,046, one synonym relation with ~46 % of the triples,
+heavy-tailed degrees), B = 8, 6 x 512, 768-d text embeddings, float32 (TF32) and bfloat16 autocast;
+targets: fine-tune step <= 120 ms and 16 GiB peak (float32), <= 50 ms and 12 GiB (bfloat16),
+pre-train step <= 100 ms (float32), on one H100.
+
+``--shrink F`` runs the selected cases on graphs F times smaller (nodes, triples, relations), a
+CUDA case on the CPU when no GPU is present: a quick run of its code path (bfloat16 autocast
+included) before its first GPU run; the rows' case names get ``-div<F>``.
+
+The script first calls :func:`gfmrag_fast.runtime.configure_allocator`, as the workflows do (large
+blocks stay with the process instead of being unmapped and page-faulted in anew every step); every
+implementation of a run gets the same setting. ``GFMRAG_FAST_MALLOC=system`` measures without it.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
@@ -52,11 +64,12 @@ from gfmrag_fast.data.readers import read_triples
 from gfmrag_fast.losses import adversarial_bce, list_ce
 from gfmrag_fast.models.checkpoint import build_model
 from gfmrag_fast.ops import easy_edge_mask, negative_sampling, rel_aggregate_reference
-from gfmrag_fast.synthetic import synthetic_kg
+from gfmrag_fast.runtime import configure_allocator
+from gfmrag_fast.synthetic import real_shape_kg, synthetic_kg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = os.environ.get("GFMRAG_DATA", os.path.join(os.path.dirname(REPO), "shared", "data"))
-MUSIQUE_KG = os.path.join(DATA, "qa", "musique_hippo", "processed", "stage1", "kg.txt")
+# The MuSiQue index bundled with the repository (data/README.md).
+MUSIQUE_KG = os.path.join(REPO, "data", "musique_hippo", "processed", "stage1", "kg.txt")
 
 
 @dataclass(frozen=True)
@@ -64,13 +77,23 @@ class Case:
     name: str
     device: str
     kinds: tuple  # "finetune", "pretrain"
-    graph: tuple  # ("synthetic", N, triples, 2R) or ("kg", path)
+    graph: tuple  # ("synthetic" | "real_shape", N, triples, 2R) or ("kg", path)
     batch: int
     dim: int
     layers: int
     text_dim: int
     num_negative: int
     impls: tuple = ("kernel", "plain_tail", "reference")
+    dtypes: tuple = ("float32",)
+
+    def shrunk(self, factor: int) -> "Case":
+        """The case on a graph `factor` times smaller, on the CPU when its device is absent."""
+        if self.graph[0] == "kg":
+            raise ValueError(f"--shrink: case {self.name} reads a real KG, which cannot be shrunk")
+        kind, n, triples, r2 = self.graph
+        graph = (kind, max(n // factor, 2), max(triples // factor, 1), max(2 * (r2 // (2 * factor)), 2))
+        device = self.device if self.device == "cpu" or torch.cuda.is_available() else "cpu"
+        return dataclasses.replace(self, name=f"{self.name}-div{factor}", device=device, graph=graph)
 
 
 CASES = [
@@ -78,10 +101,9 @@ CASES = [
     # The reference aggregation would materialise [32, 61k, 64] messages per layer: left out.
     Case("musique-B32-6x64", "cpu", ("pretrain",), ("kg", MUSIQUE_KG), 32, 64, 6, 384, 256,
          impls=("kernel", "plain_tail")),
-    Case("hotpotqa-B8-6x512", "cuda", ("finetune", "pretrain"), ("synthetic", 82_157, 98_709, 35_046), 8, 512, 6,
-         768, 256),
+    Case("hotpotqa-B8-6x512", "cuda", ("finetune", "pretrain"), ("real_shape", 82_157, 98_709, 35_046), 8, 512, 6,
+         768, 256, dtypes=("float32", "bfloat16")),
 ]
-DTYPES = {"cpu": ["float32"], "cuda": ["float32", "bfloat16"]}
 CATEGORIES = ["matmuls", "aggregation fwd", "aggregation bwd", "dense tail fwd", "dense tail bwd", "sampling", "loss",
               "optimizer", "other"]
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::mv",
@@ -97,9 +119,9 @@ def available(case: Case) -> bool:
 # --------------------------------------------------------------------------------------- the step
 @functools.lru_cache(maxsize=None)
 def graph_of(case: Case) -> Data:
-    if case.graph[0] == "synthetic":
-        _, n, triples, r2 = case.graph
-        rg = synthetic_kg(n, triples, r2, seed=0)
+    if case.graph[0] in ("synthetic", "real_shape"):
+        kind, n, triples, r2 = case.graph
+        rg = (synthetic_kg if kind == "synthetic" else real_shape_kg)(n, triples, r2, seed=0)
         edge_index, edge_type = rg.edge_index, rg.edge_type
     else:
         names, _ = read_triples(case.graph[1])
@@ -350,12 +372,13 @@ def time_steps(steps: Dict[str, Step], device: str, rounds: int) -> Dict[str, Di
 # ------------------------------------------------------------------------------------- pytest
 def _params():
     return [pytest.param(case, kind, dt, impl, id=f"{case.name}-{kind}-{dt}-{impl}")
-            for case in CASES if available(case) for kind in case.kinds for dt in DTYPES[case.device]
+            for case in CASES if available(case) for kind in case.kinds for dt in case.dtypes
             for impl in case.impls]
 
 
 @pytest.mark.parametrize("case,kind,dtype,impl", _params())
 def test_train_step(measure, case, kind, dtype, impl):
+    configure_allocator()
     step = make_step(case, kind, impl, dtype)
     measure(step.run, f"train_step/{kind}/{case.name}/{case.device}/{dtype}", impl, case.device,
             rounds=3 if case.device == "cpu" else 5, dtype=dtype)
@@ -363,13 +386,17 @@ def test_train_step(measure, case, kind, dtype, impl):
 
 # ------------------------------------------------------------------------------------- script
 def run_profiles(devices: List[str], rounds: int, impls: Optional[List[str]] = None,
-                 cases: Optional[List[str]] = None) -> List[dict]:
+                 cases: Optional[List[str]] = None, shrink: Optional[int] = None) -> List[dict]:
     rows = []
     for case in CASES:
-        if case.device not in devices or not available(case) or (cases and case.name not in cases):
+        if cases and case.name not in cases:
+            continue
+        if shrink:
+            case = case.shrunk(shrink)
+        if case.device not in devices or not available(case):
             continue
         for kind in case.kinds:
-            for dtype in DTYPES[case.device]:
+            for dtype in case.dtypes:
                 steps = {impl: make_step(case, kind, impl, dtype) for impl in case.impls
                          if not impls or impl in impls}
                 times = time_steps(steps, case.device, rounds)
@@ -420,15 +447,25 @@ def main() -> None:
     parser.add_argument("--case", action="append", help="only these cases (repeatable): " +
                         ", ".join(case.name for case in CASES))
     parser.add_argument("--rounds", type=int, default=3, help="timed steps per case (median)")
+    parser.add_argument("--shrink", type=int, metavar="F",
+                        help="graphs F times smaller; CUDA cases on the CPU when no GPU is present")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.shrink is not None and args.shrink < 1:
+        parser.error(f"--shrink must be >= 1, got {args.shrink}")
+    allocator = configure_allocator()
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True  # the workflows' default (train.tf32)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, allocator: {allocator}"
           + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
     print_header()
-    rows = run_profiles(devices, args.rounds, args.impl, args.case)
+    rows = run_profiles(devices, args.rounds, args.impl, args.case, args.shrink)
+    for row in rows:
+        row["allocator"] = allocator
     print_ratios(rows)
     if args.json:
         with open(args.json, "w") as f:

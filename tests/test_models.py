@@ -17,6 +17,7 @@ from gfmrag_fast.models import (
     QueryNBFNet,
     rel_graph_of,
 )
+from gfmrag_fast.models.aggregation import OuterBoundary
 
 from helpers import TEXT_DIM, make_batch, make_graph, perturb, retriever
 
@@ -258,6 +259,58 @@ def test_query_gnn_matches_restated_math_and_edge_mask_changes_scores():
     expected_masked = ref_entity_model(p, cfg, graph, boundary, boundary, rel, query, t_index=batch[:, :, 1],
                                        mask=edge_mask)
     assert rel_err(masked, expected_masked) <= 1e-5
+
+
+def test_retriever_outer_boundary_gives_the_dense_boundary_gradients():
+    # GNNRetriever hands the sum aggregation its boundary as mask x question (OuterBoundary, added
+    # in place by a batched rank-1 product): gradients must equal those of the dense boundary.
+    model, _ = retriever(seed=8)
+    model.double()
+    graph = make_graph(seed=8)
+    graph.rel_emb = graph.rel_emb.double()
+    batch = make_batch(graph, seed=9)
+    entities_weight = torch.rand(graph.num_nodes, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    mask = batch["question_entities_masks"].double() * entities_weight
+    weights = torch.randn(3, graph.num_nodes, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    params = list(model.parameters())
+    grads = []
+    for outer in (True, False):
+        question = model.question_mlp(batch["question_embeddings"].double())
+        relation = model.rel_mlp(graph.rel_emb)
+        boundary = OuterBoundary(mask, question)
+        scores = model.entity_model(graph, boundary.dense(), relation, question,
+                                    boundary=boundary if outer else None)
+        grads.append(torch.autograd.grad((scores * weights).sum(), params))
+    for got, want in zip(*grads):
+        assert rel_err(got, want) <= 1e-12
+
+
+@pytest.mark.parametrize("aggregate", ["sum", "mean"])
+def test_query_gnn_gradients_match_the_dense_boundary(aggregate):
+    # The sum aggregation adds the boundary's nonzero rows in place (RowBoundary); every parameter's
+    # gradient must be what the dense [B, N, d] boundary gives, also when two queries share a head
+    # and when the boundary meets masked-out nodes.
+    model, cfg = query_gnn(aggregate_func=aggregate, seed=5)
+    model.double()
+    graph = kg_graph(seed=5)
+    graph.rel_emb = graph.rel_emb.double()
+    batch = tail_batch(graph, seed=6)
+    batch[1, :, 0] = batch[0, 0, 0]
+    edge_mask = torch.zeros(graph.num_edges, dtype=torch.bool)
+    edge_mask[::4] = True
+    weights = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad((model(graph, batch, edge_mask) * weights).sum(), list(params.values()))
+
+    rel = F.linear(graph.rel_emb, params["rel_mlp.weight"], params["rel_mlp.bias"])
+    query = rel[batch[:, 0, 2]]
+    boundary = torch.zeros(4, graph.num_nodes, cfg["input_dim"], dtype=torch.float64)
+    boundary = boundary.index_put((torch.arange(4), batch[:, 0, 0]), query, accumulate=True)
+    expected = ref_entity_model(params, cfg, graph, boundary, boundary, rel, query, t_index=batch[:, :, 1],
+                                mask=edge_mask)
+    expected_grads = torch.autograd.grad((expected * weights).sum(), list(params.values()))
+    for name, grad, want in zip(params, grads, expected_grads):
+        assert rel_err(grad, want) <= 1e-9, name
 
 
 def test_query_gnn_turns_head_corruption_into_tail_prediction():

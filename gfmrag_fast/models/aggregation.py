@@ -25,14 +25,14 @@ edges are removed with their inverses, the two counts are equal.
 are complex vectors whose real part is the first d/2 channels and imaginary part the last d/2;
 ``msg = x ⊙ rel`` as complex numbers, i.e. ``(x_re r_re - x_im r_im, x_re r_im + x_im r_re)``.
 The original ran rotate only through its PyG path, which gathers in the opposite direction
-(from ``edge_index[0]`` into ``edge_index[1]``); here every message type uses DESIGN's direction.
+(from ``edge_index[0]`` into ``edge_index[1]``); here every message type gathers in the direction above.
 Not checked against the original's numbers.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -111,6 +111,87 @@ class PreparedGraph:
         return values.mean() if self.halo is None else self.halo.mean_over_nodes(values)
 
 
+class RowBoundary:
+    """A boundary that is zero but at one node per query: ``values[b]`` at node ``nodes[b]`` of query
+    b (duplicates add up), as in KG completion, where it is the query relation at the head entity.
+
+    The sum aggregation adds it into its result in place (B rows touched) instead of adding a
+    [B, N, d] tensor of zeros, and its gradient is gathered from those B rows: no node-sized pass
+    in any layer, forward or backward. Other aggregations use :meth:`dense`.
+    """
+
+    def __init__(
+        self,
+        nodes: torch.Tensor,  # [B] node id of each query's boundary row
+        values: torch.Tensor,  # [B, d]
+        num_nodes: int,
+    ):
+        if nodes.dim() != 1 or values.dim() != 2 or values.shape[0] != nodes.shape[0]:
+            raise ValueError(f"RowBoundary: nodes must be [B] and values [B, d], got {tuple(nodes.shape)} "
+                             f"and {tuple(values.shape)}")
+        self.nodes = nodes
+        self.values = values
+        self.num_nodes = num_nodes
+        self._queries = torch.arange(len(nodes), device=nodes.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    def to(self, dtype: torch.dtype) -> "RowBoundary":
+        return self if dtype == self.values.dtype else RowBoundary(self.nodes, self.values.to(dtype), self.num_nodes)
+
+    def dense(self) -> torch.Tensor:  # [B, N, d]
+        out = self.values.new_zeros(len(self.nodes), self.num_nodes, self.values.shape[-1])
+        return out.index_put_((self._queries, self.nodes), self.values, accumulate=True)
+
+    def add_to(self, t: torch.Tensor, inplace: bool) -> torch.Tensor:  # [B, N, d] -> [B, N, d]
+        """``t + dense()``, writing into ``t`` when ``inplace``."""
+        index, values = (self._queries, self.nodes), self.values.to(t.dtype)
+        return t.index_put_(index, values, accumulate=True) if inplace else t.index_put(index, values, accumulate=True)
+
+
+class OuterBoundary:
+    """A boundary that is an outer product, ``boundary[b, v] = weights[b, v] * values[b]``, as in
+    retrieval, where it is the question embedding scaled by the question-entity mask.
+
+    The sum aggregation adds it into its result in place as a batched rank-1 product
+    (``baddbmm_``), and the gradient of ``values`` is one batched product with the incoming
+    gradient: no [B, N, d] boundary is read or added, and none of its gradient is accumulated, in
+    any layer. Other aggregations use :meth:`dense`.
+    """
+
+    def __init__(
+        self,
+        weights: torch.Tensor,  # [B, N]
+        values: torch.Tensor,  # [B, d]
+    ):
+        if weights.dim() != 2 or values.dim() != 2 or weights.shape[0] != values.shape[0]:
+            raise ValueError(f"OuterBoundary: weights must be [B, N] and values [B, d], got {tuple(weights.shape)} "
+                             f"and {tuple(values.shape)}")
+        self.weights = weights
+        self.values = values
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    def to(self, dtype: torch.dtype) -> "OuterBoundary":
+        return self if dtype == self.values.dtype else OuterBoundary(self.weights, self.values.to(dtype))
+
+    def dense(self) -> torch.Tensor:  # [B, N, d]
+        return self.weights.to(self.values.dtype).unsqueeze(-1) * self.values.unsqueeze(1)
+
+    def add_to(self, t: torch.Tensor, inplace: bool) -> torch.Tensor:  # [B, N, d] -> [B, N, d]
+        """``t + dense()``, writing into ``t`` when ``inplace``."""
+        # Explicit casts: autocast does not cover in-place products.
+        weights, values = self.weights.to(t.dtype).unsqueeze(-1), self.values.to(t.dtype).unsqueeze(1)
+        return t.baddbmm_(weights, values) if inplace else torch.baddbmm(t, weights, values)
+
+
+Boundary = Union[torch.Tensor, RowBoundary, OuterBoundary]
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the aggregation runs in: autocast's lower precision when autocast is on, else x's."""
     if torch.is_autocast_enabled(x.device.type):
@@ -121,7 +202,7 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 def neighbourhood_update(
     x: torch.Tensor,  # [B, N, d]
     relation: torch.Tensor,  # [R, d] shared, or [B, R, d] per query
-    boundary: torch.Tensor,  # [B, N, d]
+    boundary: Boundary,  # [B, N, d] or its nonzero rows
     graph: PreparedGraph,
     message: str = "distmult",
     aggregate: str = "sum",
@@ -130,6 +211,8 @@ def neighbourhood_update(
 
     The op needs x, relation and edge weight in one dtype: they are cast to :func:`compute_dtype`
     (so under autocast the aggregation reads bfloat16/float16 and accumulates in float32).
+    The sum adds the boundary into the op's fresh result in place (no [B, N, d] temporary; the op
+    does not keep its result for its backward).
     """
     if message not in MESSAGES:
         raise ValueError(f"message must be one of {MESSAGES}, got {message!r}")
@@ -146,7 +229,15 @@ def neighbourhood_update(
             return graph.owned(reduce(source, relation, graph, weight, message, kind))
 
         if aggregate == "sum":
-            return reduced("sum") + boundary
+            agg = reduced("sum")
+            if isinstance(boundary, (RowBoundary, OuterBoundary)):
+                # Owned rows of a partitioned graph are a view of the op's result: not written into.
+                return boundary.add_to(agg, inplace=graph.halo is None)
+            if graph.halo is None and boundary.dtype == agg.dtype and boundary.shape == agg.shape:
+                return agg.add_(boundary)
+            return agg + boundary
+        if isinstance(boundary, (RowBoundary, OuterBoundary)):
+            boundary = boundary.dense()
         degree = graph.in_degree()
         if aggregate == "mean":
             return (reduced("sum") + boundary) / (degree + 1)[None, :, None].to(boundary.dtype)

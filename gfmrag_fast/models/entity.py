@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .aggregation import PreparedGraph
+from .aggregation import Boundary, OuterBoundary, PreparedGraph, RowBoundary
 from .graph_input import num_relations_of, rel_graph_of
 from .layer import GeneralizedRelationalConv
 from .partition import partition_of
@@ -101,7 +101,7 @@ class NBFNet(nn.Module):
         self,
         graph: PreparedGraph,
         x: torch.Tensor,  # [B, N, d0], the first layer's input
-        boundary: torch.Tensor,  # [B, N, d0]
+        boundary: Boundary,  # [B, N, d0], or its nonzero rows
         relation: torch.Tensor,  # [2R, d0] | [B, 2R, d0]
     ) -> List[torch.Tensor]:  # one [B, N, d_l] per layer
         """All layers with the short cut; returns every layer's output."""
@@ -159,6 +159,10 @@ class QueryNBFNet(NBFNet):
     On a partitioned graph (:mod:`.partition`) the layers hold this rank's owned nodes only:
     ``input`` may be [B, N, d0] or the owned rows alone (cheaper), and the owned scores of all
     ranks are combined, so every rank returns the same [B, N].
+
+    ``boundary``, when given, is ``input`` as an :class:`~.aggregation.OuterBoundary`
+    (``weights[b, v] * values[b]``): the sum aggregation then adds it without a [B, N, d0] pass
+    (see :mod:`.aggregation`); ``input`` must still be given, it is the first layer's input.
     """
 
     def forward(
@@ -169,12 +173,17 @@ class QueryNBFNet(NBFNet):
         query: torch.Tensor,  # [B, d0]
         edge_mask: Optional[torch.Tensor] = None,  # [E] bool, True = removed
         edge_weight: Optional[torch.Tensor] = None,  # [E]
+        boundary: Optional[OuterBoundary] = None,  # input, as weights [B, N] x values [B, d0]
     ) -> torch.Tensor:  # [B, N]
         prepared = self.prepare(graph, input.device, edge_mask, edge_weight)
         partition = prepared.halo
         if partition is not None:
             input = partition.owned_rows(input)
-        hiddens = self.propagate(prepared, input, input, relation_representations)
+            if boundary is not None:
+                boundary = OuterBoundary(partition.owned_rows(boundary.weights), boundary.values)
+        if boundary is None or self.config["aggregate_func"] != "sum":
+            boundary = input
+        hiddens = self.propagate(prepared, input, boundary, relation_representations)
         scores = self.score(hiddens, query)
         return scores if partition is None else partition.gather_scores(scores)
 
@@ -221,10 +230,11 @@ class EntityNBFNet(NBFNet):
         if partition is not None:
             head, owns_head = partition.local_ids(head)
             source = query * owns_head.unsqueeze(-1).to(query.dtype)  # heads of other ranks add 0
-        boundary = query.new_zeros(len(head), prepared.num_nodes, query.shape[-1]).index_put(
-            (torch.arange(len(head), device=head.device), head), source, accumulate=True
-        )
-        hiddens = self.propagate(prepared, boundary, boundary, relation_representations)
+        rows = RowBoundary(head, source, prepared.num_nodes)
+        x0 = rows.dense()
+        # The sum aggregation adds the boundary's B nonzero rows in place; the others need it dense.
+        boundary = rows if self.config["aggregate_func"] == "sum" else x0
+        hiddens = self.propagate(prepared, x0, boundary, relation_representations)
         if partition is None:
             return self.score(hiddens, query, index=t_index)
         local, owned = partition.local_ids(t_index)

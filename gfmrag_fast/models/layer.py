@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .aggregation import AGGREGATES, MESSAGES, PreparedGraph, compute_dtype, neighbourhood_update
+from .aggregation import AGGREGATES, MESSAGES, Boundary, PreparedGraph, compute_dtype, neighbourhood_update
 from .dense import fusable, layer_tail
 
 
@@ -66,7 +66,7 @@ class GeneralizedRelationalConv(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [B, N, d_in]
-        boundary: torch.Tensor,  # [B, N, d_in]
+        boundary: Boundary,  # [B, N, d_in], or a RowBoundary (its nonzero rows)
         relation: torch.Tensor,  # [2R, d_in] | [B, 2R, d_in]
         graph: PreparedGraph,
         residual: bool = False,  # add x to the output (the entity model's short cut)

@@ -8,6 +8,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
+from .aggregation import OuterBoundary
 from .entity import NBFNet, QueryNBFNet
 from .partition import partition_of
 
@@ -85,6 +86,7 @@ class GNNRetriever(QueryGNN):
             entities_weight = None if entities_weight is None else partition.owned_rows(entities_weight, dim=0)
         if entities_weight is not None:
             mask = mask * entities_weight.unsqueeze(0)
-        x0 = mask.to(question.dtype).unsqueeze(-1) * question.unsqueeze(1)
-        return self.entity_model(graph, x0, relation, question, edge_mask=edge_mask, edge_weight=edge_weight)
+        boundary = OuterBoundary(mask, question)
+        return self.entity_model(graph, boundary.dense(), relation, question, edge_mask=edge_mask,
+                                 edge_weight=edge_weight, boundary=boundary)
 
