@@ -27,6 +27,7 @@ from ..retrieval import GFMRetriever, load_checkpoint, text_model_from_config
 from ..retrieval.evaluation import evaluate_split
 from ..retrieval.loading import RUN_CHECKPOINTS
 from ..text_emb import TextEmbModel
+from ..runtime import configure_allocator
 from . import config_help  # noqa: F401  (registers the resolver --help uses)
 from .startup import RunFolder, datasets_root, log_overrides, run_folder
 
@@ -101,6 +102,7 @@ def evaluate(cfg: DictConfig, model, text_emb_model, output_dir: str, folder: Ru
 
 @hydra.main(config_path="config", config_name="evaluate", version_base=None)
 def main(cfg: DictConfig) -> None:
+    configure_allocator()  # glibc keeps large freed blocks for reuse (steps reallocate [B, N, d] tensors)
     run(cfg)
 
 

@@ -20,6 +20,7 @@ from ..models.doc_ranker import HybridRanker
 from ..training import Trainer
 from ..training.distributed import shutdown
 from ..training.qa_task import QAFinetuneTask, describe_qa_dataset
+from ..runtime import configure_allocator
 from . import config_help  # noqa: F401  (registers the resolver --help uses)
 from .common import (
     apply_checkpoint, build_model_from_config, build_optimizer, dataset_options, graph_partition, scan_datasets, setup,
@@ -92,6 +93,7 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path="config", config_name="finetune", version_base=None)
 def main(cfg: DictConfig) -> None:
+    configure_allocator()  # glibc keeps large freed blocks for reuse (steps reallocate [B, N, d] tensors)
     run(cfg)
 
 
