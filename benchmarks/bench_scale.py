@@ -6,7 +6,7 @@
     pytest benchmarks/bench_scale.py -s                   # a small sweep
 
 Graphs are real-shape KGs (:func:`gfmrag_fast.synthetic.real_shape_kg`) with HotpotQA's
-proportions (DESIGN §4: 1.2 triples and 0.43 relation types, inverses included, per entity).
+proportions (a HotpotQA-sized GFM-RAG index: 1.2 triples and 0.43 relation types, inverses included, per entity).
 One fine-tune step = GNNRetriever forward on B questions, 0.3 BCE + 0.7 ListCE over all N
 entities, backward, gradient sum over ranks (partitioned), AdamW.
 

@@ -62,7 +62,7 @@ import gfmrag_fast.models.dense as dense
 from gfmrag_fast.data import prepare_graph
 from gfmrag_fast.data.readers import read_triples
 from gfmrag_fast.losses import adversarial_bce, list_ce
-from gfmrag_fast.models.checkpoint import build_model
+from gfmrag_fast.checkpoints import build_model
 from gfmrag_fast.ops import easy_edge_mask, negative_sampling, rel_aggregate_reference
 from gfmrag_fast.runtime import configure_allocator
 from gfmrag_fast.synthetic import real_shape_kg, synthetic_kg

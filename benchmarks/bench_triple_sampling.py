@@ -3,7 +3,7 @@ call, dense [B, N] masks, nonzero), same graph, same run.
 
     pytest benchmarks/bench_triple_sampling.py
 
-The graph is HotpotQA-sized (DESIGN §4): N = 82,157, 98,709 triples + inverses, 2R = 35,046;
+The graph is HotpotQA-sized (the GFM-RAG index of HotpotQA): N = 82,157, 98,709 triples + inverses, 2R = 35,046;
 B = 8 triples, K = 256 negatives, on CPU and (when present) CUDA; a uniform random graph and the
 skewed shape of a real GFM-RAG index (gfmrag_fast.synthetic.real_shape_kg) side by side.
 """

@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name):  # lazy: `import gfmrag_fast` must not load torch or the models
     if name == "load_pretrained":
-        from .models.checkpoint import load_pretrained
+        from .checkpoints import load_pretrained
 
         return load_pretrained
     if name == "GFMRetriever":

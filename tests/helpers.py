@@ -165,7 +165,7 @@ class Census:
 
 def small_model(kind):
     """A 2 x 8 GNNRetriever ("qa") or QueryGNN ("kg") over 8-d text embeddings, seeded."""
-    from gfmrag_fast.models import build_model
+    from gfmrag_fast.checkpoints import build_model
 
     torch.manual_seed(0)
     target, entity = (("GNNRetriever", "QueryNBFNet") if kind == "qa" else ("QueryGNN", "EntityNBFNet"))
@@ -177,7 +177,7 @@ def small_model(kind):
 
 def make_task(kind, train_sets, valid_sets, **kwargs):
     """The fine-tuning ("qa") or pre-training ("kg") task with small batches (GFM-RAG's losses)."""
-    from gfmrag_fast.models.doc_ranker import IDFWeightedTopKRanker
+    from gfmrag_fast.doc_rankers import IDFWeightedTopKRanker
     from gfmrag_fast.training.kg_task import KGCompletionTask
     from gfmrag_fast.training.qa_task import QAFinetuneTask
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch_geometric.data import Data
 
-from gfmrag_fast.models import GNNRetriever, QueryGNN, QueryNBFNet, EntityNBFNet, load_pretrained, save_pretrained
-from gfmrag_fast.models.checkpoint import resolve_target
+from gfmrag_fast.models import GNNRetriever, QueryGNN, QueryNBFNet, EntityNBFNet
+from gfmrag_fast.checkpoints import load_pretrained, save_pretrained
+from gfmrag_fast.checkpoints import resolve_target
 
 TEXT_EMB_CONFIG = {
     "_target_": "gfmrag.text_emb_models.BaseTextEmbModel",
@@ -170,7 +171,7 @@ def test_unknown_target_is_a_clear_error(tmp_path, target):
 
 def test_package_exports_load_pretrained_lazily():
     code = ("import sys, gfmrag_fast; assert 'gfmrag_fast.models' not in sys.modules; "
-            "from gfmrag_fast import load_pretrained; from gfmrag_fast.models import load_pretrained as direct; "
+            "from gfmrag_fast import load_pretrained; from gfmrag_fast.checkpoints import load_pretrained as direct; "
             "assert load_pretrained is direct")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

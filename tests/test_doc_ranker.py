@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gfmrag_fast.models import IDFRanker, IDFWeightedRanker, IDFWeightedTopKRanker, SimpleRanker, TopKRanker
+from gfmrag_fast.doc_rankers import IDFRanker, IDFWeightedRanker, IDFWeightedTopKRanker, SimpleRanker, TopKRanker
 
 # 4 entities × 3 documents; entity 3 occurs in no document.
 ENT2DOC = torch.tensor([

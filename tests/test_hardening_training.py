@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from gfmrag_fast.atomic_io import atomic_torch_save
-from gfmrag_fast.models.checkpoint import CheckpointError, load_checkpoint_file, load_pretrained
+from gfmrag_fast.checkpoints import CheckpointError, load_checkpoint_file, load_pretrained
 from gfmrag_fast.training import DistEnv, Trainer, TrainOptions
 from gfmrag_fast.training import trainer as trainer_module
 from gfmrag_fast.training.state import capture_rng, load_training_state, restore_rng
@@ -252,7 +252,8 @@ def test_code_in_model_best_at_export_is_refused_not_run(tmp_path, monkeypatch):
 
 
 def test_code_in_a_pretrained_folder_is_refused_not_run(tmp_path):
-    from gfmrag_fast.models import GNNRetriever, QueryNBFNet, save_pretrained
+    from gfmrag_fast.models import GNNRetriever, QueryNBFNet
+    from gfmrag_fast.checkpoints import save_pretrained
 
     save_pretrained(GNNRetriever(QueryNBFNet(8, [8]), 12), {}, str(tmp_path / "pt"))
     marker = tmp_path / "ran"
@@ -302,7 +303,7 @@ def test_truncated_model_best_at_resume_names_its_path(tmp_path):
                                   "outputs/2024-01-01/model_last.pth", "~/no-such-gfmrag-run/model_last.pth",
                                   "existing_parent/run"])
 def test_missing_local_checkpoint_is_not_found_not_a_hub_lookup(tmp_path, monkeypatch, spec):
-    from gfmrag_fast.models import checkpoint
+    from gfmrag_fast import checkpoints as checkpoint
     from gfmrag_fast.workflow.common import apply_checkpoint
 
     def no_hub(repo_id, revision):
@@ -320,7 +321,7 @@ def test_missing_local_checkpoint_is_not_found_not_a_hub_lookup(tmp_path, monkey
 
 
 def test_repo_id_still_goes_to_the_hub(tmp_path, monkeypatch):
-    from gfmrag_fast.models import checkpoint
+    from gfmrag_fast import checkpoints as checkpoint
 
     asked = []
     monkeypatch.setattr(checkpoint, "_download", lambda repo_id, revision: asked.append(repo_id) or str(tmp_path))

@@ -1,4 +1,5 @@
-"""GFM-RAG models against an independent restatement of DESIGN §1's math, plus options and caching."""
+"""GFM-RAG models against an independent restatement of GFM-RAG's math (query-conditioned NBFNet
+layers, DistMult messages, short cut, layer norm), plus options and caching."""
 
 import gc
 

@@ -14,7 +14,7 @@ import torch
 from gfmrag_fast import GFMRetriever
 from gfmrag_fast.data import KGDataset, QADataset, read_triples
 from gfmrag_fast.data.ordering import locality_order, neighbour_distance, relabel
-from gfmrag_fast.models import build_model
+from gfmrag_fast.checkpoints import build_model
 from gfmrag_fast.retrieval.evaluation import evaluate_split
 from gfmrag_fast.synthetic import real_shape_kg
 

@@ -13,7 +13,8 @@ import torch
 from torch_geometric.data import Data
 
 import gfmrag_fast
-from gfmrag_fast.models import build_model, to_tail_prediction
+from gfmrag_fast.models import to_tail_prediction
+from gfmrag_fast.checkpoints import build_model
 from gfmrag_fast.training import DistEnv
 from gfmrag_fast.atomic_io import read_jsonl
 from gfmrag_fast.training.kg_task import KGCompletionTask

@@ -10,7 +10,7 @@ import torch
 
 from gfmrag_fast.data import QADataset
 from gfmrag_fast.metrics import retrieval_metrics
-from gfmrag_fast.models.doc_ranker import IDFWeightedTopKRanker
+from gfmrag_fast.doc_rankers import IDFWeightedTopKRanker
 from gfmrag_fast.training import DistEnv
 from gfmrag_fast.training.qa_task import QAFinetuneTask, check_valid_options, describe_qa_dataset, hold_out
 

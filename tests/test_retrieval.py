@@ -16,8 +16,10 @@ import torch
 
 from gfmrag_fast import GFMRetriever
 from gfmrag_fast.data import QADataset, read_triples
-from gfmrag_fast.models import GNNRetriever, HybridRanker, IDFWeightedTopKRanker, build_model, save_pretrained
-from gfmrag_fast.models.checkpoint import CheckpointError
+from gfmrag_fast.models import GNNRetriever
+from gfmrag_fast.checkpoints import build_model, save_pretrained
+from gfmrag_fast.doc_rankers import HybridRanker, IDFWeightedTopKRanker
+from gfmrag_fast.checkpoints import CheckpointError
 from gfmrag_fast.retrieval import EntityLinker, load_checkpoint, make_doc_ranker, normalize_name, text_model_from_config
 from gfmrag_fast.retrieval.evaluation import evaluate_split
 from gfmrag_fast.retrieval.paths import beam_search_paths, describe_step, edge_importance, layered_forward
@@ -159,7 +161,7 @@ def test_make_doc_ranker_names_and_configs(dataset):
     assert type(make_doc_ranker("topk_ranker", ent2doc, embeddings)).__name__ == "TopKRanker"
     assert not calls  # GNN rankers never build document embeddings
     assert make_doc_ranker("dense", ent2doc, embeddings).dense_weight == 1.0
-    ranker = make_doc_ranker({"_target_": "gfmrag_fast.models.HybridRanker", "dense_weight": 0.2,
+    ranker = make_doc_ranker({"_target_": "gfmrag_fast.doc_rankers.HybridRanker", "dense_weight": 0.2,
                               "gnn_ranker": {"_target_": "gfmrag.doc_rankers.TopKRanker", "top_k": 3}}, ent2doc, embeddings)
     assert ranker.dense_weight == 0.2 and ranker.gnn_ranker.top_k == 3
     with pytest.raises(ValueError, match="unknown doc_ranker"):

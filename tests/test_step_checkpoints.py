@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gfmrag_fast.atomic_io import atomic_torch_save, read_jsonl
-from gfmrag_fast.models.checkpoint import CheckpointError
+from gfmrag_fast.checkpoints import CheckpointError
 from gfmrag_fast.training import DistEnv, Trainer, TrainOptions
 from gfmrag_fast.training.epoch_plan import EpochPlan
 from gfmrag_fast.training.state import load_training_state

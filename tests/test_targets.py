@@ -7,10 +7,8 @@ import pytest
 import torch
 
 from gfmrag_fast import losses, targets
-from gfmrag_fast.models import (
-    EntityNBFNet, GNNRetriever, HybridRanker, IDFWeightedRanker, IDFWeightedTopKRanker, QueryGNN, QueryNBFNet,
-    SimpleRanker, TopKRanker,
-)
+from gfmrag_fast.models import EntityNBFNet, GNNRetriever, QueryGNN, QueryNBFNet
+from gfmrag_fast.doc_rankers import HybridRanker, IDFWeightedRanker, IDFWeightedTopKRanker, SimpleRanker, TopKRanker
 from gfmrag_fast.text_emb import TextEmbModel
 
 GFMRAG_NAMES = [
@@ -42,7 +40,7 @@ def test_every_table_entry_resolves_by_its_own_path_and_is_listed():
             obj = targets.resolve(path, kind)
             assert obj is targets.resolve(name, kind)
             assert path in targets.known_targets(kind) and (original is None or original in targets.known_targets(kind))
-    assert targets.resolve("gfmrag_fast.models.HybridRanker", "doc_ranker") is HybridRanker
+    assert targets.resolve("gfmrag_fast.doc_rankers.HybridRanker", "doc_ranker") is HybridRanker
 
 
 @pytest.mark.parametrize("kind,target", [
@@ -95,7 +93,7 @@ def test_instantiate_nested_partial_args_and_hydra_keys():
     ranker = targets.instantiate({"_target_": "TopKRanker", "_args_": [ent2doc]}, "doc_ranker")
     assert ranker.top_k == 20
 
-    kept = targets.instantiate({"_target_": "gfmrag_fast.models.HybridRanker", "_recursive_": False,
+    kept = targets.instantiate({"_target_": "gfmrag_fast.doc_rankers.HybridRanker", "_recursive_": False,
                                 "_partial_": True, "gnn_ranker": {"_target_": "TopKRanker"}}, "doc_ranker")
     assert kept.keywords["gnn_ranker"] == {"_target_": "TopKRanker"}  # not built: _recursive_ is false
     with pytest.raises(ValueError, match="loss config has no _target_"):

@@ -11,7 +11,7 @@ import torch
 
 import gfmrag_fast
 from gfmrag_fast.models import EntityNBFNet, GNNRetriever, QueryGNN, QueryNBFNet
-from gfmrag_fast.models.checkpoint import save_pretrained
+from gfmrag_fast.checkpoints import save_pretrained
 from gfmrag_fast.training import DistEnv
 from gfmrag_fast.workflow.common import apply_checkpoint
 
@@ -44,7 +44,7 @@ def test_qa_task_takes_every_setting_from_the_config():
     from hydra import compose, initialize_config_dir
 
     from gfmrag_fast.data import LazyDataset
-    from gfmrag_fast.models import TopKRanker
+    from gfmrag_fast.doc_rankers import TopKRanker
     from gfmrag_fast.workflow.finetune import build_task
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):

@@ -1,6 +1,6 @@
 """Loading a trained retriever: its weights from any form of checkpoint, and its text model.
 
-Checkpoint files are read only through :mod:`gfmrag_fast.models.checkpoint`
+Checkpoint files are read only through :mod:`gfmrag_fast.checkpoints`
 (``torch.load(weights_only=True)``). The text model comes from the checkpoint's
 ``text_emb_model_config``, which a downloaded checkpoint controls: it can never switch on
 ``trust_remote_code`` (the key is dropped, at the top level and inside ``model_kwargs``); only
@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from torch import nn
 
-from ..models.checkpoint import (
+from ..checkpoints import (
     CONFIG_NAME, CheckpointError, build_model, load_checkpoint_file, load_pretrained, looks_like_local_path,
 )
 from ..text_emb import TextEmbModel

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from .. import targets
-from ..models.doc_ranker import DocRanker, HybridRanker
+from ..doc_rankers import DocRanker, HybridRanker
 
 __all__ = ["DEFAULT_DENSE_WEIGHT", "make_doc_ranker", "needs_question_embeddings"]
 

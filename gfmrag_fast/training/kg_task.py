@@ -22,7 +22,7 @@ import torch
 from ..data.resident import PreparedDataset, ResidentDatasets, device_guard, prepare_dataset
 from ..losses import adversarial_bce
 from ..metrics import check_link_prediction_metrics, link_prediction_metrics, link_prediction_ranks
-from ..models.checkpoint import save_pretrained
+from ..checkpoints import save_pretrained
 from ..models.graph_input import num_relations_of
 from ..ops import TripleIndex, easy_edge_mask, negative_sampling
 from .distributed import DistEnv

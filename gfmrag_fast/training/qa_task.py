@@ -13,7 +13,7 @@ import torch
 
 from ..data.resident import PreparedDataset, ResidentDatasets, prepare_dataset
 from ..metrics import retrieval_metrics
-from ..models.checkpoint import save_pretrained
+from ..checkpoints import save_pretrained
 from .distributed import DistEnv
 from .epoch_plan import EpochPlan, walk_datasets, walk_steps
 from .tasks_common import GraphPartitions, dataset_info, gather_mean, resolve_loss, shard

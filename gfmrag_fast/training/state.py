@@ -32,7 +32,7 @@ from typing import Any, Dict
 import numpy as np
 import torch
 
-from ..models.checkpoint import CheckpointError, load_checkpoint_file
+from ..checkpoints import CheckpointError, load_checkpoint_file
 
 TRAINING_KEYS = ("model", "optimizer", "epoch")
 _TYPES = {"model": Mapping, "optimizer": Mapping, "epoch": int, "step": int, "best_score": (int, float),
@@ -90,6 +90,6 @@ def check_training_state(state: Any, path: str) -> Dict[str, Any]:
 
 
 def load_training_state(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
-    """A training checkpoint, loaded safely (:func:`~gfmrag_fast.models.checkpoint.load_checkpoint_file`);
+    """A training checkpoint, loaded safely (:func:`~gfmrag_fast.checkpoints.load_checkpoint_file`);
     :class:`CheckpointError` naming ``path`` when it is unsafe, unreadable or not a training checkpoint."""
     return check_training_state(load_checkpoint_file(path, map_location), path)

@@ -46,7 +46,7 @@ from .state import capture_rng, load_training_state, restore_rng
 from ..atomic_io import (
     append_jsonl, atomic_jsonl, atomic_torch_save, atomic_write, read_jsonl, remove_stale_temporaries,
 )
-from ..models.checkpoint import CheckpointError
+from ..checkpoints import CheckpointError
 from ..models.partition import PARTITION_METHODS
 from .curves import plot_curves
 from .report import format_duration, format_table, summary

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .. import targets
 from ..data import KGDataset, LazyDataset, QADataset, resolve_text_emb_model
-from ..models.checkpoint import (
+from ..checkpoints import (
     CheckpointError, build_model, load_checkpoint_file, load_pretrained, looks_like_local_path,
 )
 from ..training import DistEnv, Trainer, TrainOptions, init_distributed

@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from .. import targets
-from ..models.doc_ranker import HybridRanker
+from ..doc_rankers import HybridRanker
 from ..training import Trainer
 from ..training.distributed import shutdown
 from ..training.qa_task import QAFinetuneTask, describe_qa_dataset

@@ -31,10 +31,10 @@ from typing import Any, Dict, Mapping, Tuple
 import torch
 from torch import nn
 
-from .. import targets
-from ..atomic_io import atomic_json, atomic_torch_save
-from .entity import EntityNBFNet, QueryNBFNet
-from .retriever import GNNRetriever, QueryGNN
+from . import targets
+from .atomic_io import atomic_json, atomic_torch_save
+from .models.entity import EntityNBFNet, QueryNBFNet
+from .models.retriever import GNNRetriever, QueryGNN
 
 # What save_pretrained writes: the original's names, so GFM-RAG's own code can load the folder.
 ORIGINAL_TARGETS = {cls: targets.gfmrag_target("model", cls) for cls in (GNNRetriever, QueryGNN, QueryNBFNet,
