@@ -40,7 +40,8 @@ progress() {
     if [[ "${line}" =~ ^(\[[0-9]+/[0-9]+\]) ]]; then
       step="${BASH_REMATCH[1]}"
       src="${line##* }"
-      if [[ "${line}" =~ \ -c\ ([^ ]+) ]]; then src="${BASH_REMATCH[1]}"; fi
+      # the source follows -c (torch's ninja rules write "-c -c <source>" for C++)
+      if [[ "${line}" =~ \ -c\ (-c\ )?([^ ]+) ]]; then src="${BASH_REMATCH[2]}"; fi
       echo "setup:   ${step} compiling csrc/${src##*/csrc/}"
     elif [[ "${line}" == *" -shared "* && "${line}" == *_C.so* ]]; then
       echo "setup:   linking gfmrag_fast/_C.so"
