@@ -77,7 +77,10 @@ def plot_curves(path: str, history: Sequence[Dict[str, Any]], title: str, metric
             ax.axvline(best_epoch, color="grey", linestyle=":", linewidth=1)
         styles = ", ".join(f"{STYLE_NAMES[SPLIT_STYLES[s]]} {s}" for s in splits)
         ax.set(xlabel="epoch", title=f"{group} ({styles})")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if 0 < len(set(epochs)) <= 12:
+            ax.set_xticks(sorted(set(epochs)))  # whole epochs only (MaxNLocator gives 0.1 steps for one epoch)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if epochs:
             # One epoch is one point: keep it in the middle of a readable axis.
             ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
