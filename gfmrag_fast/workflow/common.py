@@ -7,7 +7,7 @@ import logging
 import os
 import random
 from collections.abc import Mapping
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -72,18 +72,26 @@ def dataset_loader(cfg: DictConfig, kind: str) -> Callable[[str], Any]:
     return lambda name: cls(cfg.datasets.root, name, text_emb_model=text_model, **options)
 
 
-def scan_datasets(cfg: DictConfig, names: List[str], kind: str, env: DistEnv,
-                  describe: Callable[[Any], Dict[str, Any]]) -> List[LazyDataset]:
-    """``names`` as :class:`LazyDataset`: loaded again only while resident in the task.
+def scan_datasets(cfg: DictConfig, kind: str, env: DistEnv,
+                  describe: Callable[..., Dict[str, Any]]) -> Tuple[List[LazyDataset], List[LazyDataset]]:
+    """``datasets.train_names`` and ``datasets.valid_names`` as :class:`LazyDataset` lists, each
+    loaded again only while resident in the task.
 
     Rank 0 builds (or loads and verifies) the stage-2 cache of each dataset in turn and describes
-    it (``describe(ds)``: its sizes, raising for a dataset that cannot be used), holding one
-    dataset at a time; the other ranks receive the descriptions, so they never build a cache."""
+    it (``describe(ds, train=...)``: its sizes, raising for a dataset that cannot be used), holding
+    one dataset at a time; the other ranks receive the descriptions, so they never build a cache."""
+    if not cfg.datasets.train_names:
+        verb = "fine-tune" if kind == "qa" else "pre-train"
+        raise ValueError(f"datasets.train_names is empty: nothing to {verb} on")
+    training = set(cfg.datasets.train_names)
+    names = list(dict.fromkeys([*cfg.datasets.train_names, *cfg.datasets.valid_names]))
     datasets_root(cfg, names)
     load = dataset_loader(cfg, kind)
-    infos = [describe(load(name)) for name in names] if env.is_main else None
+    infos = [describe(load(name), train=name in training) for name in names] if env.is_main else None
     infos = env.gather_objects(infos)[0]
-    return [LazyDataset(name, functools.partial(load, name), info) for name, info in zip(names, infos)]
+    datasets = {name: LazyDataset(name, functools.partial(load, name), info) for name, info in zip(names, infos)}
+    return ([datasets[name] for name in cfg.datasets.train_names],
+            [datasets[name] for name in cfg.datasets.valid_names])
 
 
 def dataset_options(cfg: DictConfig) -> Dict[str, Any]:

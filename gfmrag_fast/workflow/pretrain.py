@@ -62,14 +62,7 @@ def run(cfg: DictConfig) -> dict:
         task = None
         try:
             # 1. data: stage-2 KG datasets (built once, cached), described now and loaded when needed
-            if not cfg.datasets.train_names:
-                raise ValueError("datasets.train_names is empty: nothing to pre-train on")
-            training = set(cfg.datasets.train_names)
-            names = list(dict.fromkeys([*cfg.datasets.train_names, *cfg.datasets.valid_names]))
-            datasets = dict(zip(names, scan_datasets(
-                cfg, names, "kg", env, lambda ds: describe_kg_dataset(ds, train=ds.data_name in training))))
-            train_sets = [datasets[name] for name in cfg.datasets.train_names]
-            valid_sets = [datasets[name] for name in cfg.datasets.valid_names]
+            train_sets, valid_sets = scan_datasets(cfg, "kg", env, describe_kg_dataset)
 
             # 2. model: GFM-RAG's QueryGNN + EntityNBFNet over the relation-name embeddings
             model = build_model_from_config(cfg, train_sets[0].info["feat_dim"])
