@@ -149,3 +149,16 @@ def walk_datasets(names: Sequence[str], datasets) -> Iterator[str]:
             yield name
         finally:
             datasets.release(name)
+
+
+class PlannedEpochs:
+    """For tasks whose epochs an :class:`EpochPlan` lays out from their ``train_sizes``,
+    ``batch_size``, ``seed`` and ``max_datasets_in_memory``."""
+
+    def _plan(self, epoch: int, env, max_steps: Optional[int] = None) -> EpochPlan:
+        return EpochPlan(self.train_sizes, self.batch_size, epoch, self.seed, env.rank, env.world_size,
+                         self.max_datasets_in_memory, max_steps)
+
+    def num_batches(self, epoch: int, env) -> int:
+        """This rank's steps in a whole ``epoch``."""
+        return len(self._plan(epoch, env))

@@ -26,7 +26,7 @@ from ..checkpoints import save_pretrained
 from ..models.graph_input import num_relations_of
 from ..ops import TripleIndex, easy_edge_mask, negative_sampling
 from .distributed import DistEnv
-from .epoch_plan import EpochPlan, walk_datasets, walk_steps
+from .epoch_plan import PlannedEpochs, walk_datasets, walk_steps
 from .tasks_common import GraphPartitions, dataset_info, shard
 
 HELD_OUT_SPLITS = ("valid", "test")
@@ -48,7 +48,7 @@ def describe_kg_dataset(ds, train: bool) -> Dict[str, Any]:
     return {"train": num_triples, "feat_dim": int(ds.graph.rel_emb.shape[1])}
 
 
-class KGCompletionTask:
+class KGCompletionTask(PlannedEpochs):
     """Pre-trains ``QueryGNN`` on the training triples of ``train_sets`` and evaluates filtered
     link prediction on ``valid_sets`` (objects with ``data_name`` and a GFM-RAG ``graph``, e.g.
     :class:`gfmrag_fast.data.KGDataset`).
@@ -130,14 +130,6 @@ class KGCompletionTask:
         return prepared
 
     # --- training ------------------------------------------------------------------------
-    def _plan(self, epoch: int, env: DistEnv, max_steps: Optional[int] = None) -> EpochPlan:
-        return EpochPlan(self.train_sizes, self.batch_size, epoch, self.seed, env.rank, env.world_size,
-                         self.max_datasets_in_memory, max_steps)
-
-    def num_batches(self, epoch: int, env: DistEnv) -> int:
-        """This rank's steps in a whole ``epoch``."""
-        return len(self._plan(epoch, env))
-
     def train_batches(self, epoch: int, env: DistEnv, start: int = 0, max_steps: Optional[int] = None):
         """(dataset index, triples [b, 3]) of steps ``start``... of ``epoch`` (at most ``max_steps``)."""
         for i, items in walk_steps(self._plan(epoch, env, max_steps), self.train_names, self.datasets, start):

@@ -15,7 +15,7 @@ from ..data.resident import PreparedDataset, ResidentDatasets, prepare_dataset
 from ..metrics import retrieval_metrics
 from ..checkpoints import save_pretrained
 from .distributed import DistEnv
-from .epoch_plan import EpochPlan, walk_datasets, walk_steps
+from .epoch_plan import PlannedEpochs, walk_datasets, walk_steps
 from .tasks_common import GraphPartitions, dataset_info, gather_mean, resolve_loss, shard
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-class QAFinetuneTask:
+class QAFinetuneTask(PlannedEpochs):
     """Trains ``GNNRetriever`` on the train splits of ``train_sets`` and evaluates entity and
     document retrieval on every ``valid_sets`` dataset: on its test split (rows with split
     "test") and on its validation questions (split "valid"), on which the best epoch is chosen.
@@ -225,14 +225,6 @@ class QAFinetuneTask:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     # --- training ------------------------------------------------------------------------
-    def _plan(self, epoch: int, env: DistEnv, max_steps: Optional[int] = None) -> EpochPlan:
-        return EpochPlan(self.train_sizes, self.batch_size, epoch, self.seed, env.rank, env.world_size,
-                         self.max_datasets_in_memory, max_steps)
-
-    def num_batches(self, epoch: int, env: DistEnv) -> int:
-        """This rank's steps in a whole ``epoch``."""
-        return len(self._plan(epoch, env))
-
     def train_batches(self, epoch: int, env: DistEnv, start: int = 0, max_steps: Optional[int] = None):
         """(dataset index, batch) of steps ``start``... of ``epoch`` (at most ``max_steps``)."""
         for i, items in walk_steps(self._plan(epoch, env, max_steps), self.train_names, self.datasets, start):
