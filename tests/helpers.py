@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from gfmrag_fast.atomic_io import atomic_torch_save
 from gfmrag_fast.synthetic import random_graph
 
 CUDA = torch.cuda.is_available()
@@ -232,3 +233,44 @@ def _init_and_run(rank, world_size, port, fn, args):
         fn(rank, *args)
     finally:
         dist.destroy_process_group()
+
+
+# --- a toy task for the trainer alone ---------------------------------------------------------
+class Killed(BaseException):
+    """What a SIGKILL looks like to the code after it: nothing more runs."""
+
+
+class ScriptedTask:
+    """Fits a linear model on batches that are a function of (epoch, step) alone (so a run can
+    start at any step); the evaluation rows of each epoch are scripted per split."""
+
+    def __init__(self, valid=None, test=None, steps=5, kill_at=None, with_num_batches=True):
+        self.valid, self.test, self.steps, self.kill_at, self.epoch = valid, test, steps, kill_at, None
+        if with_num_batches:
+            self.num_batches = lambda epoch, env: self.steps
+
+    def train_batches(self, epoch, env, start=0, max_steps=None):
+        self.epoch = epoch
+        for step in range(start, self.steps if max_steps is None else min(self.steps, max_steps)):
+            if (epoch, step) == self.kill_at:
+                raise Killed
+            x = torch.randn(4, 3, generator=torch.Generator().manual_seed(100 * epoch + step))
+            yield x, x.sum(1, keepdim=True)
+
+    def queries(self, batch):
+        return len(batch[0])
+
+    def loss(self, model, batch):
+        x, y = batch
+        return ((model(x) - y) ** 2).mean(), {}
+
+    def evaluate(self, model, env):
+        rows = []
+        for split, scores in (("valid", self.valid), ("test", self.test)):
+            if scores is not None:
+                rows.append({"dataset": "toy", "split": split, "questions": 3, "score": scores[self.epoch],
+                             "ent_mrr": scores[self.epoch] / 2, "doc_mrr": scores[self.epoch] / 3})
+        return rows
+
+    def save_pretrained(self, model, folder):
+        atomic_torch_save({"model": model.state_dict()}, os.path.join(folder, "model.pth"))

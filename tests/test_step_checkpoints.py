@@ -12,20 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from gfmrag_fast.atomic_io import atomic_torch_save, read_jsonl
+from gfmrag_fast.atomic_io import read_jsonl
 from gfmrag_fast.checkpoints import CheckpointError
 from gfmrag_fast.training import DistEnv, Trainer, TrainOptions
 from gfmrag_fast.training.epoch_plan import EpochPlan
 from gfmrag_fast.training.state import load_training_state
 from gfmrag_fast.workflow.common import apply_checkpoint
 
-from helpers import METRIC, Census, describe_for, make_task, small_model
+from helpers import METRIC, Census, Killed, ScriptedTask, describe_for, make_task, small_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class Killed(BaseException):
-    """What a SIGKILL looks like to the code after it: nothing more runs."""
 
 
 def seed_all():
@@ -116,39 +112,11 @@ def test_killed_mid_epoch_and_resumed_equals_the_uninterrupted_run(many_datasets
 
 
 # --- the checkpoint's bookkeeping, on a toy task -----------------------------------------------
-class StepTask:
-    """Each batch a function of (epoch, step) alone, so it can start at any step; scripted scores."""
-
-    def __init__(self, scores, steps=5, kill_at=None):
-        self.scores, self.steps, self.kill_at, self.epoch = list(scores), steps, kill_at, None
-
-    def train_batches(self, epoch, env, start=0, max_steps=None):
-        self.epoch = epoch
-        for step in range(start, self.steps if max_steps is None else min(self.steps, max_steps)):
-            if (epoch, step) == self.kill_at:
-                raise Killed
-            x = torch.randn(4, 3, generator=torch.Generator().manual_seed(100 * epoch + step))
-            yield x, x.sum(1, keepdim=True)
-
-    def queries(self, batch):
-        return len(batch[0])
-
-    def loss(self, model, batch):
-        x, y = batch
-        return ((model(x) - y) ** 2).mean(), {}
-
-    def evaluate(self, model, env):
-        return [{"dataset": "toy", "split": "test", "score": self.scores[self.epoch]}]
-
-    def save_pretrained(self, model, folder):
-        atomic_torch_save({"model": model.state_dict()}, os.path.join(folder, "model.pth"))
-
-
 def toy_trainer(folder, scores, kill_at=None, **options):
     seed_all()
     model = torch.nn.Linear(3, 1)
     options = {"num_epoch": len(scores), "metric": "score", "save_interval": 1, "log_interval": 2, **options}
-    return Trainer(model, torch.optim.AdamW(model.parameters(), lr=0.05), StepTask(scores, kill_at=kill_at),
+    return Trainer(model, torch.optim.AdamW(model.parameters(), lr=0.05), ScriptedTask(test=scores, kill_at=kill_at, with_num_batches=False),
                    TrainOptions(**options), str(folder), DistEnv())
 
 

@@ -3,7 +3,6 @@ history and metrics rows it keeps, resumes, progress lines, tables and curves.""
 
 import json
 import logging
-import os
 import random
 import re
 
@@ -11,53 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from gfmrag_fast.atomic_io import atomic_torch_save, read_jsonl
+from gfmrag_fast.atomic_io import read_jsonl
 from gfmrag_fast.training import DistEnv, Trainer, TrainOptions
 from gfmrag_fast.training.curves import metric_groups, plot_curves
 from gfmrag_fast.training.report import format_duration, format_table, format_value
 from gfmrag_fast.training.state import load_training_state
 
+from helpers import Killed, ScriptedTask
+
 LOGGER = "gfmrag_fast.training.trainer"
-
-
-class Killed(BaseException):
-    """What a SIGKILL looks like to the code after it: nothing more runs."""
-
-
-class ScriptedTask:
-    """Fits a linear model on batches that are a function of (epoch, step) alone (so a run can
-    start at any step); the evaluation rows of each epoch are scripted per split."""
-
-    def __init__(self, valid=None, test=None, steps=5, kill_at=None, with_num_batches=True):
-        self.valid, self.test, self.steps, self.kill_at, self.epoch = valid, test, steps, kill_at, None
-        if with_num_batches:
-            self.num_batches = lambda epoch, env: self.steps
-
-    def train_batches(self, epoch, env, start=0, max_steps=None):
-        self.epoch = epoch
-        for step in range(start, self.steps if max_steps is None else min(self.steps, max_steps)):
-            if (epoch, step) == self.kill_at:
-                raise Killed
-            x = torch.randn(4, 3, generator=torch.Generator().manual_seed(100 * epoch + step))
-            yield x, x.sum(1, keepdim=True)
-
-    def queries(self, batch):
-        return len(batch[0])
-
-    def loss(self, model, batch):
-        x, y = batch
-        return ((model(x) - y) ** 2).mean(), {}
-
-    def evaluate(self, model, env):
-        rows = []
-        for split, scores in (("valid", self.valid), ("test", self.test)):
-            if scores is not None:
-                rows.append({"dataset": "toy", "split": split, "questions": 3, "score": scores[self.epoch],
-                             "ent_mrr": scores[self.epoch] / 2, "doc_mrr": scores[self.epoch] / 3})
-        return rows
-
-    def save_pretrained(self, model, folder):
-        atomic_torch_save({"model": model.state_dict()}, os.path.join(folder, "model.pth"))
 
 
 def make_trainer(folder, task, **options):
