@@ -31,8 +31,8 @@ Not checked against the original's numbers.
 Layouts: states are [B, N, d] and stored either batch major (contiguous) or node major (a
 ``transpose(0, 1)`` view of a contiguous [N, B, d] tensor, see :func:`is_node_major`). On node-major
 storage the op gathers, per edge, one contiguous block of B·d values instead of B rows N·d apart;
-the sums run in the same order per output element, so both layouts give the same bits. The
-update comes back in x's layout.
+each output element (and each gradient element of x, relation and edge weight) is summed in the
+same order, so both layouts give the same bits. The update comes back in x's layout.
 """
 
 from __future__ import annotations

@@ -45,12 +45,14 @@ class NBFNet(nn.Module):
         node_major: store the node states node major (each [B, N, d] state a ``transpose(0, 1)``
             view of a contiguous [N, B, d] tensor), so that the aggregation gathers one contiguous
             block of B·d values per edge. None (default): node major on the CPU, where it is
-            faster (MuSiQue KG, B = 32, d = 64, 2 cores: aggregation forward+backward 193 -> 142
-            ms per layer), batch major elsewhere (not yet measured on a GPU). Results are the same
-            either way (bit for bit but for the retrieval boundary's float32 rounding noted in
-            ``models.aggregation.OuterBoundary``); a partitioned graph always runs batch major.
-            Also the attribute ``node_major``, which may be changed on a built model; it is not
-            part of ``config`` (a checkpoint does not carry it).
+            faster (MuSiQue KG, B = 32, d = 64, 2 cores: rel_aggregate forward+backward 193 -> 142
+            ms per layer), batch major elsewhere (not yet measured on a GPU: set True to try).
+            Every layer's output is the same bits either way (but for the retrieval boundary with
+            entity weights other than 0/1, see ``models.aggregation.OuterBoundary``); scores and
+            parameter gradients agree to float rounding, since sums over rows then add the rows in
+            another order. A partitioned graph always runs batch major. Also the attribute
+            ``node_major``, which may be changed on a built model; not part of ``config`` (a
+            checkpoint does not carry it).
         num_relation, dependent, num_beam, path_topk: accepted and ignored (the original's
             EntityNBFNet built every layer with dependent=False and projected relations; beam
             search is for path visualisation, not implemented here).

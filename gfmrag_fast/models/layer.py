@@ -35,7 +35,8 @@ class GeneralizedRelationalConv(nn.Module):
     of a contiguous [N, B, d_in] tensor (``models.aggregation.is_node_major``; the entity models
     choose). Node major, the aggregation runs on the [N, B, d_in] storage and the tail on its rows
     (every step of the tail is per row), so no state is copied in either direction, and the
-    results are the same bits as batch major. A partitioned graph runs batch major.
+    output is the same bits as batch major (the parameter gradients, sums over the rows, add them
+    in another order: equal to rounding). A partitioned graph runs batch major.
     """
 
     def __init__(
