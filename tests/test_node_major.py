@@ -12,7 +12,7 @@ from torch_geometric.data import Data
 from gfmrag_fast.models import EntityNBFNet, GNNRetriever, QueryGNN, QueryNBFNet
 from gfmrag_fast.models.aggregation import OuterBoundary, RowBoundary, is_node_major
 
-from helpers import TEXT_DIM, make_batch, make_graph, perturb
+from helpers import CUDA, TEXT_DIM, make_batch, make_graph, perturb
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MUSIQUE_KG = os.path.join(REPO, "data", "musique_hippo", "processed", "stage1", "kg.txt")
@@ -57,22 +57,23 @@ def pretrain_inputs(graph, batch_size=5, num_negative=6, seed=1):
 def run(model, kind, graph, node_major, dtype, edge_weight=None, seed=2):
     """Scores, every layer's output and every parameter's gradient (and the edge weight's) with the
     states stored as asked; also checks that the layers' outputs were stored so."""
+    device = next(model.parameters()).device
     model.entity_model.node_major = node_major
     model.zero_grad(set_to_none=True)
     outputs = []
     hooks = [layer.register_forward_hook(lambda m, i, out: outputs.append(out.detach()))
              for layer in model.entity_model.layers]
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
         if kind == "pretrain":
             batch, mask = pretrain_inputs(graph)
-            scores = model(graph, batch, mask, edge_weight=edge_weight)
+            scores = model(graph, batch.to(device), mask.to(device), edge_weight=edge_weight)
         else:
-            batch = make_batch(graph, batch_size=4, seed=seed)
+            batch = {k: v.to(device) for k, v in make_batch(graph, batch_size=4, seed=seed).items()}
             scores = model(graph, batch, edge_weight=edge_weight)
     for hook in hooks:
         hook.remove()
     assert [is_node_major(out) for out in outputs] == [node_major] * len(model.entity_model.layers)
-    weights = torch.randn(scores.shape, generator=torch.Generator().manual_seed(seed))
+    weights = torch.randn(scores.shape, generator=torch.Generator().manual_seed(seed)).to(device)
     (scores.float() * weights).sum().backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     if edge_weight is not None:
@@ -258,7 +259,8 @@ def test_query_model_given_a_batch_major_input_stores_it_node_major():
 
 
 @pytest.mark.skipif(not os.path.exists(MUSIQUE_KG), reason="needs data/musique_hippo")
-def test_musique_kg_pretrain_step_same_bits():
+@pytest.mark.parametrize("kind", ["pretrain", "finetune"])
+def test_musique_kg_same_bits(kind):
     from gfmrag_fast.data.readers import read_triples
 
     names, _ = read_triples(MUSIQUE_KG)
@@ -272,5 +274,19 @@ def test_musique_kg_pretrain_step_same_bits():
                  edge_type=torch.cat([hrt[:, 2], hrt[:, 2] + num_direct]), num_nodes=len(ent2id),
                  num_relations=2 * num_direct,
                  rel_emb=torch.randn(2 * num_direct, TEXT_DIM, generator=torch.Generator().manual_seed(17)))
-    model = build("pretrain", seed=17, input_dim=16, hidden_dims=[16, 16])
-    assert_same(run(model, "pretrain", graph, False, "float32"), run(model, "pretrain", graph, True, "float32"))
+    model = build(kind, seed=17, input_dim=16, hidden_dims=[16, 16])
+    assert_same(run(model, kind, graph, False, "float32"), run(model, kind, graph, True, "float32"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("kind", ["pretrain", "finetune"])
+def test_node_major_switch_on_cuda(kind, dtype):
+    # Batch major is CUDA's default; node_major=True, the switch that tries node major there, must
+    # give the same results.
+    model = build(kind, seed=18).cuda()
+    assert not model.entity_model.stores_node_major(torch.device("cuda"))
+    graph = kg_graph(seed=18) if kind == "pretrain" else make_graph(num_nodes=40, num_edges=160, seed=18)
+    graph = graph.to("cuda")
+    assert_same(run(model, kind, graph, False, dtype), run(model, kind, graph, True, dtype), dtype)
