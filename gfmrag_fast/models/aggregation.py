@@ -27,6 +27,12 @@ are complex vectors whose real part is the first d/2 channels and imaginary part
 The original ran rotate only through its PyG path, which gathers in the opposite direction
 (from ``edge_index[0]`` into ``edge_index[1]``); here every message type gathers in the direction above.
 Not checked against the original's numbers.
+
+Layouts: states are [B, N, d] and stored either batch major (contiguous) or node major (a
+``transpose(0, 1)`` view of a contiguous [N, B, d] tensor, see :func:`is_node_major`). On node-major
+storage the op gathers, per edge, one contiguous block of B·d values instead of B rows N·d apart;
+each output element (and each gradient element of x, relation and edge weight) is summed in the
+same order, so both layouts give the same bits. The update comes back in x's layout.
 """
 
 from __future__ import annotations
@@ -111,6 +117,22 @@ class PreparedGraph:
         return values.mean() if self.halo is None else self.halo.mean_over_nodes(values)
 
 
+def is_node_major(t: torch.Tensor) -> bool:
+    """Whether a [B, N, ...] tensor is stored node major: a ``transpose(0, 1)`` view of a contiguous
+    [N, B, ...] tensor. False for a contiguous tensor (B = 1 or N = 1: both layouts are one)."""
+    return t.dim() >= 3 and not t.is_contiguous() and t.transpose(0, 1).is_contiguous()
+
+
+def node_major_copy(t: torch.Tensor) -> torch.Tensor:  # [B, N, ...] -> [B, N, ...] stored node major
+    """``t`` stored node major (a copy, unless it already is)."""
+    return t if is_node_major(t) else t.transpose(0, 1).contiguous().transpose(0, 1)
+
+
+def _per_node(values: torch.Tensor, node_major: bool) -> torch.Tensor:  # [N] -> broadcastable to the states
+    """A per-node quantity shaped to broadcast over states stored [N, B, d] or [B, N, d]."""
+    return values[:, None, None] if node_major else values[None, :, None]
+
+
 class RowBoundary:
     """A boundary that is zero but at one node per query: ``values[b]`` at node ``nodes[b]`` of query
     b (duplicates add up), as in KG completion, where it is the query relation at the head entity.
@@ -141,13 +163,20 @@ class RowBoundary:
     def to(self, dtype: torch.dtype) -> "RowBoundary":
         return self if dtype == self.values.dtype else RowBoundary(self.nodes, self.values.to(dtype), self.num_nodes)
 
-    def dense(self) -> torch.Tensor:  # [B, N, d]
-        out = self.values.new_zeros(len(self.nodes), self.num_nodes, self.values.shape[-1])
+    def dense(self, node_major: bool = False) -> torch.Tensor:  # [B, N, d]
+        """The boundary as a [B, N, d] tensor, stored node major when ``node_major``."""
+        batch, dim = self.values.shape
+        if node_major:
+            out = self.values.new_zeros(self.num_nodes, batch, dim)
+            return out.index_put_((self.nodes, self._queries), self.values, accumulate=True).transpose(0, 1)
+        out = self.values.new_zeros(batch, self.num_nodes, dim)
         return out.index_put_((self._queries, self.nodes), self.values, accumulate=True)
 
-    def add_to(self, t: torch.Tensor, inplace: bool) -> torch.Tensor:  # [B, N, d] -> [B, N, d]
-        """``t + dense()``, writing into ``t`` when ``inplace``."""
-        index, values = (self._queries, self.nodes), self.values.to(t.dtype)
+    def add_to(self, t: torch.Tensor, inplace: bool, node_major: bool = False) -> torch.Tensor:
+        """``t + dense()``, writing into ``t`` when ``inplace``; t is [B, N, d], or [N, B, d] (and so
+        the result) when ``node_major``."""
+        index = (self.nodes, self._queries) if node_major else (self._queries, self.nodes)
+        values = self.values.to(t.dtype)
         return t.index_put_(index, values, accumulate=True) if inplace else t.index_put(index, values, accumulate=True)
 
 
@@ -179,14 +208,55 @@ class OuterBoundary:
     def to(self, dtype: torch.dtype) -> "OuterBoundary":
         return self if dtype == self.values.dtype else OuterBoundary(self.weights, self.values.to(dtype))
 
-    def dense(self) -> torch.Tensor:  # [B, N, d]
-        return self.weights.to(self.values.dtype).unsqueeze(-1) * self.values.unsqueeze(1)
+    def dense(self, node_major: bool = False) -> torch.Tensor:  # [B, N, d]
+        """The boundary as a [B, N, d] tensor, stored node major when ``node_major``."""
+        weights = self.weights.to(self.values.dtype)
+        if node_major:
+            # A contiguous [N, B] first factor, so that the product is laid out [N, B, d].
+            return (weights.t().contiguous().unsqueeze(-1) * self.values.unsqueeze(0)).transpose(0, 1)
+        return weights.unsqueeze(-1) * self.values.unsqueeze(1)
 
-    def add_to(self, t: torch.Tensor, inplace: bool) -> torch.Tensor:  # [B, N, d] -> [B, N, d]
-        """``t + dense()``, writing into ``t`` when ``inplace``."""
+    def add_to(self, t: torch.Tensor, inplace: bool, node_major: bool = False) -> torch.Tensor:
+        """``t + dense()``, writing into ``t`` when ``inplace``; t is [B, N, d], or [N, B, d] (and so
+        the result) when ``node_major``."""
         # Explicit casts: autocast does not cover in-place products.
-        weights, values = self.weights.to(t.dtype).unsqueeze(-1), self.values.to(t.dtype).unsqueeze(1)
+        weights, values = self.weights.to(t.dtype), self.values.to(t.dtype)
+        if node_major:
+            return _NodeMajorOuterAdd.apply(t, weights, values, inplace)
+        weights, values = weights.unsqueeze(-1), values.unsqueeze(1)
         return t.baddbmm_(weights, values) if inplace else torch.baddbmm(t, weights, values)
+
+
+class _NodeMajorOuterAdd(torch.autograd.Function):
+    """``t[v, b] += weights[b, v] * values[b]`` for t stored [N, B, d].
+
+    ``baddbmm_`` cannot write into a node-major t without copying it (its batches are B rows N·d
+    apart there), so the forward is one in-place ``addcmul_`` pass. In float32 that is a fused
+    multiply-add, one rounding where ``baddbmm_`` rounds the product first: the two layouts differ by
+    at most one unit in the last place where a weight is neither 0 nor 1 (a question-entity mask is
+    0/1, and then they agree bit for bit). The backward takes the batch-major products of
+    ``baddbmm_``'s, on a transposed view of the gradient that BLAS reads as it lies.
+    """
+
+    @staticmethod
+    def forward(ctx, t, weights, values, inplace: bool):  # [N, B, d], [B, N], [B, d]
+        ctx.save_for_backward(weights, values)
+        product = (weights.t().contiguous().unsqueeze(-1), values.unsqueeze(0))  # [N, B, 1], [1, B, d]
+        if not inplace:
+            return torch.addcmul(t, *product)
+        ctx.mark_dirty(t)
+        return t.addcmul_(*product)
+
+    @staticmethod
+    def backward(ctx, grad):  # [N, B, d]
+        weights, values = ctx.saved_tensors
+        by_query = grad.transpose(0, 1)  # [B, N, d], BLAS-readable per query (rows B·d apart)
+        grad_weights = grad_values = None
+        if ctx.needs_input_grad[1]:
+            grad_weights = by_query.bmm(values.unsqueeze(-1)).squeeze(-1)
+        if ctx.needs_input_grad[2]:
+            grad_values = weights.unsqueeze(-1).transpose(1, 2).bmm(by_query).squeeze(1)
+        return grad, grad_weights, grad_values, None
 
 
 Boundary = Union[torch.Tensor, RowBoundary, OuterBoundary]
@@ -199,6 +269,12 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def stored_layout(x: torch.Tensor, graph: PreparedGraph) -> bool:
+    """Whether a layer runs node major on states x [B, N, d]: when x is stored so and the graph is
+    not partitioned (the halo exchange works batch major)."""
+    return graph.halo is None and is_node_major(x)
+
+
 def neighbourhood_update(
     x: torch.Tensor,  # [B, N, d]
     relation: torch.Tensor,  # [R, d] shared, or [B, R, d] per query
@@ -206,18 +282,40 @@ def neighbourhood_update(
     graph: PreparedGraph,
     message: str = "distmult",
     aggregate: str = "sum",
-) -> torch.Tensor:  # [B, N, d], or [B, N, 12 d] for pna
+) -> torch.Tensor:  # [B, N, d], or [B, N, 12 d] for pna; stored like x
     """The aggregated messages joined with the boundary, as in the module docstring.
 
     The op needs x, relation and edge weight in one dtype: they are cast to :func:`compute_dtype`
     (so under autocast the aggregation reads bfloat16/float16 and accumulates in float32).
     The sum adds the boundary into the op's fresh result in place (no [B, N, d] temporary; the op
-    does not keep its result for its backward).
+    does not keep its result for its backward). A node-major x (:func:`is_node_major`) runs node
+    major (unless the graph is partitioned: the halo exchange joins the states batch major).
     """
+    node_major = stored_layout(x, graph)
+    if node_major:
+        if isinstance(boundary, torch.Tensor):
+            boundary = boundary.transpose(0, 1)
+        return stored_update(x.transpose(0, 1), relation, boundary, graph, message, aggregate, True).transpose(0, 1)
+    return stored_update(x, relation, boundary, graph, message, aggregate, False)
+
+
+def stored_update(
+    x: torch.Tensor,  # [B, N, d], or [N, B, d] when node_major
+    relation: torch.Tensor,  # [R, d] shared, or [B, R, d] per query
+    boundary: Boundary,  # like x, or its nonzero rows
+    graph: PreparedGraph,
+    message: str,
+    aggregate: str,
+    node_major: bool,
+) -> torch.Tensor:  # like x ([..., 12 d] for pna)
+    """:func:`neighbourhood_update` on states in their storage order: [N, B, d] when
+    ``node_major``, else [B, N, d]."""
     if message not in MESSAGES:
         raise ValueError(f"message must be one of {MESSAGES}, got {message!r}")
     if aggregate not in AGGREGATES:
         raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+    if node_major and graph.halo is not None:
+        raise ValueError("a partitioned graph runs batch major: states must be [B, N, d] (node_major=False)")
     dtype = compute_dtype(x)
     x, relation = x.to(dtype), relation.to(dtype)
     weight = None if graph.edge_weight is None else graph.edge_weight.to(dtype)
@@ -226,34 +324,37 @@ def neighbourhood_update(
     with graph.source_states(x) as source:
 
         def reduced(kind: str) -> torch.Tensor:
-            return graph.owned(reduce(source, relation, graph, weight, message, kind))
+            return graph.owned(reduce(source, relation, graph, weight, message, kind, node_major))
 
         if aggregate == "sum":
             agg = reduced("sum")
             if isinstance(boundary, (RowBoundary, OuterBoundary)):
                 # Owned rows of a partitioned graph are a view of the op's result: not written into.
-                return boundary.add_to(agg, inplace=graph.halo is None)
+                return boundary.add_to(agg, inplace=graph.halo is None, node_major=node_major)
             if graph.halo is None and boundary.dtype == agg.dtype and boundary.shape == agg.shape:
                 return agg.add_(boundary)
             return agg + boundary
         if isinstance(boundary, (RowBoundary, OuterBoundary)):
-            boundary = boundary.dense()
+            boundary = boundary.dense(node_major)
+            if node_major:
+                boundary = boundary.transpose(0, 1)
         degree = graph.in_degree()
         if aggregate == "mean":
-            return (reduced("sum") + boundary) / (degree + 1)[None, :, None].to(boundary.dtype)
-        has_in_edge = degree > 0
+            return (reduced("sum") + boundary) / _per_node(degree + 1, node_major).to(boundary.dtype)
+        has_in_edge = _per_node(degree > 0, node_major)
         if aggregate in ("max", "min"):
             return _with_boundary(reduced(aggregate), boundary, has_in_edge, aggregate)
-        return _pna(reduced, boundary, degree, has_in_edge, graph.mean_over_nodes)
+        return _pna(reduced, boundary, degree, has_in_edge, graph.mean_over_nodes, node_major)
 
 
 def _with_boundary(extremum, boundary, has_in_edge, kind):
     """max/min of the messages and the boundary; the boundary alone where no message arrives."""
     joined = torch.maximum(extremum, boundary) if kind == "max" else torch.minimum(extremum, boundary)
-    return torch.where(has_in_edge[None, :, None], joined, boundary.to(joined.dtype))
+    return torch.where(has_in_edge, joined, boundary.to(joined.dtype))
 
 
-def _pna(reduced: Callable[[str], torch.Tensor], boundary, degree, has_in_edge, mean_over_nodes) -> torch.Tensor:
+def _pna(reduced: Callable[[str], torch.Tensor], boundary, degree, has_in_edge, mean_over_nodes,
+         node_major: bool) -> torch.Tensor:
     """PNA aggregation as GFM-RAG/ULTRA wrote it: 4 aggregators × 3 degree scalers.
 
     With n(v) = deg(v) + 1 (the boundary counts as one message) and M the messages into v plus the
@@ -265,12 +366,12 @@ def _pna(reduced: Callable[[str], torch.Tensor], boundary, degree, has_in_edge, 
         scalers = (1, s, 1 / clamp(s, min=1e-2))
         out[..., (c * 4 + k) * 3 + j] = stat_k[..., c] * scaler_j    k: mean, max, min, std
 
-    so ``out`` is [B, N, 12 d]. Difference from the original: its rspmm path computed the second
-    moment of transe messages as Σ w (x² + r²) instead of Σ w (x + r)²; here it is always the
-    second moment of the messages (identical for distmult). Not checked against the original's
-    numbers.
+    so ``out`` is [B, N, 12 d] ([N, B, 12 d] node major). Difference from the original: its rspmm
+    path computed the second moment of transe messages as Σ w (x² + r²) instead of Σ w (x + r)²;
+    here it is always the second moment of the messages (identical for distmult). Not checked
+    against the original's numbers.
     """
-    count = (degree + 1).to(boundary.dtype)[None, :, None]
+    count = _per_node(degree + 1, node_major).to(boundary.dtype)
     mean = (reduced("sum") + boundary) / count
     sq_mean = (reduced("sq_sum") + boundary * boundary) / count
     maximum = _with_boundary(reduced("max"), boundary, has_in_edge, "max")
@@ -280,40 +381,45 @@ def _pna(reduced: Callable[[str], torch.Tensor], boundary, degree, has_in_edge, 
     scale = (degree + 1).to(mean.dtype).log()
     scale = scale / mean_over_nodes(scale)
     scalers = torch.stack([torch.ones_like(scale), scale, 1 / scale.clamp(min=1e-2)], dim=-1)  # [N, 3]
-    return (features.unsqueeze(-1) * scalers[None, :, None, :]).flatten(-2)
+    scalers = scalers[:, None, None, :] if node_major else scalers[None, :, None, :]
+    return (features.unsqueeze(-1) * scalers).flatten(-2)
 
 
-def _fused_reduce(x, relation, graph: PreparedGraph, weight, message, kind):
+def _fused_reduce(x, relation, graph: PreparedGraph, weight, message, kind, node_major=False):
     """distmult/transe aggregations through the fused op (no [B, E, d] tensor)."""
     g, mask = graph.graph, graph.edge_mask
     if kind != "sq_sum":
-        return rel_aggregate(x, relation, g, weight, mask, message, kind)
+        return rel_aggregate(x, relation, g, weight, mask, message, kind, node_major=node_major)
     # Σ w msg²: (x r)² = x² r²;  (x + r)² = (x² + r²) + 2 x r
-    squares = rel_aggregate(x * x, relation * relation, g, weight, mask, message, "sum")
+    squares = rel_aggregate(x * x, relation * relation, g, weight, mask, message, "sum", node_major=node_major)
     if message == "transe":
-        squares = squares + 2 * rel_aggregate(x, relation, g, weight, mask, "distmult", "sum")
+        squares = squares + 2 * rel_aggregate(x, relation, g, weight, mask, "distmult", "sum", node_major=node_major)
     return squares
 
 
-def _materialised_reduce(x, relation, graph: PreparedGraph, weight, message, kind):
-    """Aggregations of rotate messages in plain PyTorch (materialises [B, E', d])."""
+def _materialised_reduce(x, relation, graph: PreparedGraph, weight, message, kind, node_major=False):
+    """Aggregations of rotate messages in plain PyTorch (materialises [B, E', d] / [E', B, d])."""
     g = graph.graph
     dst, src, etype = g.edge_index[0], g.edge_index[1], g.edge_type
     if graph.edge_mask is not None:
         keep = ~graph.edge_mask
         dst, src, etype = dst[keep], src[keep], etype[keep]
         weight = None if weight is None else weight[keep]
-    rel = relation[etype] if relation.dim() == 2 else relation[:, etype]  # [E', d] | [B, E', d]
-    msg = _rotate(x[:, src], rel)  # [B, E', d]
+    node_dim = 0 if node_major else 1
+    if relation.dim() == 2:
+        rel = relation[etype].unsqueeze(1) if node_major else relation[etype]  # [E', 1, d] | [E', d]
+    else:
+        rel = relation[:, etype].transpose(0, 1) if node_major else relation[:, etype]  # [E', B, d] | [B, E', d]
+    msg = _rotate(x.index_select(node_dim, src), rel)
     if kind == "sq_sum":
         msg = msg * msg
     if weight is not None:
-        msg = msg * weight[None, :, None]
+        msg = msg * _per_node(weight, node_major)
     out = x.new_zeros(x.shape)
     if kind in ("sum", "sq_sum"):
-        return out.index_add(1, dst, msg)
-    index = dst[None, :, None].expand_as(msg)
-    return out.scatter_reduce(1, index, msg, "amax" if kind == "max" else "amin", include_self=False)
+        return out.index_add(node_dim, dst, msg)
+    index = _per_node(dst, node_major).expand_as(msg)
+    return out.scatter_reduce(node_dim, index, msg, "amax" if kind == "max" else "amin", include_self=False)
 
 
 def _rotate(x: torch.Tensor, rel: torch.Tensor) -> torch.Tensor:

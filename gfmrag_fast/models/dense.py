@@ -88,7 +88,8 @@ def layer_tail(
     if fused and fusable(x, linear, layer_norm, activation):
         if update.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
             update = update.to(x.dtype)
-        # [B, N, d] as they are: no view in the autograd graph, so that autograd can accumulate x's
-        # gradient (from this op and from the aggregation) in place.
+        # The rows as they lie ([B, N, d] or node major [N, B, d]): no further view in the autograd
+        # graph, so that autograd can accumulate x's gradient (from this op and from the
+        # aggregation) in place.
         return dense_update(x, update, linear.weight, linear.bias, layer_norm, residual)
     return plain_tail(x, update, linear, layer_norm, activation, residual)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .aggregation import AGGREGATES, MESSAGES, Boundary, PreparedGraph, compute_dtype, neighbourhood_update
+from .aggregation import AGGREGATES, MESSAGES, Boundary, PreparedGraph, compute_dtype, stored_layout, stored_update
 from .dense import fusable, layer_tail
 
 
@@ -30,6 +30,13 @@ class GeneralizedRelationalConv(nn.Module):
     With LayerNorm and ReLU (GFM-RAG's configuration) everything after ``linear`` is the fused
     ``dense_tail`` op (see ``models.dense``).
     The relation projection runs once per call on the shared [2R, d_in] table, not once per query.
+
+    The output is stored like x: batch major, or node major when x is a ``transpose(0, 1)`` view
+    of a contiguous [N, B, d_in] tensor (``models.aggregation.is_node_major``; the entity models
+    choose). Node major, the aggregation runs on the [N, B, d_in] storage and the tail on its rows
+    (every step of the tail is per row), so no state is copied in either direction, and the
+    output is the same bits as batch major (the parameter gradients, sums over the rows, add them
+    in another order: equal to rounding). A partitioned graph runs batch major.
     """
 
     def __init__(
@@ -73,16 +80,26 @@ class GeneralizedRelationalConv(nn.Module):
     ) -> torch.Tensor:  # [B, N, d_out]
         if residual and self.output_dim != self.input_dim:
             raise ValueError(f"a short cut needs d_out == d_in, got {self.output_dim} and {self.input_dim}")
+        node_major = stored_layout(x, graph)
+        boundary_is_x = boundary is x
+        if node_major:
+            # The storage order [N, B, d]: one transpose view per layer, whose gradient the
+            # aggregation and the tail both write in that order.
+            x = x.transpose(0, 1)
+            boundary = x if boundary_is_x else boundary
+            if isinstance(boundary, torch.Tensor) and not boundary_is_x:
+                boundary = boundary.transpose(0, 1)
         fused = self.fused_dense and fusable(x, self.linear, self.layer_norm, self.activation)
         if fused:
             # Under autocast the fused tail computes in the low precision: one low-precision copy of
             # x (and of the boundary) then serves the aggregation, the update and the tail's products.
             cast = x.to(compute_dtype(x))
-            boundary = cast if boundary is x else boundary.to(cast.dtype)
+            boundary = cast if boundary_is_x else boundary.to(cast.dtype)
             x = cast
         relation = self.relation_projection(relation)
-        update = neighbourhood_update(x, relation, boundary, graph, self.message_func, self.aggregate_func)
-        return layer_tail(x, update, self.linear, self.layer_norm, self.activation, residual, fused=fused)
+        update = stored_update(x, relation, boundary, graph, self.message_func, self.aggregate_func, node_major)
+        out = layer_tail(x, update, self.linear, self.layer_norm, self.activation, residual, fused=fused)
+        return out.transpose(0, 1) if node_major else out
 
     def extra_repr(self) -> str:
         return (

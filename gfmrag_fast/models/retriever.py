@@ -87,6 +87,7 @@ class GNNRetriever(QueryGNN):
         if entities_weight is not None:
             mask = mask * entities_weight.unsqueeze(0)
         boundary = OuterBoundary(mask, question)
-        return self.entity_model(graph, boundary.dense(), relation, question, edge_mask=edge_mask,
+        x0 = boundary.dense(node_major=self.entity_model.stores_node_major(question.device, partition is not None))
+        return self.entity_model(graph, x0, relation, question, edge_mask=edge_mask,
                                  edge_weight=edge_weight, boundary=boundary)
 
