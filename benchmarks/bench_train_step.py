@@ -105,8 +105,9 @@ CASES = [
     # The reference aggregation would materialise [32, 61k, 64] messages per layer: left out.
     Case("musique-B32-6x64", "cpu", ("pretrain",), ("kg", MUSIQUE_KG), 32, 64, 6, 384, 256,
          impls=("kernel", "plain_tail")),
+    # kernel_node_major: the kernel with node-major state storage (the CPU default), to decide the GPU's.
     Case("hotpotqa-B8-6x512", "cuda", ("finetune", "pretrain"), ("real_shape", 82_157, 98_709, 35_046), 8, 512, 6,
-         768, 256, dtypes=("float32", "bfloat16")),
+         768, 256, impls=("kernel", "kernel_node_major", "plain_tail", "reference"), dtypes=("float32", "bfloat16")),
 ]
 CATEGORIES = ["matmuls", "aggregation fwd", "aggregation bwd", "dense tail fwd", "dense tail bwd", "sampling", "loss",
               "optimizer", "other"]
@@ -157,7 +158,9 @@ def model_of(case: Case, kind: str, impl: str) -> torch.nn.Module:
     torch.manual_seed(0)
     model = build_model(config).to(case.device)
     for layer in model.entity_model.layers:
-        layer.fused_dense = impl == "kernel"
+        layer.fused_dense = impl in ("kernel", "kernel_node_major")
+    # The device's default layout (node major on the CPU, batch major on CUDA) unless asked for.
+    model.entity_model.node_major = True if impl == "kernel_node_major" else None
     return model
 
 

@@ -40,6 +40,8 @@ def test_summary_targets_from_rows(tmp_path):
     train = [{"case": "hotpotqa-skewed-B8-6x512", "kind": "finetune", "device": "cuda", "dtype": "bfloat16",
               "impl": "kernel", "step_ms": 45.0, "peak_memory_gib": 13.0},
              {"case": "hotpotqa-skewed-B8-6x512", "kind": "finetune", "device": "cuda", "dtype": "bfloat16",
+              "impl": "kernel_node_major", "step_ms": 55.0, "peak_memory_gib": 11.0},
+             {"case": "hotpotqa-skewed-B8-6x512", "kind": "finetune", "device": "cuda", "dtype": "bfloat16",
               "impl": "reference", "step_ms": 10.0, "peak_memory_gib": 1.0}]
     (tmp_path / "train_step.json").write_text(json.dumps(train))
     (tmp_path / "gpu.txt").write_text("NVIDIA H100 80GB HBM3\n")
@@ -58,6 +60,10 @@ def test_summary_targets_from_rows(tmp_path):
     # only the kernel's train-step row counts, against both its time and its memory target
     assert by_what["finetune step bfloat16 hotpotqa-skewed-B8-6x512"]["met"] is True
     assert by_what["finetune step bfloat16 hotpotqa-skewed-B8-6x512 peak"]["met"] is False
+    # the node-major variant is listed beside it where it ran, and only there
+    assert by_what["finetune step bfloat16 hotpotqa-skewed-B8-6x512 node major"]["met"] is False
+    assert by_what["finetune step bfloat16 hotpotqa-skewed-B8-6x512 node major peak"]["met"] is True
+    assert not any("node major" in w for w in by_what if w.startswith("finetune step float32"))
     assert by_what["finetune step float32 hotpotqa-B8-6x512"]["met"] is None
     assert all(t["card"] == "NVIDIA H100 80GB HBM3" for t in summary["targets"])
     assert summary["steps"] == [{"step": "build", "outcome": "ok", "seconds": 90, "note": "exit 0, log build.log"}]
