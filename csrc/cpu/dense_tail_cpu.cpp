@@ -16,7 +16,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace gfmrag_fast {
 namespace {
@@ -116,6 +122,201 @@ GFMRAG_CPU_CLONES void forward_rows(const TailRows<scalar_t>& t, at::opmath_type
   });
 }
 
+// --- The vector path: float arithmetic (float32, or float16/bfloat16 rows), width a multiple of 8.
+// Channel c = 8 i + j of a row is element j of vector i, and lane c mod 32 = 8 (i mod 4) + j of the
+// row sum: the 32 lanes of dense_tail.h are four vectors, each still summing its channels in
+// order. GCC's vector extensions spell the per-element operations out, so every clone runs them
+// as whole vectors (the scalar loops above mostly did not vectorise); each operation is the
+// scalar path's, in the same order, so the results are the same bits.
+// GCC notes that 32-byte vector arguments change the ABI for callers without AVX; these helpers
+// are always inlined into each clone, so no such call exists.
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float f32x8 __attribute__((vector_size(32)));
+constexpr int64_t kVec = 8;
+
+C10_ALWAYS_INLINE f32x8 load8(const float* p) {
+  f32x8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+template <typename T>
+C10_ALWAYS_INLINE f32x8 load8(const T* p) {
+  f32x8 v;
+  for (int j = 0; j < kVec; ++j) v[j] = static_cast<float>(p[j]);
+  return v;
+}
+C10_ALWAYS_INLINE void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
+template <typename T>
+C10_ALWAYS_INLINE void store8(T* p, f32x8 v) {
+  for (int j = 0; j < kVec; ++j) p[j] = static_cast<T>(v[j]);
+}
+
+// Output rows larger than this many bytes are written with streaming (non-temporal) stores: they
+// go to memory without first reading each cache line in, a third less memory traffic for a
+// write, and the next op finds little of such an output in the caches anyway (they are a few MB
+// per core). Smaller outputs stay in the caches for the next op.
+constexpr int64_t kStreamBytes = int64_t(16) << 20;
+
+// Whether float rows at `p` of `bytes` bytes are written with streaming stores (16-byte aligned).
+inline bool stream_rows(const void* p, int64_t bytes) {
+#if defined(__x86_64__)
+  return bytes > kStreamBytes && reinterpret_cast<uintptr_t>(p) % 16 == 0;
+#else
+  return false;
+#endif
+}
+
+// Stores a vector of an output row; `stream` (from stream_rows) only for float rows. 16-byte SSE
+// streaming stores exist in both clones (x86-64's baseline).
+C10_ALWAYS_INLINE void put8(float* p, f32x8 v, bool stream) {
+#if defined(__x86_64__)
+  if (stream) {
+    __m128 lo, hi;
+    std::memcpy(&lo, &v, sizeof lo);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
+    _mm_stream_ps(p, lo);
+    _mm_stream_ps(p + 4, hi);
+    return;
+  }
+#endif
+  store8(p, v);
+}
+template <typename T>
+C10_ALWAYS_INLINE void put8(T* p, f32x8 v, bool) { store8(p, v); }
+
+// Streaming stores are weakly ordered: fence them before the rows are handed to another thread.
+inline void fence_streams(bool stream) {
+#if defined(__x86_64__)
+  if (stream) _mm_sfence();
+#endif
+}
+
+// lane_sum for `vectors` vectors, value(i) = channels [8 i, 8 i + 8): four lane vectors, then the
+// butterfly (16 and 8 between vectors, 4, 2, 1 inside the last one).
+template <typename F>
+C10_ALWAYS_INLINE float lane_sum8(int64_t vectors, const F& value) {
+  f32x8 l0 = {}, l1 = {}, l2 = {}, l3 = {};
+  int64_t i = 0;
+  for (; i + 4 <= vectors; i += 4) {
+    l0 += value(i);
+    l1 += value(i + 1);
+    l2 += value(i + 2);
+    l3 += value(i + 3);
+  }
+  if (i < vectors) l0 += value(i);
+  if (i + 1 < vectors) l1 += value(i + 1);
+  if (i + 2 < vectors) l2 += value(i + 2);
+  l0 += l2;
+  l1 += l3;
+  l0 += l1;
+  const float a0 = l0[0] + l0[4], a1 = l0[1] + l0[5], a2 = l0[2] + l0[6], a3 = l0[3] + l0[7];
+  return (a0 + a2) + (a1 + a3);
+}
+
+// tail_relu per element (a select, not max: NaN passes as in the scalar path).
+C10_ALWAYS_INLINE f32x8 relu8(f32x8 y) {
+  const f32x8 zero = {};
+  return y < zero ? zero : y;
+}
+
+// forward_rows for float arithmetic and dim % 8 == 0; v is a buffer of kRowBlock rows. Rows go in
+// blocks of kRowBlock, each step (v and mean, variance, output) done for the whole block before the
+// next: the rows' dependency chains (sum, divide, square root) are independent, so the core overlaps
+// them instead of waiting on one row's chain at a time.
+constexpr int64_t kRowBlock = 4;
+
+template <typename scalar_t>
+GFMRAG_CPU_CLONES void forward_rows_vec(const TailRows<scalar_t>& t, float eps, int64_t begin, int64_t end,
+                                        scalar_t* __restrict__ out, float* __restrict__ stats,
+                                        float* __restrict__ v, bool stream) {
+  const int64_t dim = t.dim, vectors = dim / kVec;
+  const float width = static_cast<float>(dim);
+  const float *b = t.bias, *gamma = t.gamma, *beta = t.beta;
+  for (int64_t r0 = begin; r0 < end; r0 += kRowBlock) {
+    const int64_t n = std::min(kRowBlock, end - r0);
+    float mean[kRowBlock], rstd[kRowBlock];
+    for (int64_t q = 0; q < n; ++q) {
+      const scalar_t* __restrict__ hr = t.h + (r0 + q) * dim;
+      float* __restrict__ vq = v + q * dim;
+      for (int64_t i = 0; i < vectors; ++i) store8(vq + kVec * i, load8(hr + kVec * i) + load8(b + kVec * i));
+      mean[q] = lane_sum8(vectors, [&](int64_t i) GFMRAG_INLINE_LAMBDA { return load8(vq + kVec * i); }) / width;
+    }
+    for (int64_t q = 0; q < n; ++q) {
+      const float* __restrict__ vq = v + q * dim;
+      const float m = mean[q];
+      const float var = lane_sum8(vectors, [&](int64_t i) GFMRAG_INLINE_LAMBDA {
+                          const f32x8 centred = load8(vq + kVec * i) - m;
+                          return centred * centred;
+                        }) / width;
+      rstd[q] = tail_rstd(var, eps);
+    }
+    for (int64_t q = 0; q < n; ++q) {
+      const int64_t r = r0 + q;
+      const float* __restrict__ vq = v + q * dim;
+      const float m = mean[q], s = rstd[q];
+      scalar_t* __restrict__ o = out + r * dim;
+      const auto y = [&](int64_t i) GFMRAG_INLINE_LAMBDA {
+        const f32x8 xhat = (load8(vq + kVec * i) - m) * s;
+        return relu8(xhat * load8(gamma + kVec * i) + load8(beta + kVec * i));
+      };
+      if (t.x != nullptr) {
+        const scalar_t* __restrict__ xr = t.x + r * dim;
+        for (int64_t i = 0; i < vectors; ++i) put8(o + kVec * i, y(i) + load8(xr + kVec * i), stream);
+      } else {
+        for (int64_t i = 0; i < vectors; ++i) put8(o + kVec * i, y(i), stream);
+      }
+      stats[2 * r] = m;
+      stats[2 * r + 1] = s;
+    }
+  }
+}
+
+// backward_rows for float arithmetic and dim % 8 == 0 (same arguments).
+template <typename scalar_t>
+GFMRAG_CPU_CLONES void backward_rows_vec(const TailRows<scalar_t>& t, int64_t begin, int64_t end,
+                                         scalar_t* __restrict__ grad_h, float* __restrict__ p_bias,
+                                         float* __restrict__ p_weight, float* __restrict__ p_beta,
+                                         float* __restrict__ xhat, float* __restrict__ grad_xhat, bool stream) {
+  const int64_t dim = t.dim, vectors = dim / kVec;
+  const float width = static_cast<float>(dim);
+  const float *b = t.bias, *gamma = t.gamma, *beta = t.beta;
+  const f32x8 zero = {};
+  for (int64_t r = begin; r < end; ++r) {
+    const scalar_t* __restrict__ hr = t.h + r * dim;
+    const scalar_t* __restrict__ gr = t.grad_out + r * dim;
+    const float mean = t.stats[2 * r], rstd = t.stats[2 * r + 1];
+    for (int64_t i = 0; i < vectors; ++i) {
+      const int64_t c = kVec * i;
+      const f32x8 xh = ((load8(hr + c) + load8(b + c)) - mean) * rstd;
+      const f32x8 y = xh * load8(gamma + c) + load8(beta + c);
+      const f32x8 grad_y = y <= zero ? zero : load8(gr + c);  // threshold_backward's rule
+      store8(xhat + c, xh);
+      store8(grad_xhat + c, grad_y * load8(gamma + c));
+      store8(p_weight + c, load8(p_weight + c) + grad_y * xh);
+      store8(p_beta + c, load8(p_beta + c) + grad_y);
+    }
+    const float a_mean = lane_sum8(vectors, [&](int64_t i) GFMRAG_INLINE_LAMBDA {
+                           return load8(grad_xhat + kVec * i);
+                         }) / width;
+    const float b_mean = lane_sum8(vectors, [&](int64_t i) GFMRAG_INLINE_LAMBDA {
+                           return load8(grad_xhat + kVec * i) * load8(xhat + kVec * i);
+                         }) / width;
+    scalar_t* __restrict__ gh = grad_h + (r - begin) * dim;
+    for (int64_t i = 0; i < vectors; ++i) {
+      const int64_t c = kVec * i;
+      const f32x8 grad_v = rstd * ((load8(grad_xhat + c) - a_mean) - load8(xhat + c) * b_mean);
+      put8(gh + c, grad_v, stream);
+      store8(p_bias + c, load8(p_bias + c) + grad_v);
+    }
+  }
+}
+
+// Whether rows of this type and width take the vector path.
+template <typename scalar_t>
+constexpr bool use_vector_path(int64_t dim) {
+  return std::is_same_v<at::opmath_type<scalar_t>, float> && dim % kVec == 0;
+}
+
 // Rows [begin, end) of one chunk: grad_h (pointing at row `begin`), and the chunk's partial sums of
 // the bias, ln_weight and ln_bias gradients (p_bias, p_weight, p_beta, added to in row order).
 // xhat and grad_xhat are row-sized scratch buffers.
@@ -189,14 +390,23 @@ template <typename scalar_t>
 void backward_chunks(const TailRows<scalar_t>& t, int64_t rows, scalar_t* grad_h, at::opmath_type<scalar_t>* partials) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t dim = t.dim;
+  const bool stream = stream_rows(grad_h, rows * dim * int64_t(sizeof(scalar_t)));
   at::parallel_for(0, num_row_chunks(rows), 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     std::vector<acc_t> xhat(dim), grad_xhat(dim);
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       acc_t* p = partials + chunk * kNumParamGrads * dim;
       const int64_t begin = chunk * kRowsPerChunk, end = std::min(rows, begin + kRowsPerChunk);
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (use_vector_path<scalar_t>(dim)) {
+          backward_rows_vec<scalar_t>(t, begin, end, grad_h + begin * dim, p, p + dim, p + 2 * dim, xhat.data(),
+                                      grad_xhat.data(), stream);
+          continue;
+        }
+      }
       backward_rows<scalar_t>(t, begin, end, grad_h + begin * dim, p, p + dim, p + 2 * dim, xhat.data(),
                               grad_xhat.data());
     }
+    fence_streams(stream);
   });
 }
 
@@ -236,7 +446,16 @@ void forward_all(const TailRows<scalar_t>& t, double eps, int64_t rows, at::Tens
   using acc_t = at::opmath_type<scalar_t>;
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
   acc_t* s = stats.mutable_data_ptr<acc_t>();
+  const bool stream = stream_rows(o, rows * t.dim * int64_t(sizeof(scalar_t)));
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / t.dim), [&](int64_t begin, int64_t end) {
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (use_vector_path<scalar_t>(t.dim)) {
+        std::vector<float> v(kRowBlock * t.dim);
+        forward_rows_vec<scalar_t>(t, static_cast<float>(eps), begin, end, o, s, v.data(), stream);
+        fence_streams(stream);
+        return;
+      }
+    }
     std::vector<acc_t> v(t.dim);
     forward_rows<scalar_t>(t, static_cast<acc_t>(eps), begin, end, o, s, v.data());
   });
