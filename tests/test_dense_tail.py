@@ -165,6 +165,47 @@ def test_opcheck(device):
             (grad_out, *plain[:3], h, stats, *plain[3:], True, [True, False, True]))
     opcheck(ops.dense_tail_norm.default, (h, plain[0], *plain[3:], 1e-5))
     opcheck(ops.dense_tail_norm_backward.default, (grad_out, h, stats, *plain[3:]))
+    opcheck(ops.dense_tail_norm_backward.default, (grad_out, h, stats, *plain[3:], True))
+
+
+def bits(t):
+    """t's raw bytes: equal bits, NaN payloads and signed zeros included."""
+    return t.contiguous().view(torch.uint8) if t.numel() else t
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,width", [(torch.float32, 64), (torch.float32, 37), (torch.bfloat16, 40),
+                                         (torch.float16, 24), (torch.float64, 16)], ids=str)
+def test_norm_backward_copies_grad_out(device, dtype, width):
+    """copy_grad_out=True adds grad_out's exact copy (the short cut's gradient) and changes nothing else."""
+    gen = torch.Generator().manual_seed(5)
+    h, grad_out = (torch.randn(150, width, generator=gen).to(device, dtype) for _ in range(2))
+    grad_out[3, 1], grad_out[4, :] = float("nan"), -0.0
+    params = [torch.randn(width, generator=gen).to(device, dtype) for _ in range(3)]
+    _, stats = ops.dense_tail_norm(h, None, *params, 1e-5)
+    grad_h, grad_params, none = ops.dense_tail_norm_backward(grad_out, h, stats, *params)
+    grad_h2, grad_params2, copy = ops.dense_tail_norm_backward(grad_out, h, stats, *params, True)
+    assert none.numel() == 0
+    assert copy.shape == grad_out.shape and copy.dtype == dtype and copy.data_ptr() != grad_out.data_ptr()
+    assert torch.equal(bits(copy), bits(grad_out))
+    assert torch.equal(bits(grad_h2), bits(grad_h)) and torch.equal(bits(grad_params2), bits(grad_params))
+
+
+def test_large_outputs_match_row_slices():
+    """Outputs over 16 MB are written with streaming stores on x86 CPUs: rows must come out as the
+    same rows computed alone (each row's out and grad_h depend on that row only)."""
+    rows, width = 66_000, 64  # 16.9 MB per float32 tensor
+    gen = torch.Generator().manual_seed(6)
+    h, x, grad_out = (torch.randn(rows, width, generator=gen) for _ in range(3))
+    params = [torch.randn(width, generator=gen) for _ in range(3)]
+    out, stats = ops.dense_tail_norm(h, x, *params, 1e-5)
+    grad_h, _, copy = ops.dense_tail_norm_backward(grad_out, h, stats, *params, True)
+    assert torch.equal(copy, grad_out)
+    for part in (slice(0, 700), slice(rows - 700, rows)):
+        out_part, stats_part = ops.dense_tail_norm(h[part], x[part], *params, 1e-5)
+        assert torch.equal(bits(out[part]), bits(out_part)) and torch.equal(stats[part], stats_part)
+        grad_h_part, _, _ = ops.dense_tail_norm_backward(grad_out[part], h[part], stats_part, *params)
+        assert torch.equal(bits(grad_h[part]), bits(grad_h_part))
 
 
 def test_torch_compile_fullgraph():

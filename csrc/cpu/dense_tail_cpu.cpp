@@ -72,6 +72,7 @@ struct TailRows {
   const scalar_t* x;         // [M, d] (the short cut) or nullptr
   const scalar_t* grad_out;  // [M, d] (backward)
   const acc_t* stats;        // [M, 2] mean, rstd (backward)
+  scalar_t* grad_out_copy;   // [M, d] receives a copy of grad_out (backward), or nullptr
   const acc_t* bias;         // [d]
   const acc_t* gamma;        // [d]
   const acc_t* beta;         // [d]
@@ -184,6 +185,16 @@ C10_ALWAYS_INLINE void put8(float* p, f32x8 v, bool stream) {
 template <typename T>
 C10_ALWAYS_INLINE void put8(T* p, f32x8 v, bool) { store8(p, v); }
 
+// copy[c, c + 8) = src[c, c + 8) unless copy is nullptr: the bits moved as they are (NaN payloads
+// included, which a round trip through float would not keep for float16/bfloat16).
+C10_ALWAYS_INLINE void copy8(float* copy, const float* src, int64_t c, bool stream) {
+  if (copy != nullptr) put8(copy + c, load8(src + c), stream);
+}
+template <typename T>
+C10_ALWAYS_INLINE void copy8(T* copy, const T* src, int64_t c, bool) {
+  if (copy != nullptr) std::memcpy(copy + c, src + c, kVec * sizeof(T));
+}
+
 // Streaming stores are weakly ordered: fence them before the rows are handed to another thread.
 inline void fence_streams(bool stream) {
 #if defined(__x86_64__)
@@ -285,11 +296,14 @@ GFMRAG_CPU_CLONES void backward_rows_vec(const TailRows<scalar_t>& t, int64_t be
     const scalar_t* __restrict__ hr = t.h + r * dim;
     const scalar_t* __restrict__ gr = t.grad_out + r * dim;
     const float mean = t.stats[2 * r], rstd = t.stats[2 * r + 1];
+    scalar_t* __restrict__ copy = t.grad_out_copy != nullptr ? t.grad_out_copy + r * dim : nullptr;
     for (int64_t i = 0; i < vectors; ++i) {
       const int64_t c = kVec * i;
+      copy8(copy, gr, c, stream);
       const f32x8 xh = ((load8(hr + c) + load8(b + c)) - mean) * rstd;
       const f32x8 y = xh * load8(gamma + c) + load8(beta + c);
-      const f32x8 grad_y = y <= zero ? zero : load8(gr + c);  // threshold_backward's rule
+      const f32x8 g = load8(gr + c);
+      const f32x8 grad_y = y <= zero ? zero : g;  // threshold_backward's rule
       store8(xhat + c, xh);
       store8(grad_xhat + c, grad_y * load8(gamma + c));
       store8(p_weight + c, load8(p_weight + c) + grad_y * xh);
@@ -333,6 +347,7 @@ GFMRAG_CPU_CLONES void backward_rows(const TailRows<scalar_t>& t, int64_t begin,
   const acc_t *b = t.bias, *gamma = t.gamma, *beta = t.beta;
   for_each_tail_row(t, begin, end, [&](int64_t r, const scalar_t* __restrict__ hr) GFMRAG_INLINE_LAMBDA {
     const scalar_t* __restrict__ gr = t.grad_out + r * dim;
+    if (t.grad_out_copy != nullptr) std::copy(gr, gr + dim, t.grad_out_copy + r * dim);
     const acc_t mean = t.stats[2 * r], rstd = t.stats[2 * r + 1];
     for (int64_t c = 0; c < dim; ++c) {
       acc_t xh;
@@ -390,7 +405,8 @@ template <typename scalar_t>
 void backward_chunks(const TailRows<scalar_t>& t, int64_t rows, scalar_t* grad_h, at::opmath_type<scalar_t>* partials) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t dim = t.dim;
-  const bool stream = stream_rows(grad_h, rows * dim * int64_t(sizeof(scalar_t)));
+  const int64_t bytes = rows * dim * int64_t(sizeof(scalar_t));
+  const bool stream = stream_rows(grad_h, bytes) && (t.grad_out_copy == nullptr || stream_rows(t.grad_out_copy, bytes));
   at::parallel_for(0, num_row_chunks(rows), 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     std::vector<acc_t> xhat(dim), grad_xhat(dim);
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
@@ -436,6 +452,7 @@ TailRows<scalar_t> tail_rows(const at::Tensor& h, const at::Tensor* x, const at:
   t.x = x ? x->const_data_ptr<scalar_t>() : nullptr;
   t.grad_out = grad_out ? grad_out->const_data_ptr<scalar_t>() : nullptr;
   t.stats = stats ? stats->const_data_ptr<at::opmath_type<scalar_t>>() : nullptr;
+  t.grad_out_copy = nullptr;
   t.dim = dim;
   return t;
 }
@@ -479,13 +496,12 @@ std::tuple<at::Tensor, at::Tensor> dense_tail_norm_cpu(const at::Tensor& h, cons
   return {out, stats};
 }
 
-std::tuple<at::Tensor, at::Tensor> dense_tail_norm_backward_cpu(const at::Tensor& grad_out, const at::Tensor& h,
-                                                                const at::Tensor& stats,
-                                                                const std::optional<at::Tensor>& bias,
-                                                                const std::optional<at::Tensor>& ln_weight,
-                                                                const std::optional<at::Tensor>& ln_bias) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_tail_norm_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& stats, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias, bool copy_grad_out) {
   const DenseTailArgs a = check_dense_tail_norm_backward_inputs(grad_out, h, stats, bias, ln_weight, ln_bias);
   at::Tensor grad_h = at::empty_like(h);
+  at::Tensor grad_out_copy = copy_grad_out ? at::empty_like(h) : at::empty({0}, h.options());
   at::Tensor grad_params = at::empty({kNumParamGrads, a.dim}, h.options().dtype(a.param_dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "dense_tail_norm_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -493,6 +509,7 @@ std::tuple<at::Tensor, at::Tensor> dense_tail_norm_backward_cpu(const at::Tensor
       using param_t = typename decltype(tag)::type;
       const TailParams<scalar_t, param_t> params(bias, ln_weight, ln_bias, a.dim);
       TailRows<scalar_t> t = tail_rows<scalar_t>(h, nullptr, &grad_out, &stats, a.dim);
+      if (copy_grad_out) t.grad_out_copy = grad_out_copy.mutable_data_ptr<scalar_t>();
       params.into(t);
       const int64_t num_chunks = num_row_chunks(a.rows);
       std::vector<acc_t> partials(num_chunks * kNumParamGrads * a.dim);
@@ -500,7 +517,7 @@ std::tuple<at::Tensor, at::Tensor> dense_tail_norm_backward_cpu(const at::Tensor
       combine_partials(partials, num_chunks, a.dim, grad_params.mutable_data_ptr<param_t>());
     });
   });
-  return {grad_h, grad_params};
+  return {grad_h, grad_params, grad_out_copy};
 }
 
 }  // namespace
