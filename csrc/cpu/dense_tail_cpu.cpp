@@ -2,10 +2,14 @@
 //
 // Forward: rows in parallel, one pass over memory per row (h and x read, out written); the row is
 // kept in a thread-local buffer for the three sweeps LayerNorm needs (mean, variance, output).
-// Backward: chunks of kRowsPerChunk rows in parallel; each chunk writes grad_h for its rows and its
-// partial sums of the three parameter gradients, which are then added over the chunks in the
-// order of dense_tail.h (per group of chunks, then the groups).
+// Backward: chunks of kRowsPerChunk rows in parallel; each chunk writes grad_h for its rows (and,
+// when asked, a copy of grad_out) and its partial sums of the three parameter gradients, which are
+// then added over the chunks in the order of dense_tail.h (per group of chunks, then the groups).
 // Row sums follow the 32-lane order of dense_tail.h, so results match the CUDA kernels bit for bit.
+//
+// Two implementations of the rows: a vector path (float arithmetic, widths that are a multiple of
+// 8: float32, float16 and bfloat16 rows, e.g. GFM-RAG's 64 and 512) and a scalar path for the
+// others (float64, other widths). Both do the same operations in the same order.
 #include "../dense_tail.h"
 
 #include <ATen/Dispatch.h>
@@ -39,7 +43,7 @@ std::vector<acc_t> param_row(const std::optional<at::Tensor>& param, int64_t dim
 }
 
 // Σ_c value(c) in the order of dense_tail.h: lane k sums channels k, k + 32, ... in turn, then the
-// lanes are combined with offsets 16, 8, 4, 2, 1. The lane loop is contiguous, so it vectorises.
+// lanes are combined with offsets 16, 8, 4, 2, 1.
 template <typename acc_t, typename F>
 inline acc_t lane_sum(int64_t dim, const F& value) {
   acc_t lanes[kTailLanes] = {};
