@@ -191,6 +191,25 @@ def test_norm_backward_copies_grad_out(device, dtype, width):
     assert torch.equal(bits(grad_h2), bits(grad_h)) and torch.equal(bits(grad_params2), bits(grad_params))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("width", [64, 63], ids=["vector-path", "scalar-path"])
+def test_bfloat16_output_rounding(device, width):
+    """With ln_weight = 0, x = 0 and float32 ln_bias, out = bfloat16(relu(ln_bias)): the rounding of
+    float32 values to bfloat16, ties to even, overflow and NaN included, must be torch's."""
+    one = 1.0
+    values = torch.tensor([one + 2**-8, one + 3 * 2**-8, 3.0 + 2**-7, 2.0**-130, 3.3895314e38, 3.4028235e38,
+                           float("inf"), float("nan"), 0.1, 7.0 + 2**-6, -2.0], dtype=torch.float32)
+    ln_bias = values.repeat(width // values.numel() + 1)[:width].to(device)
+    h = torch.randn(3, width, generator=torch.Generator().manual_seed(7)).to(device, torch.bfloat16)
+    x = torch.zeros(3, width, dtype=torch.bfloat16, device=device)
+    ln_weight = torch.zeros(width, device=device)
+    out, _ = ops.dense_tail_norm(h, x, None, ln_weight, ln_bias, 1e-5)
+    expected = ln_bias.clamp(min=0).where(~ln_bias.isnan(), ln_bias).to(torch.bfloat16).expand(3, width)
+    assert torch.equal(out.isnan(), expected.isnan())
+    finite = ~expected.isnan()
+    assert torch.equal(bits(out[finite]), bits(expected[finite]))
+
+
 def test_large_outputs_match_row_slices():
     """Outputs over 16 MB are written with streaming stores on x86 CPUs: rows must come out as the
     same rows computed alone (each row's out and grad_h depend on that row only)."""

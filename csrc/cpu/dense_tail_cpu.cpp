@@ -156,6 +156,28 @@ C10_ALWAYS_INLINE void store8(T* p, f32x8 v) {
   for (int j = 0; j < kVec; ++j) p[j] = static_cast<T>(v[j]);
 }
 
+// bfloat16 as whole vectors (c10's per-element conversions, which GCC does not vectorise, spelled
+// out): a bfloat16 is the upper half of a float32, so widening is a shift; narrowing rounds to
+// nearest even, NaN becoming 0x7FC0 (c10's round_to_nearest_even).
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+C10_ALWAYS_INLINE f32x8 load8(const at::BFloat16* p) {
+  u16x8 raw;
+  std::memcpy(&raw, p, sizeof raw);
+  const u32x8 bits = __builtin_convertvector(raw, u32x8) << 16;
+  f32x8 v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+C10_ALWAYS_INLINE void store8(at::BFloat16* p, f32x8 v) {
+  u32x8 bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  const u32x8 nan_bits = {0x7FC0, 0x7FC0, 0x7FC0, 0x7FC0, 0x7FC0, 0x7FC0, 0x7FC0, 0x7FC0};
+  const u32x8 rounded = (bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16;
+  const u16x8 out = __builtin_convertvector(v != v ? nan_bits : rounded, u16x8);
+  std::memcpy(p, &out, sizeof out);
+}
+
 // Output rows larger than this many bytes are written with streaming (non-temporal) stores: they
 // go to memory without first reading each cache line in, a third less memory traffic for a
 // write, and the next op finds little of such an output in the caches anyway (they are a few MB
