@@ -133,7 +133,7 @@ GFMRAG_CPU_CLONES void forward_rows(const TailRows<scalar_t>& t, at::opmath_type
 // order. GCC's vector extensions spell the per-element operations out, so every clone runs them
 // as whole vectors (the scalar loops above mostly did not vectorise); each operation is the
 // scalar path's, in the same order, so the results are the same bits.
-// GCC notes that 32-byte vector arguments change the ABI for callers without AVX; these helpers
+// GCC warns that returning a 32-byte vector changes the ABI for callers without AVX; these helpers
 // are always inlined into each clone, so no such call exists.
 #pragma GCC diagnostic ignored "-Wpsabi"
 typedef float f32x8 __attribute__((vector_size(32)));
@@ -150,9 +150,9 @@ C10_ALWAYS_INLINE f32x8 load8(const T* p) {
   for (int j = 0; j < kVec; ++j) v[j] = static_cast<float>(p[j]);
   return v;
 }
-C10_ALWAYS_INLINE void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
+C10_ALWAYS_INLINE void store8(float* p, const f32x8& v) { std::memcpy(p, &v, sizeof v); }
 template <typename T>
-C10_ALWAYS_INLINE void store8(T* p, f32x8 v) {
+C10_ALWAYS_INLINE void store8(T* p, const f32x8& v) {
   for (int j = 0; j < kVec; ++j) p[j] = static_cast<T>(v[j]);
 }
 
@@ -169,7 +169,7 @@ C10_ALWAYS_INLINE f32x8 load8(const at::BFloat16* p) {
   std::memcpy(&v, &bits, sizeof v);
   return v;
 }
-C10_ALWAYS_INLINE void store8(at::BFloat16* p, f32x8 v) {
+C10_ALWAYS_INLINE void store8(at::BFloat16* p, const f32x8& v) {
   u32x8 bits;
   std::memcpy(&bits, &v, sizeof bits);
   const u32x8 nan_bits = {0x7FC0, 0x7FC0, 0x7FC0, 0x7FC0, 0x7FC0, 0x7FC0, 0x7FC0, 0x7FC0};
@@ -195,7 +195,7 @@ inline bool stream_rows(const void* p, int64_t bytes) {
 
 // Stores a vector of an output row; `stream` (from stream_rows) only for float rows. 16-byte SSE
 // streaming stores exist in both clones (x86-64's baseline).
-C10_ALWAYS_INLINE void put8(float* p, f32x8 v, bool stream) {
+C10_ALWAYS_INLINE void put8(float* p, const f32x8& v, bool stream) {
 #if defined(__x86_64__)
   if (stream) {
     __m128 lo, hi;
@@ -209,7 +209,7 @@ C10_ALWAYS_INLINE void put8(float* p, f32x8 v, bool stream) {
   store8(p, v);
 }
 template <typename T>
-C10_ALWAYS_INLINE void put8(T* p, f32x8 v, bool) { store8(p, v); }
+C10_ALWAYS_INLINE void put8(T* p, const f32x8& v, bool) { store8(p, v); }
 
 // copy[c, c + 8) = src[c, c + 8) unless copy is nullptr: the bits moved as they are (NaN payloads
 // included, which a round trip through float would not keep for float16/bfloat16).
@@ -251,7 +251,7 @@ C10_ALWAYS_INLINE float lane_sum8(int64_t vectors, const F& value) {
 }
 
 // tail_relu per element (a select, not max: NaN passes as in the scalar path).
-C10_ALWAYS_INLINE f32x8 relu8(f32x8 y) {
+C10_ALWAYS_INLINE f32x8 relu8(const f32x8& y) {
   const f32x8 zero = {};
   return y < zero ? zero : y;
 }
