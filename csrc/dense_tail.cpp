@@ -217,6 +217,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_tail_backward_c
     std::array<bool, 3> output_mask) {
   const DenseTailArgs a = check_dense_tail_inputs(x, update, weight, bias, ln_weight, ln_bias, 0.0, residual);
   const int64_t d_in = x.size(-1);
+  std::vector<int64_t> out_shape = x.sizes().vec();
+  out_shape.back() = a.dim;
+  TORCH_CHECK_VALUE(h.sizes() == at::IntArrayRef(out_shape), "dense_tail_backward: h must have shape ", at::IntArrayRef(out_shape),
+                    " (the forward's h, x's leading dimensions and d_out), got ", h.sizes());
   const at::Tensor grad_out_c = grad_out.contiguous();
   // With the short cut, grad_x starts as a copy of grad_out that the norm kernel writes while it
   // reads grad_out anyway; the product then accumulates into it (no separate copy pass).
@@ -226,7 +230,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_tail_backward_c
   const at::Tensor grad_h_rows = grad_h.view({a.rows, a.dim});
   const auto [w_x, w_update] = weight_halves(weight);
   // A gradient not asked for comes back as an empty tensor.
-  // (h, hence the copy, has x's shape: the short cut needs d_out == d_in.)
+  // (The copy has h's shape, which is x's: the short cut needs d_out == d_in.)
   at::Tensor grad_x = shortcut_grad ? grad_out_copy
                                     : at::empty(output_mask[0] ? x.sizes() : at::IntArrayRef{0}, x.options());
   at::Tensor grad_update = at::empty(output_mask[1] ? update.sizes() : at::IntArrayRef{0}, update.options());

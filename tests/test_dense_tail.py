@@ -326,6 +326,10 @@ def test_bad_inputs_name_the_argument():
         dense_tail(x, update.tolist(), weight)
     with pytest.raises(ValueError, match="stats must have shape"):
         ops.dense_tail_norm_backward(x, x, torch.zeros(5, 3), None, None, None)
+    _, h, stats = ops.dense_tail(x, update, weight, bias, ln_weight, ln_bias, 1e-5, True)
+    with pytest.raises(ValueError, match=r"h must have shape \[1, 5, 4\] \(the forward.s h"):
+        ops.dense_tail_backward(x[None], x[None], update[None], weight, h, stats, bias, ln_weight, ln_bias, True,
+                                [True, True, True])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
