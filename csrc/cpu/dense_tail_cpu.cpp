@@ -308,7 +308,10 @@ GFMRAG_CPU_CLONES void forward_rows_vec(const TailRows<scalar_t>& t, float eps, 
   }
 }
 
-// backward_rows for float arithmetic and dim % 8 == 0 (same arguments).
+// backward_rows for float arithmetic and dim % 8 == 0 (same arguments, but xhat and grad_xhat hold
+// kRowBlock rows). Rows go in blocks of kRowBlock as in the forward: the first sweep and the two
+// row sums for every row of the block, then the second sweep; parameter partials still add row by
+// row in order.
 template <typename scalar_t>
 GFMRAG_CPU_CLONES void backward_rows_vec(const TailRows<scalar_t>& t, int64_t begin, int64_t end,
                                          scalar_t* __restrict__ grad_h, float* __restrict__ p_bias,
@@ -318,35 +321,46 @@ GFMRAG_CPU_CLONES void backward_rows_vec(const TailRows<scalar_t>& t, int64_t be
   const float width = static_cast<float>(dim);
   const float *b = t.bias, *gamma = t.gamma, *beta = t.beta;
   const f32x8 zero = {};
-  for (int64_t r = begin; r < end; ++r) {
-    const scalar_t* __restrict__ hr = t.h + r * dim;
-    const scalar_t* __restrict__ gr = t.grad_out + r * dim;
-    const float mean = t.stats[2 * r], rstd = t.stats[2 * r + 1];
-    scalar_t* __restrict__ copy = t.grad_out_copy != nullptr ? t.grad_out_copy + r * dim : nullptr;
-    for (int64_t i = 0; i < vectors; ++i) {
-      const int64_t c = kVec * i;
-      copy8(copy, gr, c, stream);
-      const f32x8 xh = ((load8(hr + c) + load8(b + c)) - mean) * rstd;
-      const f32x8 y = xh * load8(gamma + c) + load8(beta + c);
-      const f32x8 g = load8(gr + c);
-      const f32x8 grad_y = y <= zero ? zero : g;  // threshold_backward's rule
-      store8(xhat + c, xh);
-      store8(grad_xhat + c, grad_y * load8(gamma + c));
-      store8(p_weight + c, load8(p_weight + c) + grad_y * xh);
-      store8(p_beta + c, load8(p_beta + c) + grad_y);
+  for (int64_t r0 = begin; r0 < end; r0 += kRowBlock) {
+    const int64_t n = std::min(kRowBlock, end - r0);
+    float a_mean[kRowBlock], b_mean[kRowBlock];
+    for (int64_t q = 0; q < n; ++q) {
+      const int64_t r = r0 + q;
+      const scalar_t* __restrict__ hr = t.h + r * dim;
+      const scalar_t* __restrict__ gr = t.grad_out + r * dim;
+      const float mean = t.stats[2 * r], rstd = t.stats[2 * r + 1];
+      scalar_t* __restrict__ copy = t.grad_out_copy != nullptr ? t.grad_out_copy + r * dim : nullptr;
+      float* __restrict__ xq = xhat + q * dim;
+      float* __restrict__ gq = grad_xhat + q * dim;
+      for (int64_t i = 0; i < vectors; ++i) {
+        const int64_t c = kVec * i;
+        copy8(copy, gr, c, stream);
+        const f32x8 xh = ((load8(hr + c) + load8(b + c)) - mean) * rstd;
+        const f32x8 y = xh * load8(gamma + c) + load8(beta + c);
+        const f32x8 g = load8(gr + c);
+        const f32x8 grad_y = y <= zero ? zero : g;  // threshold_backward's rule
+        store8(xq + c, xh);
+        store8(gq + c, grad_y * load8(gamma + c));
+        store8(p_weight + c, load8(p_weight + c) + grad_y * xh);
+        store8(p_beta + c, load8(p_beta + c) + grad_y);
+      }
+      a_mean[q] = lane_sum8(vectors, [&](int64_t i) GFMRAG_INLINE_LAMBDA { return load8(gq + kVec * i); }) / width;
+      b_mean[q] = lane_sum8(vectors, [&](int64_t i) GFMRAG_INLINE_LAMBDA {
+                    return load8(gq + kVec * i) * load8(xq + kVec * i);
+                  }) / width;
     }
-    const float a_mean = lane_sum8(vectors, [&](int64_t i) GFMRAG_INLINE_LAMBDA {
-                           return load8(grad_xhat + kVec * i);
-                         }) / width;
-    const float b_mean = lane_sum8(vectors, [&](int64_t i) GFMRAG_INLINE_LAMBDA {
-                           return load8(grad_xhat + kVec * i) * load8(xhat + kVec * i);
-                         }) / width;
-    scalar_t* __restrict__ gh = grad_h + (r - begin) * dim;
-    for (int64_t i = 0; i < vectors; ++i) {
-      const int64_t c = kVec * i;
-      const f32x8 grad_v = rstd * ((load8(grad_xhat + c) - a_mean) - load8(xhat + c) * b_mean);
-      put8(gh + c, grad_v, stream);
-      store8(p_bias + c, load8(p_bias + c) + grad_v);
+    for (int64_t q = 0; q < n; ++q) {
+      const int64_t r = r0 + q;
+      const float rstd = t.stats[2 * r + 1], a = a_mean[q], bm = b_mean[q];
+      const float* __restrict__ xq = xhat + q * dim;
+      const float* __restrict__ gq = grad_xhat + q * dim;
+      scalar_t* __restrict__ gh = grad_h + (r - begin) * dim;
+      for (int64_t i = 0; i < vectors; ++i) {
+        const int64_t c = kVec * i;
+        const f32x8 grad_v = rstd * ((load8(gq + c) - a) - load8(xq + c) * bm);
+        put8(gh + c, grad_v, stream);
+        store8(p_bias + c, load8(p_bias + c) + grad_v);
+      }
     }
   }
 }
@@ -434,7 +448,8 @@ void backward_chunks(const TailRows<scalar_t>& t, int64_t rows, scalar_t* grad_h
   const int64_t bytes = rows * dim * int64_t(sizeof(scalar_t));
   const bool stream = stream_rows(grad_h, bytes) && (t.grad_out_copy == nullptr || stream_rows(t.grad_out_copy, bytes));
   at::parallel_for(0, num_row_chunks(rows), 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    std::vector<acc_t> xhat(dim), grad_xhat(dim);
+    // row buffers: kRowBlock rows for the vector path, one for the scalar path
+    std::vector<acc_t> xhat(kRowBlock * dim), grad_xhat(kRowBlock * dim);
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       acc_t* p = partials + chunk * kNumParamGrads * dim;
       const int64_t begin = chunk * kRowsPerChunk, end = std::min(rows, begin + kRowsPerChunk);
