@@ -164,17 +164,18 @@ std::tuple<at::Tensor, at::Tensor> call_norm(const at::Tensor& h, const std::opt
   return op.call(h, x, bias, ln_weight, ln_bias, eps);
 }
 
-std::tuple<at::Tensor, at::Tensor> call_norm_backward(const at::Tensor& grad_out, const at::Tensor& h,
-                                                      const at::Tensor& stats,
-                                                      const std::optional<at::Tensor>& bias,
-                                                      const std::optional<at::Tensor>& ln_weight,
-                                                      const std::optional<at::Tensor>& ln_bias) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_norm_backward(const at::Tensor& grad_out, const at::Tensor& h,
+                                                                  const at::Tensor& stats,
+                                                                  const std::optional<at::Tensor>& bias,
+                                                                  const std::optional<at::Tensor>& ln_weight,
+                                                                  const std::optional<at::Tensor>& ln_bias,
+                                                                  bool copy_grad_out) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("gfmrag_fast::dense_tail_norm_backward", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                           const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
-  return op.call(grad_out, h, stats, bias, ln_weight, ln_bias);
+                           const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool)>();
+  return op.call(grad_out, h, stats, bias, ln_weight, ln_bias, copy_grad_out);
 }
 
 std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
@@ -216,20 +217,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_tail_backward_c
     std::array<bool, 3> output_mask) {
   const DenseTailArgs a = check_dense_tail_inputs(x, update, weight, bias, ln_weight, ln_bias, 0.0, residual);
   const int64_t d_in = x.size(-1);
+  std::vector<int64_t> out_shape = x.sizes().vec();
+  out_shape.back() = a.dim;
+  TORCH_CHECK_VALUE(h.sizes() == at::IntArrayRef(out_shape), "dense_tail_backward: h must have shape ", at::IntArrayRef(out_shape),
+                    " (the forward's h, x's leading dimensions and d_out), got ", h.sizes());
   const at::Tensor grad_out_c = grad_out.contiguous();
-  auto [grad_h, grad_params] =
-      call_norm_backward(grad_out_c, h, stats, contiguous(bias), contiguous(ln_weight), contiguous(ln_bias));
+  // With the short cut, grad_x starts as a copy of grad_out that the norm kernel writes while it
+  // reads grad_out anyway; the product then accumulates into it (no separate copy pass).
+  const bool shortcut_grad = output_mask[0] && residual;
+  auto [grad_h, grad_params, grad_out_copy] = call_norm_backward(
+      grad_out_c, h, stats, contiguous(bias), contiguous(ln_weight), contiguous(ln_bias), shortcut_grad);
   const at::Tensor grad_h_rows = grad_h.view({a.rows, a.dim});
   const auto [w_x, w_update] = weight_halves(weight);
   // A gradient not asked for comes back as an empty tensor.
-  at::Tensor grad_x = at::empty(output_mask[0] ? x.sizes() : at::IntArrayRef{0}, x.options());
+  // (The copy has h's shape, which is x's: the short cut needs d_out == d_in.)
+  at::Tensor grad_x = shortcut_grad ? grad_out_copy
+                                    : at::empty(output_mask[0] ? x.sizes() : at::IntArrayRef{0}, x.options());
   at::Tensor grad_update = at::empty(output_mask[1] ? update.sizes() : at::IntArrayRef{0}, update.options());
   at::Tensor grad_weight = at::empty(output_mask[2] ? weight.sizes() : at::IntArrayRef{0}, weight.options());
   if (output_mask[0]) {
     at::Tensor grad_x_rows = grad_x.view({a.rows, d_in});
     if (residual) {
-      // The short cut's gradient enters as the GEMM's accumulator: no separate pass adds it.
-      at::addmm_out(grad_x_rows, grad_out_c.view({a.rows, d_in}), grad_h_rows, w_x);
+      // The short cut's gradient (already in grad_x) is the GEMM's accumulator.
+      grad_x_rows.addmm_(grad_h_rows, w_x);
     } else {
       at::mm_out(grad_x_rows, grad_h_rows, w_x);
     }
@@ -262,13 +272,16 @@ TORCH_LIBRARY_FRAGMENT(gfmrag_fast, m) {
       "dense_tail_backward(Tensor grad_out, Tensor x, Tensor update, Tensor weight, Tensor h, Tensor stats, "
       "Tensor? bias, Tensor? ln_weight, Tensor? ln_bias, bool residual, bool[3] output_mask) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
-  // The fused kernels after the products: (out, stats) from h, and (grad_h, grad_params).
+  // The fused kernels after the products: (out, stats) from h, and (grad_h, grad_params, grad_out's
+  // copy).
   m.def(
       "dense_tail_norm(Tensor h, Tensor? x, Tensor? bias, Tensor? ln_weight, Tensor? ln_bias, float eps) "
       "-> (Tensor, Tensor)");
+  // With copy_grad_out, the third output is a copy of grad_out written in the same pass (the short
+  // cut's gradient); without, it is empty.
   m.def(
       "dense_tail_norm_backward(Tensor grad_out, Tensor h, Tensor stats, Tensor? bias, Tensor? ln_weight, "
-      "Tensor? ln_bias) -> (Tensor, Tensor)");
+      "Tensor? ln_bias, bool copy_grad_out=False) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(gfmrag_fast, CompositeExplicitAutograd, m) {

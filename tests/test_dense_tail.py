@@ -165,6 +165,66 @@ def test_opcheck(device):
             (grad_out, *plain[:3], h, stats, *plain[3:], True, [True, False, True]))
     opcheck(ops.dense_tail_norm.default, (h, plain[0], *plain[3:], 1e-5))
     opcheck(ops.dense_tail_norm_backward.default, (grad_out, h, stats, *plain[3:]))
+    opcheck(ops.dense_tail_norm_backward.default, (grad_out, h, stats, *plain[3:], True))
+
+
+def bits(t):
+    """t's raw bytes: equal bits, NaN payloads and signed zeros included."""
+    return t.contiguous().view(torch.uint8) if t.numel() else t
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,width", [(torch.float32, 64), (torch.float32, 37), (torch.bfloat16, 40),
+                                         (torch.float16, 24), (torch.float64, 16)], ids=str)
+def test_norm_backward_copies_grad_out(device, dtype, width):
+    """copy_grad_out=True adds grad_out's exact copy (the short cut's gradient) and changes nothing else."""
+    gen = torch.Generator().manual_seed(5)
+    h, grad_out = (torch.randn(150, width, generator=gen).to(device, dtype) for _ in range(2))
+    grad_out[3, 1], grad_out[4, :] = float("nan"), -0.0
+    params = [torch.randn(width, generator=gen).to(device, dtype) for _ in range(3)]
+    _, stats = ops.dense_tail_norm(h, None, *params, 1e-5)
+    grad_h, grad_params, none = ops.dense_tail_norm_backward(grad_out, h, stats, *params)
+    grad_h2, grad_params2, copy = ops.dense_tail_norm_backward(grad_out, h, stats, *params, True)
+    assert none.numel() == 0
+    assert copy.shape == grad_out.shape and copy.dtype == dtype and copy.data_ptr() != grad_out.data_ptr()
+    assert torch.equal(bits(copy), bits(grad_out))
+    assert torch.equal(bits(grad_h2), bits(grad_h)) and torch.equal(bits(grad_params2), bits(grad_params))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("width", [64, 63], ids=["vector-path", "scalar-path"])
+def test_bfloat16_output_rounding(device, width):
+    """With ln_weight = 0, x = 0 and float32 ln_bias, out = bfloat16(relu(ln_bias)): the rounding of
+    float32 values to bfloat16, ties to even, overflow and NaN included, must be torch's."""
+    one = 1.0
+    values = torch.tensor([one + 2**-8, one + 3 * 2**-8, 3.0 + 2**-7, 2.0**-130, 3.3895314e38, 3.4028235e38,
+                           float("inf"), float("nan"), 0.1, 7.0 + 2**-6, -2.0], dtype=torch.float32)
+    ln_bias = values.repeat(width // values.numel() + 1)[:width].to(device)
+    h = torch.randn(3, width, generator=torch.Generator().manual_seed(7)).to(device, torch.bfloat16)
+    x = torch.zeros(3, width, dtype=torch.bfloat16, device=device)
+    ln_weight = torch.zeros(width, device=device)
+    out, _ = ops.dense_tail_norm(h, x, None, ln_weight, ln_bias, 1e-5)
+    expected = ln_bias.clamp(min=0).where(~ln_bias.isnan(), ln_bias).to(torch.bfloat16).expand(3, width)
+    assert torch.equal(out.isnan(), expected.isnan())
+    finite = ~expected.isnan()
+    assert torch.equal(bits(out[finite]), bits(expected[finite]))
+
+
+def test_large_outputs_match_row_slices():
+    """Outputs over 16 MB are written with streaming stores on x86 CPUs: rows must come out as the
+    same rows computed alone (each row's out and grad_h depend on that row only)."""
+    rows, width = 66_000, 64  # 16.9 MB per float32 tensor
+    gen = torch.Generator().manual_seed(6)
+    h, x, grad_out = (torch.randn(rows, width, generator=gen) for _ in range(3))
+    params = [torch.randn(width, generator=gen) for _ in range(3)]
+    out, stats = ops.dense_tail_norm(h, x, *params, 1e-5)
+    grad_h, _, copy = ops.dense_tail_norm_backward(grad_out, h, stats, *params, True)
+    assert torch.equal(copy, grad_out)
+    for part in (slice(0, 700), slice(rows - 700, rows)):
+        out_part, stats_part = ops.dense_tail_norm(h[part], x[part], *params, 1e-5)
+        assert torch.equal(bits(out[part]), bits(out_part)) and torch.equal(stats[part], stats_part)
+        grad_h_part, _, _ = ops.dense_tail_norm_backward(grad_out[part], h[part], stats_part, *params)
+        assert torch.equal(bits(grad_h[part]), bits(grad_h_part))
 
 
 def test_torch_compile_fullgraph():
@@ -266,6 +326,10 @@ def test_bad_inputs_name_the_argument():
         dense_tail(x, update.tolist(), weight)
     with pytest.raises(ValueError, match="stats must have shape"):
         ops.dense_tail_norm_backward(x, x, torch.zeros(5, 3), None, None, None)
+    _, h, stats = ops.dense_tail(x, update, weight, bias, ln_weight, ln_bias, 1e-5, True)
+    with pytest.raises(ValueError, match=r"h must have shape \[1, 5, 4\] \(the forward.s h"):
+        ops.dense_tail_backward(x[None], x[None], update[None], weight, h, stats, bias, ln_weight, ln_bias, True,
+                                [True, True, True])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -2,10 +2,14 @@
 //
 // Forward: rows in parallel, one pass over memory per row (h and x read, out written); the row is
 // kept in a thread-local buffer for the three sweeps LayerNorm needs (mean, variance, output).
-// Backward: chunks of kRowsPerChunk rows in parallel; each chunk writes grad_h for its rows and its
-// partial sums of the three parameter gradients, which are then added over the chunks in the
-// order of dense_tail.h (per group of chunks, then the groups).
+// Backward: chunks of kRowsPerChunk rows in parallel; each chunk writes grad_h for its rows (and,
+// when asked, a copy of grad_out) and its partial sums of the three parameter gradients, which are
+// then added over the chunks in the order of dense_tail.h (per group of chunks, then the groups).
 // Row sums follow the 32-lane order of dense_tail.h, so results match the CUDA kernels bit for bit.
+//
+// Two implementations of the rows: a vector path (float arithmetic, widths that are a multiple of
+// 8: float32, float16 and bfloat16 rows, e.g. GFM-RAG's 64 and 512) and a scalar path for the
+// others (float64, other widths). Both do the same operations in the same order.
 #include "../dense_tail.h"
 
 #include <ATen/Dispatch.h>
@@ -16,7 +20,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace gfmrag_fast {
 namespace {
@@ -33,7 +43,7 @@ std::vector<acc_t> param_row(const std::optional<at::Tensor>& param, int64_t dim
 }
 
 // Σ_c value(c) in the order of dense_tail.h: lane k sums channels k, k + 32, ... in turn, then the
-// lanes are combined with offsets 16, 8, 4, 2, 1. The lane loop is contiguous, so it vectorises.
+// lanes are combined with offsets 16, 8, 4, 2, 1.
 template <typename acc_t, typename F>
 inline acc_t lane_sum(int64_t dim, const F& value) {
   acc_t lanes[kTailLanes] = {};
@@ -66,6 +76,7 @@ struct TailRows {
   const scalar_t* x;         // [M, d] (the short cut) or nullptr
   const scalar_t* grad_out;  // [M, d] (backward)
   const acc_t* stats;        // [M, 2] mean, rstd (backward)
+  scalar_t* grad_out_copy;   // [M, d] receives a copy of grad_out (backward), or nullptr
   const acc_t* bias;         // [d]
   const acc_t* gamma;        // [d]
   const acc_t* beta;         // [d]
@@ -116,6 +127,250 @@ GFMRAG_CPU_CLONES void forward_rows(const TailRows<scalar_t>& t, at::opmath_type
   });
 }
 
+// --- The vector path: float arithmetic (float32, or float16/bfloat16 rows), width a multiple of 8.
+// Channel c = 8 i + j of a row is element j of vector i, and lane c mod 32 = 8 (i mod 4) + j of the
+// row sum: the 32 lanes of dense_tail.h are four vectors, each still summing its channels in
+// order. GCC's vector extensions spell the per-element operations out, so every clone runs them
+// as whole vectors (the scalar loops above mostly did not vectorise); each operation is the
+// scalar path's, in the same order, so the results are the same bits.
+// GCC warns that returning a 32-byte vector changes the ABI for callers without AVX; these helpers
+// are always inlined into each clone, so no such call exists.
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float f32x8 __attribute__((vector_size(32)));
+constexpr int64_t kVec = 8;
+
+C10_ALWAYS_INLINE f32x8 load8(const float* p) {
+  f32x8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+template <typename T>
+C10_ALWAYS_INLINE f32x8 load8(const T* p) {
+  f32x8 v;
+  for (int j = 0; j < kVec; ++j) v[j] = static_cast<float>(p[j]);
+  return v;
+}
+C10_ALWAYS_INLINE void store8(float* p, const f32x8& v) { std::memcpy(p, &v, sizeof v); }
+template <typename T>
+C10_ALWAYS_INLINE void store8(T* p, const f32x8& v) {
+  for (int j = 0; j < kVec; ++j) p[j] = static_cast<T>(v[j]);
+}
+
+// bfloat16 as whole vectors (c10's per-element conversions, which GCC does not vectorise, spelled
+// out): a bfloat16 is the upper half of a float32, so widening is a shift; narrowing rounds to
+// nearest even, NaN becoming 0x7FC0 (c10's round_to_nearest_even).
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+C10_ALWAYS_INLINE f32x8 load8(const at::BFloat16* p) {
+  u16x8 raw;
+  std::memcpy(&raw, p, sizeof raw);
+  const u32x8 bits = __builtin_convertvector(raw, u32x8) << 16;
+  f32x8 v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+C10_ALWAYS_INLINE void store8(at::BFloat16* p, const f32x8& v) {
+  u32x8 bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  const u32x8 nan_bits = {0x7FC0, 0x7FC0, 0x7FC0, 0x7FC0, 0x7FC0, 0x7FC0, 0x7FC0, 0x7FC0};
+  const u32x8 rounded = (bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16;
+  const u16x8 out = __builtin_convertvector(v != v ? nan_bits : rounded, u16x8);
+  std::memcpy(p, &out, sizeof out);
+}
+
+// Output rows larger than this many bytes are written with streaming (non-temporal) stores: they
+// go to memory without first reading each cache line in, a third less memory traffic for a
+// write, and the next op finds little of such an output in the caches anyway (they are a few MB
+// per core). Smaller outputs stay in the caches for the next op.
+constexpr int64_t kStreamBytes = int64_t(16) << 20;
+
+// Whether float rows at `p` of `bytes` bytes are written with streaming stores (16-byte aligned).
+inline bool stream_rows(const void* p, int64_t bytes) {
+#if defined(__x86_64__)
+  return bytes > kStreamBytes && reinterpret_cast<uintptr_t>(p) % 16 == 0;
+#else
+  return false;
+#endif
+}
+
+// Stores a vector of an output row; `stream` (from stream_rows) only for float rows. 16-byte SSE
+// streaming stores exist in both clones (x86-64's baseline).
+C10_ALWAYS_INLINE void put8(float* p, const f32x8& v, bool stream) {
+#if defined(__x86_64__)
+  if (stream) {
+    __m128 lo, hi;
+    std::memcpy(&lo, &v, sizeof lo);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
+    _mm_stream_ps(p, lo);
+    _mm_stream_ps(p + 4, hi);
+    return;
+  }
+#endif
+  store8(p, v);
+}
+template <typename T>
+C10_ALWAYS_INLINE void put8(T* p, const f32x8& v, bool) { store8(p, v); }
+
+// copy[c, c + 8) = src[c, c + 8) unless copy is nullptr: the bits moved as they are (NaN payloads
+// included, which a round trip through float would not keep for float16/bfloat16).
+C10_ALWAYS_INLINE void copy8(float* copy, const float* src, int64_t c, bool stream) {
+  if (copy != nullptr) put8(copy + c, load8(src + c), stream);
+}
+template <typename T>
+C10_ALWAYS_INLINE void copy8(T* copy, const T* src, int64_t c, bool) {
+  if (copy != nullptr) std::memcpy(copy + c, src + c, kVec * sizeof(T));
+}
+
+// Streaming stores are weakly ordered: fence them before the rows are handed to another thread.
+inline void fence_streams(bool stream) {
+#if defined(__x86_64__)
+  if (stream) _mm_sfence();
+#endif
+}
+
+// lane_sum for `vectors` vectors, value(i) = channels [8 i, 8 i + 8): four lane vectors, then the
+// butterfly (16 and 8 between vectors, 4, 2, 1 inside the last one).
+template <typename F>
+C10_ALWAYS_INLINE float lane_sum8(int64_t vectors, const F& value) {
+  f32x8 l0 = {}, l1 = {}, l2 = {}, l3 = {};
+  int64_t i = 0;
+  for (; i + 4 <= vectors; i += 4) {
+    l0 += value(i);
+    l1 += value(i + 1);
+    l2 += value(i + 2);
+    l3 += value(i + 3);
+  }
+  if (i < vectors) l0 += value(i);
+  if (i + 1 < vectors) l1 += value(i + 1);
+  if (i + 2 < vectors) l2 += value(i + 2);
+  l0 += l2;
+  l1 += l3;
+  l0 += l1;
+  const float a0 = l0[0] + l0[4], a1 = l0[1] + l0[5], a2 = l0[2] + l0[6], a3 = l0[3] + l0[7];
+  return (a0 + a2) + (a1 + a3);
+}
+
+// tail_relu per element (a select, not max: NaN passes as in the scalar path).
+C10_ALWAYS_INLINE f32x8 relu8(const f32x8& y) {
+  const f32x8 zero = {};
+  return y < zero ? zero : y;
+}
+
+// forward_rows for float arithmetic and dim % 8 == 0; v is a buffer of kRowBlock rows. Rows go in
+// blocks of kRowBlock, each step (v and mean, variance, output) done for the whole block before the
+// next: the rows' dependency chains (sum, divide, square root) are independent, so the core overlaps
+// them instead of waiting on one row's chain at a time.
+constexpr int64_t kRowBlock = 4;
+
+template <typename scalar_t>
+GFMRAG_CPU_CLONES void forward_rows_vec(const TailRows<scalar_t>& t, float eps, int64_t begin, int64_t end,
+                                        scalar_t* __restrict__ out, float* __restrict__ stats,
+                                        float* __restrict__ v, bool stream) {
+  const int64_t dim = t.dim, vectors = dim / kVec;
+  const float width = static_cast<float>(dim);
+  const float *b = t.bias, *gamma = t.gamma, *beta = t.beta;
+  for (int64_t r0 = begin; r0 < end; r0 += kRowBlock) {
+    const int64_t n = std::min(kRowBlock, end - r0);
+    float mean[kRowBlock], rstd[kRowBlock];
+    for (int64_t q = 0; q < n; ++q) {
+      const scalar_t* __restrict__ hr = t.h + (r0 + q) * dim;
+      float* __restrict__ vq = v + q * dim;
+      for (int64_t i = 0; i < vectors; ++i) store8(vq + kVec * i, load8(hr + kVec * i) + load8(b + kVec * i));
+      mean[q] = lane_sum8(vectors, [&](int64_t i) GFMRAG_INLINE_LAMBDA { return load8(vq + kVec * i); }) / width;
+    }
+    for (int64_t q = 0; q < n; ++q) {
+      const float* __restrict__ vq = v + q * dim;
+      const float m = mean[q];
+      const float var = lane_sum8(vectors, [&](int64_t i) GFMRAG_INLINE_LAMBDA {
+                          const f32x8 centred = load8(vq + kVec * i) - m;
+                          return centred * centred;
+                        }) / width;
+      rstd[q] = tail_rstd(var, eps);
+    }
+    for (int64_t q = 0; q < n; ++q) {
+      const int64_t r = r0 + q;
+      const float* __restrict__ vq = v + q * dim;
+      const float m = mean[q], s = rstd[q];
+      scalar_t* __restrict__ o = out + r * dim;
+      const auto y = [&](int64_t i) GFMRAG_INLINE_LAMBDA {
+        const f32x8 xhat = (load8(vq + kVec * i) - m) * s;
+        return relu8(xhat * load8(gamma + kVec * i) + load8(beta + kVec * i));
+      };
+      if (t.x != nullptr) {
+        const scalar_t* __restrict__ xr = t.x + r * dim;
+        for (int64_t i = 0; i < vectors; ++i) put8(o + kVec * i, y(i) + load8(xr + kVec * i), stream);
+      } else {
+        for (int64_t i = 0; i < vectors; ++i) put8(o + kVec * i, y(i), stream);
+      }
+      stats[2 * r] = m;
+      stats[2 * r + 1] = s;
+    }
+  }
+}
+
+// backward_rows for float arithmetic and dim % 8 == 0 (same arguments, but xhat and grad_xhat hold
+// kRowBlock rows). Rows go in blocks of kRowBlock as in the forward: the first sweep and the two
+// row sums for every row of the block, then the second sweep; parameter partials still add row by
+// row in order.
+template <typename scalar_t>
+GFMRAG_CPU_CLONES void backward_rows_vec(const TailRows<scalar_t>& t, int64_t begin, int64_t end,
+                                         scalar_t* __restrict__ grad_h, float* __restrict__ p_bias,
+                                         float* __restrict__ p_weight, float* __restrict__ p_beta,
+                                         float* __restrict__ xhat, float* __restrict__ grad_xhat, bool stream) {
+  const int64_t dim = t.dim, vectors = dim / kVec;
+  const float width = static_cast<float>(dim);
+  const float *b = t.bias, *gamma = t.gamma, *beta = t.beta;
+  const f32x8 zero = {};
+  for (int64_t r0 = begin; r0 < end; r0 += kRowBlock) {
+    const int64_t n = std::min(kRowBlock, end - r0);
+    float a_mean[kRowBlock], b_mean[kRowBlock];
+    for (int64_t q = 0; q < n; ++q) {
+      const int64_t r = r0 + q;
+      const scalar_t* __restrict__ hr = t.h + r * dim;
+      const scalar_t* __restrict__ gr = t.grad_out + r * dim;
+      const float mean = t.stats[2 * r], rstd = t.stats[2 * r + 1];
+      scalar_t* __restrict__ copy = t.grad_out_copy != nullptr ? t.grad_out_copy + r * dim : nullptr;
+      float* __restrict__ xq = xhat + q * dim;
+      float* __restrict__ gq = grad_xhat + q * dim;
+      for (int64_t i = 0; i < vectors; ++i) {
+        const int64_t c = kVec * i;
+        copy8(copy, gr, c, stream);
+        const f32x8 xh = ((load8(hr + c) + load8(b + c)) - mean) * rstd;
+        const f32x8 y = xh * load8(gamma + c) + load8(beta + c);
+        const f32x8 g = load8(gr + c);
+        const f32x8 grad_y = y <= zero ? zero : g;  // threshold_backward's rule
+        store8(xq + c, xh);
+        store8(gq + c, grad_y * load8(gamma + c));
+        store8(p_weight + c, load8(p_weight + c) + grad_y * xh);
+        store8(p_beta + c, load8(p_beta + c) + grad_y);
+      }
+      a_mean[q] = lane_sum8(vectors, [&](int64_t i) GFMRAG_INLINE_LAMBDA { return load8(gq + kVec * i); }) / width;
+      b_mean[q] = lane_sum8(vectors, [&](int64_t i) GFMRAG_INLINE_LAMBDA {
+                    return load8(gq + kVec * i) * load8(xq + kVec * i);
+                  }) / width;
+    }
+    for (int64_t q = 0; q < n; ++q) {
+      const int64_t r = r0 + q;
+      const float rstd = t.stats[2 * r + 1], a = a_mean[q], bm = b_mean[q];
+      const float* __restrict__ xq = xhat + q * dim;
+      const float* __restrict__ gq = grad_xhat + q * dim;
+      scalar_t* __restrict__ gh = grad_h + (r - begin) * dim;
+      for (int64_t i = 0; i < vectors; ++i) {
+        const int64_t c = kVec * i;
+        const f32x8 grad_v = rstd * ((load8(gq + c) - a) - load8(xq + c) * bm);
+        put8(gh + c, grad_v, stream);
+        store8(p_bias + c, load8(p_bias + c) + grad_v);
+      }
+    }
+  }
+}
+
+// Whether rows of this type and width take the vector path.
+template <typename scalar_t>
+constexpr bool use_vector_path(int64_t dim) {
+  return std::is_same_v<at::opmath_type<scalar_t>, float> && dim % kVec == 0;
+}
+
 // Rows [begin, end) of one chunk: grad_h (pointing at row `begin`), and the chunk's partial sums of
 // the bias, ln_weight and ln_bias gradients (p_bias, p_weight, p_beta, added to in row order).
 // xhat and grad_xhat are row-sized scratch buffers.
@@ -132,6 +387,7 @@ GFMRAG_CPU_CLONES void backward_rows(const TailRows<scalar_t>& t, int64_t begin,
   const acc_t *b = t.bias, *gamma = t.gamma, *beta = t.beta;
   for_each_tail_row(t, begin, end, [&](int64_t r, const scalar_t* __restrict__ hr) GFMRAG_INLINE_LAMBDA {
     const scalar_t* __restrict__ gr = t.grad_out + r * dim;
+    if (t.grad_out_copy != nullptr) std::copy(gr, gr + dim, t.grad_out_copy + r * dim);
     const acc_t mean = t.stats[2 * r], rstd = t.stats[2 * r + 1];
     for (int64_t c = 0; c < dim; ++c) {
       acc_t xh;
@@ -189,14 +445,25 @@ template <typename scalar_t>
 void backward_chunks(const TailRows<scalar_t>& t, int64_t rows, scalar_t* grad_h, at::opmath_type<scalar_t>* partials) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t dim = t.dim;
+  const int64_t bytes = rows * dim * int64_t(sizeof(scalar_t));
+  const bool stream = stream_rows(grad_h, bytes) && (t.grad_out_copy == nullptr || stream_rows(t.grad_out_copy, bytes));
   at::parallel_for(0, num_row_chunks(rows), 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    std::vector<acc_t> xhat(dim), grad_xhat(dim);
+    // row buffers: kRowBlock rows for the vector path, one for the scalar path
+    std::vector<acc_t> xhat(kRowBlock * dim), grad_xhat(kRowBlock * dim);
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       acc_t* p = partials + chunk * kNumParamGrads * dim;
       const int64_t begin = chunk * kRowsPerChunk, end = std::min(rows, begin + kRowsPerChunk);
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (use_vector_path<scalar_t>(dim)) {
+          backward_rows_vec<scalar_t>(t, begin, end, grad_h + begin * dim, p, p + dim, p + 2 * dim, xhat.data(),
+                                      grad_xhat.data(), stream);
+          continue;
+        }
+      }
       backward_rows<scalar_t>(t, begin, end, grad_h + begin * dim, p, p + dim, p + 2 * dim, xhat.data(),
                               grad_xhat.data());
     }
+    fence_streams(stream);
   });
 }
 
@@ -226,6 +493,7 @@ TailRows<scalar_t> tail_rows(const at::Tensor& h, const at::Tensor* x, const at:
   t.x = x ? x->const_data_ptr<scalar_t>() : nullptr;
   t.grad_out = grad_out ? grad_out->const_data_ptr<scalar_t>() : nullptr;
   t.stats = stats ? stats->const_data_ptr<at::opmath_type<scalar_t>>() : nullptr;
+  t.grad_out_copy = nullptr;
   t.dim = dim;
   return t;
 }
@@ -236,7 +504,16 @@ void forward_all(const TailRows<scalar_t>& t, double eps, int64_t rows, at::Tens
   using acc_t = at::opmath_type<scalar_t>;
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
   acc_t* s = stats.mutable_data_ptr<acc_t>();
+  const bool stream = stream_rows(o, rows * t.dim * int64_t(sizeof(scalar_t)));
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / t.dim), [&](int64_t begin, int64_t end) {
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (use_vector_path<scalar_t>(t.dim)) {
+        std::vector<float> v(kRowBlock * t.dim);
+        forward_rows_vec<scalar_t>(t, static_cast<float>(eps), begin, end, o, s, v.data(), stream);
+        fence_streams(stream);
+        return;
+      }
+    }
     std::vector<acc_t> v(t.dim);
     forward_rows<scalar_t>(t, static_cast<acc_t>(eps), begin, end, o, s, v.data());
   });
@@ -260,13 +537,12 @@ std::tuple<at::Tensor, at::Tensor> dense_tail_norm_cpu(const at::Tensor& h, cons
   return {out, stats};
 }
 
-std::tuple<at::Tensor, at::Tensor> dense_tail_norm_backward_cpu(const at::Tensor& grad_out, const at::Tensor& h,
-                                                                const at::Tensor& stats,
-                                                                const std::optional<at::Tensor>& bias,
-                                                                const std::optional<at::Tensor>& ln_weight,
-                                                                const std::optional<at::Tensor>& ln_bias) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_tail_norm_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& stats, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias, bool copy_grad_out) {
   const DenseTailArgs a = check_dense_tail_norm_backward_inputs(grad_out, h, stats, bias, ln_weight, ln_bias);
   at::Tensor grad_h = at::empty_like(h);
+  at::Tensor grad_out_copy = copy_grad_out ? at::empty_like(h) : at::empty({0}, h.options());
   at::Tensor grad_params = at::empty({kNumParamGrads, a.dim}, h.options().dtype(a.param_dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "dense_tail_norm_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -274,6 +550,7 @@ std::tuple<at::Tensor, at::Tensor> dense_tail_norm_backward_cpu(const at::Tensor
       using param_t = typename decltype(tag)::type;
       const TailParams<scalar_t, param_t> params(bias, ln_weight, ln_bias, a.dim);
       TailRows<scalar_t> t = tail_rows<scalar_t>(h, nullptr, &grad_out, &stats, a.dim);
+      if (copy_grad_out) t.grad_out_copy = grad_out_copy.mutable_data_ptr<scalar_t>();
       params.into(t);
       const int64_t num_chunks = num_row_chunks(a.rows);
       std::vector<acc_t> partials(num_chunks * kNumParamGrads * a.dim);
@@ -281,7 +558,7 @@ std::tuple<at::Tensor, at::Tensor> dense_tail_norm_backward_cpu(const at::Tensor
       combine_partials(partials, num_chunks, a.dim, grad_params.mutable_data_ptr<param_t>());
     });
   });
-  return {grad_h, grad_params};
+  return {grad_h, grad_params, grad_out_copy};
 }
 
 }  // namespace

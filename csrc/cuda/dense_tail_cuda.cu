@@ -129,13 +129,15 @@ __global__ void forward_kernel(const scalar_t* __restrict__ h, const scalar_t* _
   });
 }
 
-// partials [chunks, 3, dim]: per chunk the sums of the bias, ln_weight and ln_bias gradients.
+// partials [chunks, 3, dim]: per chunk the sums of the bias, ln_weight and ln_bias gradients;
+// grad_out_copy (or nullptr) receives a copy of grad_out.
 template <typename scalar_t, typename param_t, int P>
 __global__ void backward_kernel(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ h,
                                 const at::opmath_type<scalar_t>* __restrict__ stats, const param_t* __restrict__ bias,
                                 const param_t* __restrict__ gamma, const param_t* __restrict__ beta, int64_t rows,
                                 int64_t dim, scalar_t* __restrict__ grad_h,
-                                at::opmath_type<scalar_t>* __restrict__ partials) {
+                                at::opmath_type<scalar_t>* __restrict__ partials,
+                                scalar_t* __restrict__ grad_out_copy) {
   using acc_t = at::opmath_type<scalar_t>;
   const int lane = threadIdx.x % kWarpSize;
   const acc_t width = static_cast<acc_t>(dim);
@@ -157,7 +159,9 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad_out, const sca
           const acc_t v = add_rn(static_cast<acc_t>(h[base + c]), param_at(bias, c, acc_t(0)));
           const acc_t y = tail_normalise(v, mean, rstd, g, param_at(beta, c, acc_t(0)), xhat[i]);
           // The ReLU's gradient: threshold_backward's rule, so a NaN output passes its gradient.
-          const acc_t grad_y = y <= acc_t(0) ? acc_t(0) : static_cast<acc_t>(grad_out[base + c]);
+          const scalar_t go = grad_out[base + c];
+          if (grad_out_copy != nullptr) grad_out_copy[base + c] = go;
+          const acc_t grad_y = y <= acc_t(0) ? acc_t(0) : static_cast<acc_t>(go);
           grad_xhat[i] = mul_rn(grad_y, g);
           p_weight[i] = add_rn(p_weight[i], mul_rn(grad_y, xhat[i]));
           p_beta[i] = add_rn(p_beta[i], grad_y);
@@ -252,16 +256,15 @@ std::tuple<at::Tensor, at::Tensor> dense_tail_norm_cuda(const at::Tensor& h, con
   return {out, stats};
 }
 
-std::tuple<at::Tensor, at::Tensor> dense_tail_norm_backward_cuda(const at::Tensor& grad_out, const at::Tensor& h,
-                                                                 const at::Tensor& stats,
-                                                                 const std::optional<at::Tensor>& bias,
-                                                                 const std::optional<at::Tensor>& ln_weight,
-                                                                 const std::optional<at::Tensor>& ln_bias) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_tail_norm_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& stats, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias, bool copy_grad_out) {
   const DenseTailArgs a = check_dense_tail_norm_backward_inputs(grad_out, h, stats, bias, ln_weight, ln_bias);
   check_dim(a);
   const at::cuda::OptionalCUDAGuard guard(device_of(h));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   at::Tensor grad_h = at::empty_like(h);
+  at::Tensor grad_out_copy = copy_grad_out ? at::empty_like(h) : at::empty({0}, h.options());
   at::Tensor grad_params = at::empty({kNumParamGrads, a.dim}, h.options().dtype(a.param_dtype));
   const int64_t num_chunks = num_row_chunks(a.rows);
   const int64_t columns = kNumParamGrads * a.dim;
@@ -279,7 +282,8 @@ std::tuple<at::Tensor, at::Tensor> dense_tail_norm_backward_cuda(const at::Tenso
               <<<grid_of_warps(num_chunks), kBlockThreads, 0, stream>>>(
                   grad_out.const_data_ptr<scalar_t>(), h.const_data_ptr<scalar_t>(), stats.const_data_ptr<acc_t>(),
                   optional_ptr<param_t>(bias), optional_ptr<param_t>(ln_weight), optional_ptr<param_t>(ln_bias),
-                  a.rows, a.dim, grad_h.mutable_data_ptr<scalar_t>(), partials.mutable_data_ptr<acc_t>());
+                  a.rows, a.dim, grad_h.mutable_data_ptr<scalar_t>(), partials.mutable_data_ptr<acc_t>(),
+                  copy_grad_out ? grad_out_copy.mutable_data_ptr<scalar_t>() : nullptr);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
       }
@@ -293,7 +297,7 @@ std::tuple<at::Tensor, at::Tensor> dense_tail_norm_backward_cuda(const at::Tenso
                      grad_params.mutable_data_ptr<param_t>(), stream);
     });
   });
-  return {grad_h, grad_params};
+  return {grad_h, grad_params, grad_out_copy};
 }
 
 }  // namespace

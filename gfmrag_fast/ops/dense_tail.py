@@ -9,8 +9,8 @@ The two matrix products run in BLAS / cuBLAS (TF32 where ``torch.backends.cuda.m
 allows it); ``cat[x, update]`` is never built. Everything after them is one pass of a fused kernel:
 bias, LayerNorm (statistics in float32, float64 for float64 inputs), ReLU and the short cut. The
 backward does the ReLU mask, LayerNorm's backward and the bias and LayerNorm parameter gradients in
-one pass over the rows, then the four matrix products, the short cut's gradient entering the
-first as its accumulator.
+one pass over the rows (writing the short cut's gradient, a copy of the output's, on the way), then
+the four matrix products, the short cut's gradient entering the first as its accumulator.
 
 Saved for the backward: x, update, weight, h (the products, before the bias) and each row's
 LayerNorm mean and 1/std; the normalised values and the ReLU mask are recomputed. Unfused, autograd
@@ -126,8 +126,9 @@ def _dense_tail_norm_fake(h, x, bias, ln_weight, ln_bias, eps):
 
 
 @torch.library.register_fake("gfmrag_fast::dense_tail_norm_backward")
-def _dense_tail_norm_backward_fake(grad_out, h, stats, bias, ln_weight, ln_bias):
-    return h.new_empty(h.shape), h.new_empty(3, h.shape[-1], dtype=_param_dtype(h, bias, ln_weight, ln_bias))
+def _dense_tail_norm_backward_fake(grad_out, h, stats, bias, ln_weight, ln_bias, copy_grad_out=False):
+    grad_params = h.new_empty(3, h.shape[-1], dtype=_param_dtype(h, bias, ln_weight, ln_bias))
+    return h.new_empty(h.shape), grad_params, h.new_empty(h.shape if copy_grad_out else (0,))
 
 
 def _setup_context(ctx, inputs, output):

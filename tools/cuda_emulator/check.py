@@ -208,9 +208,12 @@ def check_tail(M, D, dtype, param_dtype, params, residual, seed=0, nan=False):
     oc, sc = cpu.dense_tail_norm(h, x, bias, ln_weight, ln_bias, 1e-5)
     oe, se = emu.dense_tail_norm(h, x, bias, ln_weight, ln_bias, 1e-5)
     res["out"], res["stats"] = same(oc, oe), same(sc, se)
-    gc, pc = cpu.dense_tail_norm_backward(go, h, sc, bias, ln_weight, ln_bias)
-    ge, pe = emu.dense_tail_norm_backward(go, h, sc, bias, ln_weight, ln_bias)
-    res["grad_h"], res["grad_params"] = same(gc, ge), same(pc, pe)
+    # with the short cut, the backward also writes grad_out's copy (the short cut's gradient)
+    gc, pc, cc = cpu.dense_tail_norm_backward(go, h, sc, bias, ln_weight, ln_bias, residual)
+    ge, pe, ce = emu.dense_tail_norm_backward(go, h, sc, bias, ln_weight, ln_bias, residual)
+    res["grad_h"], res["grad_params"], res["grad_out_copy"] = same(gc, ge), same(pc, pe), same(cc, ce)
+    if residual:
+        res["grad_out_copy == grad_out"] = same(ce, go)
     bad = [k for k, v in res.items() if not v]
     if bad:
         tail_fails += 1

@@ -40,5 +40,5 @@ TORCH_LIBRARY(gfmrag_emu, m) {
   m.def("rel_aggregate_backward_relation(Tensor grad_out, Tensor x, Tensor relation, Tensor aux, Tensor[] graph, Tensor? edge_weight, Tensor? edge_mask, str message, str aggregate, bool node_major=False) -> Tensor");
   m.def("rel_aggregate_backward_edge_weight(Tensor grad_out, Tensor x, Tensor relation, Tensor aux, Tensor[] graph, Tensor? edge_weight, Tensor? edge_mask, str message, str aggregate, bool node_major=False) -> Tensor");
   m.def("dense_tail_norm(Tensor h, Tensor? x, Tensor? bias, Tensor? ln_weight, Tensor? ln_bias, float eps) -> (Tensor, Tensor)");
-  m.def("dense_tail_norm_backward(Tensor grad_out, Tensor h, Tensor stats, Tensor? bias, Tensor? ln_weight, Tensor? ln_bias) -> (Tensor, Tensor)");
+  m.def("dense_tail_norm_backward(Tensor grad_out, Tensor h, Tensor stats, Tensor? bias, Tensor? ln_weight, Tensor? ln_bias, bool copy_grad_out=False) -> (Tensor, Tensor, Tensor)");
 }
