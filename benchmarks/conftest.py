@@ -1,11 +1,25 @@
 """Collects benchmark medians and prints each implementation's speed as a ratio to the baseline
-measured in the same run. Set GFMRAG_BENCH_JSON=path to also write the table as JSON."""
+measured in the same run. Set GFMRAG_BENCH_JSON=path to also write the table as JSON.
+
+Every benchmark runs with the allocator setting the workflows use
+(:func:`gfmrag_fast.runtime.configure_allocator`: large blocks stay with the process instead of being
+unmapped and page-faulted in anew on every call), so that the times are those of training, not of
+the page faults; ``GFMRAG_FAST_MALLOC=system`` measures without it."""
 
 import json
 import os
 
 import pytest
 import torch
+
+from gfmrag_fast.runtime import configure_allocator
+
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _training_allocator():
+    configure_allocator()
+
 
 RESULTS = {}  # (group, impl) -> {"median_ms": ..., ...}
 BASELINE = "reference"
