@@ -100,26 +100,34 @@ class HashEmb:
         return torch.tensor(rows, dtype=torch.float32).view(len(texts), 8)
 
 
-def write_qa_dataset(folder, k):
-    """A small GFM-RAG QA dataset: a chain of 6 + k % 3 entities, one document per edge,
-    3 + k % 4 training and 2 test questions (question entity e_j, answer e_{j+1} in doc_j)."""
-    n = 6 + k % 3
+def write_chain_dataset(folder, n, num_train, num_test, num_valid=0, shortcut=False, tag=""):
+    """A GFM-RAG QA dataset over a chain of n entities e0..e{n-1}, one document per edge (doc_j holds
+    e_j and e_{j+1}); question i asks from e_{i % (n-1)} to the next entity (in doc_{i % (n-1)}).
+    ``shortcut`` adds an edge e0 -> e{n-1}; ``tag`` goes into every text (distinct datasets)."""
     stage1 = folder / "processed" / "stage1"
     stage1.mkdir(parents=True)
     (folder / "raw").mkdir()
-    lines = [f"e{j},r{j % 2},e{j + 1}" for j in range(n - 1)] + [f"e0,r2,e{n - 1}"]
+    lines = [f"e{j},r{j % 2},e{j + 1}" for j in range(n - 1)] + ([f"e0,r2,e{n - 1}"] if shortcut else [])
     (stage1 / "kg.txt").write_text("".join(line + "\n" for line in lines))
     docs = {f"doc{j}": [f"e{j}", f"e{j + 1}"] for j in range(n - 1)}
     (stage1 / "document2entities.json").write_text(json.dumps(docs))
-    (folder / "raw" / "dataset_corpus.json").write_text(json.dumps({title: f"{title} of {k}" for title in docs}))
+    (folder / "raw" / "dataset_corpus.json").write_text(json.dumps({title: f"{title}{tag}" for title in docs}))
 
     def questions(count, prefix):
-        return [{"id": f"{prefix}{i}", "question": f"{prefix} {i} of {k}?", "answer": "",
+        return [{"id": f"{prefix}{i}", "question": f"{prefix} {i}{tag}?", "answer": "",
                  "question_entities": [f"e{i % (n - 1)}"], "supporting_entities": [f"e{i % (n - 1) + 1}"],
                  "supporting_facts": [f"doc{i % (n - 1)}"]} for i in range(count)]
 
-    (stage1 / "train.json").write_text(json.dumps(questions(3 + k % 4, "q")))
-    (stage1 / "test.json").write_text(json.dumps(questions(2, "t")))
+    (stage1 / "train.json").write_text(json.dumps(questions(num_train, "q")))
+    (stage1 / "test.json").write_text(json.dumps(questions(num_test, "t")))
+    if num_valid:
+        (stage1 / "valid.json").write_text(json.dumps(questions(num_valid, "v")))
+
+
+def write_qa_dataset(folder, k):
+    """A small GFM-RAG QA dataset, different for each k: a chain of 6 + k % 3 entities with a short
+    cut from its first to its last entity, 3 + k % 4 training and 2 test questions."""
+    write_chain_dataset(folder, 6 + k % 3, 3 + k % 4, 2, shortcut=True, tag=f" of {k}")
 
 
 def write_kg_dataset(folder, k):

@@ -1,7 +1,6 @@
 """The fine-tuning task in-process: validation questions held out of training (or a dataset's own
 valid split), evaluated as split "valid" beside "test", on small synthetic QA datasets."""
 
-import json
 import logging
 import re
 
@@ -14,7 +13,7 @@ from gfmrag_fast.doc_rankers import IDFWeightedTopKRanker
 from gfmrag_fast.training import DistEnv
 from gfmrag_fast.training.qa_task import QAFinetuneTask, check_valid_options, describe_qa_dataset, hold_out
 
-from helpers import HashEmb, small_model
+from helpers import HashEmb, small_model, write_chain_dataset
 
 LOSSES = [{"name": "bce", "loss": {"_target_": "gfmrag.losses.BCELoss", "adversarial_temperature": 0.2},
            "cfg": {"weight": 0.3}}, {"name": "pcr", "loss": {"_target_": "gfmrag.losses.ListCELoss"},
@@ -22,27 +21,8 @@ LOSSES = [{"name": "bce", "loss": {"_target_": "gfmrag.losses.BCELoss", "adversa
 
 
 def write_chain(root, name, num_train, num_test=3, num_valid=0):
-    """A chain of 8 entities e0..e7, one document per edge; question i asks from e_{i % 7} to
-    e_{i % 7 + 1} (in doc_{i % 7})."""
-    folder = root / name
-    stage1 = folder / "processed" / "stage1"
-    stage1.mkdir(parents=True)
-    (folder / "raw").mkdir()
-    n = 8
-    (stage1 / "kg.txt").write_text("".join(f"e{j},r{j % 2},e{j + 1}\n" for j in range(n - 1)))
-    docs = {f"doc{j}": [f"e{j}", f"e{j + 1}"] for j in range(n - 1)}
-    (stage1 / "document2entities.json").write_text(json.dumps(docs))
-    (folder / "raw" / "dataset_corpus.json").write_text(json.dumps({title: f"text of {title}" for title in docs}))
-
-    def questions(count, prefix):
-        return [{"id": f"{prefix}{i}", "question": f"{prefix} {i}?", "answer": "",
-                 "question_entities": [f"e{i % (n - 1)}"], "supporting_entities": [f"e{i % (n - 1) + 1}"],
-                 "supporting_facts": [f"doc{i % (n - 1)}"]} for i in range(count)]
-
-    (stage1 / "train.json").write_text(json.dumps(questions(num_train, "q")))
-    (stage1 / "test.json").write_text(json.dumps(questions(num_test, "t")))
-    if num_valid:
-        (stage1 / "valid.json").write_text(json.dumps(questions(num_valid, "v")))
+    """A chain of 8 entities (helpers.write_chain_dataset), loaded."""
+    write_chain_dataset(root / name, 8, num_train, num_test, num_valid)
     return QADataset(str(root), name, text_emb_model=HashEmb())
 
 
