@@ -92,6 +92,16 @@ def case_name(case, shape, per_query, dtype, node_major=False):
 
 
 @functools.lru_cache(maxsize=1)
+def aggregate_once(fn, x, relation, graph, direction, grad_out):
+    """One timed call: the forward alone (no autograd), or forward + backward of grad_out."""
+    if direction == "forward":
+        with torch.no_grad():
+            fn(x, relation, graph)
+    else:
+        x.grad = relation.grad = None
+        fn(x, relation, graph).backward(grad_out)
+
+
 def _copy_buffers():
     src = torch.randn(64 * 2**20)  # 256 MiB, far beyond the caches
     return src, torch.empty_like(src)
@@ -133,18 +143,14 @@ def test_rel_aggregate(measure, case, device, shape, per_query, dtype, direction
     rel_shape = (batch, num_relations, dim) if per_query else (num_relations, dim)
     relation = torch.randn(rel_shape, generator=gen).to(device, dtype)
     fn = functools.partial(rel_aggregate, node_major=True) if node_major else IMPLS[impl]
+    grad_out = None
     if direction == "forward_backward":
         x.requires_grad_(True)
         relation.requires_grad_(True)
         grad_out = torch.randn(x.shape, generator=gen).to(device, dtype)
 
     def run():
-        if direction == "forward":
-            with torch.no_grad():
-                fn(x, relation, graph)
-        else:
-            x.grad = relation.grad = None
-            fn(x, relation, graph).backward(grad_out)
+        aggregate_once(fn, x, relation, graph, direction, grad_out)
 
     name = case_name(case, shape, per_query, dtype, node_major)
     info = {}
@@ -234,12 +240,7 @@ def test_rel_aggregate_locality(locality_table, graph_name, layout, direction, r
     fn = functools.partial(rel_aggregate, node_major=layout == "node_major")
 
     def run(graph):
-        if direction == "forward":
-            with torch.no_grad():
-                fn(x, relation, graph)
-        else:
-            x.grad = relation.grad = None
-            fn(x, relation, graph).backward(grad_out)
+        aggregate_once(fn, x, relation, graph, direction, grad_out)
 
     graphs = {numbering: numbered_graph(graph_name, numbering) for numbering in NUMBERINGS}
     wall = {numbering: [] for numbering in NUMBERINGS}
