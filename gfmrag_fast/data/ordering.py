@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ENTITY_ORDERS", "locality_order", "neighbour_distance", "relabel"]
+__all__ = ["ENTITY_ORDERS", "locality_order", "neighbour_distance", "relabel", "undirected_csr"]
 
 ENTITY_ORDERS = ("original", "locality")
 
 
-def _undirected_csr(edge_index: torch.Tensor, num_nodes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def undirected_csr(edge_index: torch.Tensor, num_nodes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ptr [N + 1], neighbours [nnz]) of the simple undirected graph: both directions of every
     edge, parallel edges and self loops dropped, neighbours of each node in increasing id order."""
     u, v = edge_index[0], edge_index[1]
@@ -117,7 +117,7 @@ def locality_order(edge_index: torch.Tensor, num_nodes: int) -> torch.Tensor:  #
                          f"(min {int(edge_index.min())}, max {int(edge_index.max())})")
     if num_nodes == 0:
         return torch.zeros(0, dtype=torch.long)
-    ptr, nbr = _undirected_csr(edge_index, num_nodes)
+    ptr, nbr = undirected_csr(edge_index, num_nodes)
     degree = ptr[1:] - ptr[:-1]
     comp = _components(ptr, nbr, num_nodes)
 

@@ -38,6 +38,7 @@ from typing import Dict, Iterator, List, Optional
 import torch
 import torch.distributed as dist
 
+from ..data.ordering import undirected_csr
 from ..ops import RelGraph
 from .aggregation import PreparedGraph
 from .graph_input import num_relations_of
@@ -87,13 +88,7 @@ def _metis_parts(edge_index: torch.Tensor, num_nodes: int, num_parts: int, seed:
             "(or pip install pymetis), or use graph_partition=contiguous"
         ) from exc
     # METIS wants an undirected simple graph: both directions, no self-loops, no parallel edges.
-    u, v = edge_index[0], edge_index[1]
-    keep = u != v
-    u, v = u[keep], v[keep]
-    key = torch.unique(torch.cat([u * num_nodes + v, v * num_nodes + u]))  # sorted by (row, column)
-    rows, cols = key // num_nodes, key % num_nodes
-    starts = torch.zeros(num_nodes + 1, dtype=torch.long)
-    starts[1:] = torch.cumsum(torch.bincount(rows, minlength=num_nodes), 0)
+    starts, cols = undirected_csr(edge_index, num_nodes)
     options = pymetis.Options(objtype=int(pymetis.ObjType.VOL), seed=int(seed), ufactor=10)
     # The volume objective is a k-way one (recursive bisection only minimises the cut).
     _, part = pymetis.part_graph(
