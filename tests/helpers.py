@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from gfmrag_fast.atomic_io import atomic_torch_save
+from gfmrag_fast.data.readers import normalize_name
 from gfmrag_fast.synthetic import random_graph
 
 CUDA = torch.cuda.is_available()
@@ -98,6 +99,34 @@ class HashEmb:
     def encode(self, texts, is_query=False, show_progress_bar=False):
         rows = [[((zlib.crc32(f"{t}|{i}".encode()) % 1000) / 1000) for i in range(8)] for t in texts]
         return torch.tensor(rows, dtype=torch.float32).view(len(texts), 8)
+
+
+TRIGRAM_DIM = 32
+
+
+def trigram_vectors(texts, dim=TRIGRAM_DIM):
+    """[n, dim] normalised bags of hashed character trigrams of each normalised name: similar names
+    get similar vectors (entity linking), no model."""
+    out = torch.zeros(len(texts), dim)
+    for row, text in enumerate(texts):
+        padded = f"  {normalize_name(text)} "
+        for i in range(len(padded) - 2):
+            out[row, zlib.crc32(padded[i:i + 3].encode()) % dim] += 1
+    return torch.nn.functional.normalize(out, dim=-1)
+
+
+class TrigramEmb:
+    """A text model of :func:`trigram_vectors`, recording its calls (texts, is_query)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def config_dict(self):
+        return {"text_emb_model_name": "trigram-stub"}
+
+    def encode(self, texts, is_query=False, show_progress_bar=False):
+        self.calls.append((list(texts), is_query))
+        return trigram_vectors(list(texts))
 
 
 def write_chain_dataset(folder, n, num_train, num_test, num_valid=0, shortcut=False, tag=""):

@@ -4,21 +4,11 @@ import json
 import logging
 
 import pytest
-import torch
 
 from gfmrag_fast.data import QADataset
 from gfmrag_fast.data.readers import NameIndex, normalize_name
 
-
-class HashEmb:
-    def config_dict(self):
-        return {"text_emb_model_name": "sha256-8"}
-
-    def encode(self, texts, is_query=False, show_progress_bar=False):
-        import hashlib
-
-        rows = [list(hashlib.sha256(t.encode()).digest()[:8]) for t in texts]
-        return torch.tensor(rows, dtype=torch.float32).view(len(texts), 8) / 255
+from helpers import HashEmb
 
 
 @pytest.mark.parametrize("name, expected", [

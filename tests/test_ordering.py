@@ -5,7 +5,6 @@ character trigrams) and checks that everything read by name is the same.
 """
 
 import shutil
-import zlib
 from pathlib import Path
 
 import pytest
@@ -18,9 +17,11 @@ from gfmrag_fast.checkpoints import build_model
 from gfmrag_fast.retrieval.evaluation import evaluate_split
 from gfmrag_fast.synthetic import real_shape_kg
 
+from helpers import TRIGRAM_DIM, TrigramEmb
+
 REPO = Path(__file__).resolve().parent.parent
 MUSIQUE = REPO / "data" / "musique_hippo"
-DIM = 32
+DIM = TRIGRAM_DIM
 
 
 def is_permutation(order, n):
@@ -100,19 +101,6 @@ def test_empty_graph_and_edge_cases():
 
 
 # ----------------------------------------------------------------------------- stage 2, end to end
-class TrigramEmb:
-    def config_dict(self):
-        return {"text_emb_model_name": "trigram-stub"}
-
-    def encode(self, texts, is_query=False, show_progress_bar=False):
-        out = torch.zeros(len(texts), DIM)
-        for row, text in enumerate(texts):
-            padded = f"  {text.lower()} "
-            for i in range(len(padded) - 2):
-                out[row, zlib.crc32(padded[i:i + 3].encode()) % DIM] += 1
-        return torch.nn.functional.normalize(out, dim=-1)
-
-
 @pytest.fixture(scope="module")
 def musique_both(tmp_path_factory):
     root = tmp_path_factory.mktemp("loc")

@@ -13,27 +13,15 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from gfmrag_fast.atomic_io import read_jsonl
 from gfmrag_fast.data import QADataset
 from gfmrag_fast.data.qa_dataset import _REQUIRED
 
+from helpers import HashEmb
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 EXAMPLE = re.compile(r"<!-- example: (\S+) -->\n```[a-z]*\n(.*?)```", re.S)
-
-
-class HashEmb:
-    """Deterministic 8-d text vectors, no model download."""
-
-    def config_dict(self):
-        return {"text_emb_model_name": "sha256-8"}
-
-    def encode(self, texts, is_query=False, show_progress_bar=False):
-        import hashlib
-
-        rows = [list(hashlib.sha256(t.encode()).digest()[:8]) for t in texts]
-        return torch.tensor(rows, dtype=torch.float32).view(len(texts), 8) / 255
 
 
 def readme_examples() -> dict[str, str]:

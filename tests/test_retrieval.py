@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import shutil
-import zlib
 from pathlib import Path
 
 import pytest
@@ -24,30 +23,10 @@ from gfmrag_fast.retrieval import EntityLinker, load_checkpoint, make_doc_ranker
 from gfmrag_fast.retrieval.evaluation import evaluate_split
 from gfmrag_fast.retrieval.paths import beam_search_paths, describe_step, edge_importance, layered_forward
 
+from helpers import TRIGRAM_DIM, TrigramEmb, trigram_vectors
+
 FIXTURES = Path(__file__).parent / "data"
-DIM = 32
-
-
-def trigram_vectors(texts):
-    """[n, DIM] normalised bags of hashed character trigrams of the lower-cased text."""
-    out = torch.zeros(len(texts), DIM)
-    for row, text in enumerate(texts):
-        padded = f"  {normalize_name(text)} "
-        for i in range(len(padded) - 2):
-            out[row, zlib.crc32(padded[i:i + 3].encode()) % DIM] += 1
-    return torch.nn.functional.normalize(out, dim=-1)
-
-
-class TrigramEmb:
-    def __init__(self):
-        self.calls = []
-
-    def config_dict(self):
-        return {"text_emb_model_name": "trigram-stub"}
-
-    def encode(self, texts, is_query=False, show_progress_bar=False):
-        self.calls.append((list(texts), is_query))
-        return trigram_vectors(list(texts))
+DIM = TRIGRAM_DIM
 
 
 class Unsafe:
