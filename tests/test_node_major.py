@@ -2,6 +2,7 @@
 (scores and gradients to rounding), for pre-training and retrieval, every boundary kind, fused and
 plain dense tail, float32 and bfloat16 autocast; and no node-sized copy that batch major does not make."""
 
+import math
 import os
 
 import pytest
@@ -227,6 +228,23 @@ def test_node_major_copies_no_state(kind, fused, dtype):
             run(model, kind, graph, layout, dtype)
         counts.append(copies.count)
     assert counts == [0, 0], counts  # neither layout copies a state (x0 built in its layout)
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "finetune"])
+def test_node_major_sums_state_gradients_in_place(kind):
+    """x's two gradients in a layer (the aggregation's and the tail's) are summed in place by
+    autograd in both layouts: node major adds no fresh node-sized sum (it would if the aggregation
+    and the tail read x through two transpose views). Profiled (a dispatch mode would hold
+    references to the gradients and so keep autograd from summing in place)."""
+    model = build(kind, seed=14)
+    graph = kg_graph(seed=14) if kind == "pretrain" else make_graph(num_nodes=40, num_edges=160, seed=14)
+    sums = []
+    for layout in (False, True):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+            run(model, kind, graph, layout, "float32")
+        sums.append(sum(1 for e in prof.events() if e.name == "aten::add" and e.input_shapes
+                        and math.prod(e.input_shapes[0]) >= 4 * 40 * 8))
+    assert sums[1] == sums[0], sums
 
 
 def test_layout_choice():

@@ -83,11 +83,13 @@ class GeneralizedRelationalConv(nn.Module):
         node_major = stored_layout(x, graph)
         boundary_is_x = boundary is x
         if node_major:
-            # The storage order [N, B, d]: one transpose view per layer, whose gradient the
-            # aggregation and the tail both write in that order.
+            # The storage order [N, B, d]: one transpose view per layer, shared by the aggregation and
+            # the tail, so that autograd sums x's two gradients in place (two views of x would each
+            # pass a view back, and the sum would be a fresh tensor).
             x = x.transpose(0, 1)
-            boundary = x if boundary_is_x else boundary
-            if isinstance(boundary, torch.Tensor) and not boundary_is_x:
+            if boundary_is_x:
+                boundary = x
+            elif isinstance(boundary, torch.Tensor):
                 boundary = boundary.transpose(0, 1)
         fused = self.fused_dense and fusable(x, self.linear, self.layer_norm, self.activation)
         if fused:
