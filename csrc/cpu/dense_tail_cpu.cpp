@@ -11,6 +11,7 @@
 // 8: float32, float16 and bfloat16 rows, e.g. GFM-RAG's 64 and 512) and a scalar path for the
 // others (float64, other widths). Both do the same operations in the same order.
 #include "../dense_tail.h"
+#include "cpu_clones.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -58,14 +59,7 @@ inline acc_t lane_sum(int64_t dim, const F& value) {
   return lanes[0];
 }
 
-// The per-row work, compiled twice on x86-64 GCC: for AVX2 and for the baseline, picked at run
-// time. AVX2 without FMA: vector width changes no result, and products are never fused into sums,
-// so the rounding stays the CUDA kernels'.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define GFMRAG_CPU_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define GFMRAG_CPU_CLONES
-#endif
+// The per-row work is compiled twice on x86-64 GCC (GFMRAG_CPU_CLONES, cpu_clones.h).
 
 // The rows' tensors as raw pointers, and the parameters as acc_t rows (LayerNorm's identity where
 // one is absent).
@@ -87,7 +81,6 @@ struct TailRows {
 // so that they are compiled for the target of each clone of their caller (they hold the channel
 // loops that should vectorise); the rows they write are __restrict__ arguments of the caller,
 // which tells the compiler that nothing they read aliases them.
-#define GFMRAG_INLINE_LAMBDA __attribute__((always_inline))
 template <typename scalar_t, typename Row>
 C10_ALWAYS_INLINE void for_each_tail_row(const TailRows<scalar_t>& t, int64_t begin, int64_t end, const Row& row) {
   for (int64_t r = begin; r < end; ++r) row(r, t.h + r * t.dim);

@@ -11,6 +11,7 @@
 // the B queries. The edge-weight gradient takes one edge at a time.
 #include "../output_buffers.h"
 #include "../rel_aggregate_kernels.h"
+#include "cpu_clones.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -19,6 +20,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <memory>
 #include <vector>
 
 namespace gfmrag_fast {
@@ -212,9 +214,9 @@ void forward_kernel(const Inputs<scalar_t>& in, const ListPlan& plan, scalar_t* 
 
 // Folds the partials of row r's pieces into acc (sums: the gradients have no max/min partials).
 template <typename acc_t>
-void fold_partial_sums(const ListPlan& plan, int64_t r, const std::vector<acc_t>& partial, int64_t width, acc_t* acc) {
+void fold_partial_sums(const ListPlan& plan, int64_t r, const acc_t* partial, int64_t width, acc_t* acc) {
   for (int32_t p = plan.piece_ptr[r]; p < plan.piece_ptr[r + 1]; ++p) {
-    const acc_t* pa = partial.data() + p * width;
+    const acc_t* pa = partial + p * width;
     for (int64_t i = 0; i < width; ++i) acc[i] = add_rn(acc[i], pa[i]);
   }
 }
@@ -233,7 +235,7 @@ void run_summed_plan(const ListPlan& plan, int64_t width, const Walk& walk, cons
   auto row = [&](int64_t r, acc_t* acc, int32_t*) {
     std::fill(acc, acc + width, acc_t(0));
     if (walked_whole(plan, r)) walk(plan.ptr[r], plan.ptr[r + 1], acc);
-    else fold_partial_sums(plan, r, partial, width, acc);
+    else fold_partial_sums(plan, r, partial.data(), width, acc);
     write(r, acc);
   };
   run_plan<acc_t>(plan, width, false, piece, row);
@@ -316,6 +318,179 @@ void backward_relation_kernel(const Inputs<scalar_t>& in, const ListPlan& plan, 
     for (int64_t ob = 0; ob < num_out; ++ob) {
       scalar_t* o = grad_relation + (ob * R + r) * D;
       for (int64_t c = 0; c < D; ++c) o[c] = static_cast<scalar_t>(acc[ob * D + c]);
+    }
+  });
+}
+
+// The input and the relation gradients together, in one walk of the CSC by source, for what the
+// training step asks of a layer: both gradients of sum or mean with a relation table shared by the
+// batch. The two kernels above gather grad_out's rows twice (once per list) and x's once per edge;
+// here each edge gathers its destination's grad_out rows once and feeds both sums, and x's rows
+// of a source are read once for all its edges. grad_x comes out bit for bit as
+// backward_x_kernel's (same walks, same piece folds). The relation sums cannot be written row by
+// row in this order, so the work is cut into kRelationBlocks blocks of consecutive work items (a
+// row walked whole, or a piece), fixed by the graph alone; each block sums its edges' relation
+// gradients into its own [R, d] table, and the tables are added in block order: deterministic,
+// independent of the number of threads, but a different order from the relation kernel (the
+// result agrees with it to rounding, not bit for bit).
+constexpr int64_t kRelationBlocks = 8;
+// Above this many bytes of block tables the two kernels run instead (a relation table of 1M floats).
+constexpr int64_t kRelationBlockBudget = int64_t(64) << 20;
+
+bool joint_backward_applies(const RelAggregateArgs& a, int64_t acc_bytes) {
+  if (a.per_query) return false;
+  if (a.aggregate != Aggregate::Sum && a.aggregate != Aggregate::Mean) return false;
+  return kRelationBlocks * a.num_relations * a.dim * acc_bytes <= kRelationBlockBudget;
+}
+
+constexpr int64_t kLanes = 8;
+
+// Channels [c0, c0 + L) of one edge v <- u of the joint backward: for every b, the input gradient's
+// accumulator takes message_grad(g, rel, s) exactly as in backward_x_kernel; the relation's sum
+// over b of g * MSG'(x) is formed first and added to the block's table row times s.
+template <Message M, int64_t L, typename scalar_t, typename acc_t>
+C10_ALWAYS_INLINE void joint_edge_lanes(const Inputs<scalar_t>& in, const scalar_t* __restrict__ grad_out, int32_t v,
+                                        int64_t u, int64_t B, int64_t c0, const scalar_t* __restrict__ rel,
+                                        acc_t scale, acc_t* __restrict__ acc, acc_t* __restrict__ trow) {
+  acc_t r[L], sum[L];
+  for (int64_t l = 0; l < L; ++l) {
+    r[l] = static_cast<acc_t>(rel[c0 + l]);
+    sum[l] = acc_t(0);
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    const scalar_t* __restrict__ g = grad_out + in.at(b, v) + c0;
+    const scalar_t* __restrict__ xs = in.x + in.at(b, u) + c0;
+    acc_t* __restrict__ a = acc + b * in.a.dim + c0;
+    for (int64_t l = 0; l < L; ++l) {
+      const acc_t gl = static_cast<acc_t>(g[l]);
+      a[l] = add_rn(a[l], message_grad<M>(gl, r[l], scale));
+      if constexpr (M == Message::DistMult) sum[l] = add_rn(sum[l], gl * static_cast<acc_t>(xs[l]));
+      else sum[l] = add_rn(sum[l], gl);
+    }
+  }
+  for (int64_t l = 0; l < L; ++l) trow[c0 + l] = add_rn(trow[c0 + l], sum[l] * scale);
+}
+
+// A work item of the joint backward, in list order: a row walked whole (piece = -1) or a piece.
+struct JointItem {
+  int64_t row;
+  int64_t piece;
+  int32_t begin;  // edge positions in the CSC by source
+  int32_t end;
+};
+
+// The items [first, last) of one block: grad_x rows (or piece partials) written, the block's
+// relation table summed into. Compiled for AVX2 and the baseline (no FMA: the same bits).
+template <typename scalar_t, Message M, Aggregate A>
+GFMRAG_CPU_CLONES void joint_backward_items(const Inputs<scalar_t>& in, const JointItem* first, const JointItem* last,
+                                            const scalar_t* __restrict__ grad_out, scalar_t* __restrict__ grad_x,
+                                            at::opmath_type<scalar_t>* __restrict__ piece_partial,
+                                            at::opmath_type<scalar_t>* __restrict__ table,
+                                            at::opmath_type<scalar_t>* __restrict__ acc) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = in.a.batch, D = in.a.dim, width = B * D, E = in.a.num_edges;
+  const int32_t* dst = in.graph[kSrcDst];
+  const int32_t* type = in.graph[kSrcType];
+  for (const JointItem* it = first; it != last; ++it) {
+    std::fill(acc, acc + width, acc_t(0));
+    const int64_t u = it->row;
+    // The next item's x rows: read for each of its edges, and not a gather the hardware sees coming.
+    if (it + 1 != last && it[1].row != u) prefetch_rows(in, in.x, static_cast<int32_t>(it[1].row));
+    const auto load = [&](int32_t j) GFMRAG_INLINE_LAMBDA {
+      if (j + kEdgesAhead < E) prefetch_rows(in, grad_out, dst[j + kEdgesAhead]);
+      return in.template edge<acc_t, false>(j, dst, type, nullptr);
+    };
+    walk_edges(it->begin, it->end, load, [&](const WalkedEdge<acc_t>& e) GFMRAG_INLINE_LAMBDA {
+      if (e.removed) return;
+      const acc_t scale = e.weight * reduce_scale<A, acc_t>(in.aux, e.node);
+      const scalar_t* rel = in.relation + static_cast<int64_t>(e.other) * D;
+      acc_t* trow = table + static_cast<int64_t>(e.other) * D;
+      // kLanes channels at a time, the batch inside: the edge's relation sum over b stays in
+      // registers and reaches the table once.
+      int64_t c0 = 0;
+      for (; c0 + kLanes <= D; c0 += kLanes) {
+        joint_edge_lanes<M, kLanes>(in, grad_out, e.node, u, B, c0, rel, scale, acc, trow);
+      }
+      for (; c0 < D; ++c0) joint_edge_lanes<M, 1>(in, grad_out, e.node, u, B, c0, rel, scale, acc, trow);
+    });
+    if (it->piece < 0) {
+      for (int64_t b = 0; b < B; ++b) {
+        scalar_t* o = grad_x + in.at(b, u);
+        for (int64_t c = 0; c < D; ++c) o[c] = static_cast<scalar_t>(acc[b * D + c]);
+      }
+    } else {
+      std::copy(acc, acc + width, piece_partial + it->piece * width);
+    }
+  }
+}
+
+template <typename scalar_t, Message M, Aggregate A>
+void backward_x_relation_kernel(const Inputs<scalar_t>& in, const ListPlan& plan, const scalar_t* grad_out,
+                                scalar_t* grad_x, scalar_t* grad_relation) {
+  using acc_t = at::opmath_type<scalar_t>;
+  static_assert(!is_extremum(A), "max/min take the two kernels");
+  const int64_t B = in.a.batch, D = in.a.dim, width = B * D, R = in.a.num_relations;
+
+  std::vector<JointItem> items;
+  items.reserve(plan.rows + plan.pieces);
+  for (int64_t u = 0; u < plan.rows; ++u) {
+    if (walked_whole(plan, u)) {
+      items.push_back({u, -1, plan.ptr[u], plan.ptr[u + 1]});
+    } else {
+      for (int32_t p = plan.piece_ptr[u]; p < plan.piece_ptr[u + 1]; ++p) {
+        items.push_back({u, p, plan.piece_begin[p], plan.piece_end[p]});
+      }
+    }
+  }
+  const int64_t num_items = static_cast<int64_t>(items.size());
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(kRelationBlocks, num_items));
+  std::vector<int64_t> bounds(blocks + 1, num_items);
+  {
+    int64_t total = 0;
+    for (const JointItem& it : items) total += it.end - it.begin + 1;
+    int64_t seen = 0, next = 1;
+    bounds[0] = 0;
+    for (int64_t i = 0; i < num_items && next < blocks; ++i) {
+      seen += items[i].end - items[i].begin + 1;
+      while (next < blocks && seen >= total * next / blocks) bounds[next++] = i + 1;
+    }
+  }
+
+  // Uninitialised (a vector would zero them in one thread first): every piece's partial is
+  // written before it is read, and each block zeroes its own table.
+  const std::unique_ptr<acc_t[]> piece_partial(new acc_t[plan.pieces * width]);
+  const std::unique_ptr<acc_t[]> tables(new acc_t[blocks * R * D]);
+  parallel_chunks(blocks, [&](int64_t k) {
+    acc_t* table = tables.get() + k * R * D;
+    std::fill(table, table + R * D, acc_t(0));
+    std::vector<acc_t> acc(width);
+    joint_backward_items<scalar_t, M, A>(in, items.data() + bounds[k], items.data() + bounds[k + 1], grad_out, grad_x,
+                                         piece_partial.get(), table, acc.data());
+  });
+
+  // Rows cut into pieces: their pieces' partials folded in piece order, as backward_x_kernel does.
+  std::vector<int64_t> cut_rows;
+  for (int64_t u = 0; u < plan.rows; ++u) {
+    if (!walked_whole(plan, u)) cut_rows.push_back(u);
+  }
+  parallel_chunks(static_cast<int64_t>(cut_rows.size()), [&](int64_t i) {
+    const int64_t u = cut_rows[i];
+    std::vector<acc_t> acc(width, acc_t(0));
+    fold_partial_sums(plan, u, piece_partial.get(), width, acc.data());
+    for (int64_t b = 0; b < B; ++b) {
+      scalar_t* o = grad_x + in.at(b, u);
+      for (int64_t c = 0; c < D; ++c) o[c] = static_cast<scalar_t>(acc[b * D + c]);
+    }
+  });
+
+  // The relation gradient: the block tables added in block order.
+  constexpr int64_t kRelationsPerChunk = 256;
+  parallel_chunks((R + kRelationsPerChunk - 1) / kRelationsPerChunk, [&](int64_t chunk) {
+    const int64_t begin = chunk * kRelationsPerChunk * D, end = std::min(R, (chunk + 1) * kRelationsPerChunk) * D;
+    for (int64_t i = begin; i < end; ++i) {
+      acc_t sum = tables[i];
+      for (int64_t k = 1; k < blocks; ++k) sum = add_rn(sum, tables[k * R * D + i]);
+      grad_relation[i] = static_cast<scalar_t>(sum);
     }
   });
 }
@@ -423,6 +598,38 @@ at::Tensor rel_aggregate_backward_cpu(const at::Tensor& grad_out, const at::Tens
   return grad;
 }
 
+// Both the input and the relation gradient (see backward_x_relation_kernel); the two kernels where
+// that one does not apply (max/min, per-query relations, a relation table too large to copy per block).
+std::tuple<at::Tensor, at::Tensor> rel_aggregate_backward_x_relation_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& relation, const at::Tensor& aux,
+    at::TensorList graph, const std::optional<at::Tensor>& edge_weight, const std::optional<at::Tensor>& edge_mask,
+    c10::string_view message, c10::string_view aggregate, bool node_major) {
+  const RelAggregateArgs a = check_rel_aggregate_backward_inputs(grad_out, x, relation, aux, graph, edge_weight,
+                                                                 edge_mask, message, aggregate, node_major);
+  const int64_t acc_bytes = x.scalar_type() == at::kDouble ? 8 : 4;
+  if (!joint_backward_applies(a, acc_bytes)) {
+    return {rel_aggregate_backward_cpu<Grad::X>(grad_out, x, relation, aux, graph, edge_weight, edge_mask, message,
+                                                aggregate, node_major),
+            rel_aggregate_backward_cpu<Grad::Relation>(grad_out, x, relation, aux, graph, edge_weight, edge_mask,
+                                                       message, aggregate, node_major)};
+  }
+  const WalkOrderArrays walked = walk_order_arrays(Kernel::GradX, edge_weight, edge_mask, graph);
+  at::Tensor grad_x = empty_grad(Grad::X, x, relation, a);
+  at::Tensor grad_relation = empty_grad(Grad::Relation, x, relation, a);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rel_aggregate_backward_x_relation_cpu", [&] {
+    const auto in = make_inputs<scalar_t>(x, relation, &aux, graph, walked.weight, walked.mask, a);
+    dispatch_message_aggregate(a.message, a.aggregate, [&](auto m, auto r) {
+      constexpr Aggregate A = decltype(r)::value;
+      if constexpr (!is_extremum(A)) {
+        backward_x_relation_kernel<scalar_t, decltype(m)::value, A>(
+            in, list_plan(graph, EdgeList::Src), grad_out.const_data_ptr<scalar_t>(),
+            grad_x.mutable_data_ptr<scalar_t>(), grad_relation.mutable_data_ptr<scalar_t>());
+      }
+    });
+  });
+  return {grad_x, grad_relation};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(gfmrag_fast, CPU, m) {
@@ -430,6 +637,7 @@ TORCH_LIBRARY_IMPL(gfmrag_fast, CPU, m) {
   m.impl("rel_aggregate_backward_x", &rel_aggregate_backward_cpu<Grad::X>);
   m.impl("rel_aggregate_backward_relation", &rel_aggregate_backward_cpu<Grad::Relation>);
   m.impl("rel_aggregate_backward_edge_weight", &rel_aggregate_backward_cpu<Grad::EdgeWeight>);
+  m.impl("rel_aggregate_backward_x_relation", &rel_aggregate_backward_x_relation_cpu);
 }
 
 }  // namespace gfmrag_fast
