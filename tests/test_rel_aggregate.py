@@ -37,6 +37,11 @@ def make_inputs(device, dtype, per_query, weighted, masked, *, num_nodes=40, num
     return graph, cast(x), cast(relation), cast(weight), (None if mask is None else mask.to(device))
 
 
+# The backward ops per device: the CPU also has both gradients in one call (what autograd uses there).
+_GRAD_OPS = ("rel_aggregate_backward_x", "rel_aggregate_backward_relation", "rel_aggregate_backward_edge_weight")
+BACKWARD_OPS = {"cpu": _GRAD_OPS + ("rel_aggregate_backward_x_relation",), "cuda": _GRAD_OPS}
+
+
 def assert_close_scaled(actual, expected, dtype):
     rtol, atol = TOL[dtype]
     scale = max(expected.abs().max().item(), 1.0)
@@ -114,7 +119,7 @@ def test_opcheck(device, aggregate, per_query):
     opcheck(ops.rel_aggregate.default, args)
     out, aux = ops.rel_aggregate(*args)
     grad_out = torch.randn_like(out)
-    for name in ("rel_aggregate_backward_x", "rel_aggregate_backward_relation", "rel_aggregate_backward_edge_weight"):
+    for name in BACKWARD_OPS[device]:
         bargs = (grad_out, x.detach(), relation.detach(), aux, graph.arrays, weight.detach(), mask, "transe", aggregate)
         opcheck(getattr(ops, name).default, bargs)
 
@@ -378,7 +383,7 @@ def test_opcheck_pieces(device, aggregate, node_major):
     args = (x, relation, graph.arrays, weight, mask, "distmult", aggregate, node_major)
     opcheck(ops.rel_aggregate.default, args)
     out, aux = ops.rel_aggregate(*args)
-    for name in ("rel_aggregate_backward_x", "rel_aggregate_backward_relation", "rel_aggregate_backward_edge_weight"):
+    for name in BACKWARD_OPS[device]:
         bargs = (torch.randn_like(out), x.detach(), relation.detach(), aux, graph.arrays, weight.detach(), mask,
                  "distmult", aggregate, node_major)
         opcheck(getattr(ops, name).default, bargs)
@@ -444,3 +449,107 @@ def test_balance_report_counts_the_plan():
 def test_balance_report_musique_scaled_4x_stays_under_1024():
     report = balance_report(kg_graph(MUSIQUE_KG, scale=4), batch=8)
     assert all(row["max_serial_edges"] <= 1024 for row in report.values()), report
+
+
+# --------------------------------------------------------------- the CPU's joint backward (x and relation)
+def _backward_args(graph, x, relation, weight, mask, message, aggregate, node_major, seed=5):
+    ops = torch.ops.gfmrag_fast
+    out, aux = ops.rel_aggregate(x, relation, graph.arrays, weight, mask, message, aggregate, node_major)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
+    return (grad_out, x, relation, aux, graph.arrays, weight, mask, message, aggregate, node_major)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("message", MESSAGES)
+@pytest.mark.parametrize("aggregate", AGGREGATES)
+@pytest.mark.parametrize("per_query", [False, True])
+@pytest.mark.parametrize("node_major", [False, True])
+def test_joint_backward_matches_the_two_kernels(dtype, message, aggregate, per_query, node_major):
+    # Both gradients in one walk by source: grad_x is the input kernel's bit for bit; the relation
+    # gradient sums in another (fixed) order, so it matches the relation kernel and the float64
+    # reference to rounding. max/min and per-query relations take the two kernels: bit for bit.
+    graph, x, relation, weight, mask = skewed_inputs("cpu", dtype, per_query, True, True, num_nodes=80,
+                                                     num_triples=600, num_relations=10, batch=4, dim=12)
+    if node_major:
+        x = x.transpose(0, 1).contiguous()
+    ops = torch.ops.gfmrag_fast
+    args = _backward_args(graph, x, relation, weight, mask, message, aggregate, node_major)
+    grad_x, grad_relation = ops.rel_aggregate_backward_x_relation(*args)
+    assert torch.equal(grad_x, ops.rel_aggregate_backward_x(*args))
+    separate = ops.rel_aggregate_backward_relation(*args)
+    assert grad_relation.shape == relation.shape and grad_relation.dtype == dtype
+    if per_query or aggregate in ("max", "min"):
+        assert torch.equal(grad_relation, separate)
+    else:
+        assert_close_scaled(grad_relation, separate.double(), dtype)
+    x64 = x.double().requires_grad_(True)
+    rel64 = relation.double().requires_grad_(True)
+    expected = rel_aggregate_reference(x64, rel64, graph, weight.double(), mask, message, aggregate,
+                                       node_major=node_major)
+    _, want = torch.autograd.grad(expected, (x64, rel64), args[0].double())
+    assert_close_scaled(grad_relation, want, dtype)
+
+
+@pytest.mark.parametrize("aggregate", ["sum", "mean"])
+def test_autograd_takes_the_joint_backward_on_the_cpu(aggregate):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    graph, x, relation, weight, mask = skewed_inputs("cpu", torch.float32, False, True, True)
+    for wants, expected in (((True, True), ["gfmrag_fast::rel_aggregate_backward_x_relation"]),
+                            ((True, False), ["gfmrag_fast::rel_aggregate_backward_x"]),
+                            ((False, True), ["gfmrag_fast::rel_aggregate_backward_relation"])):
+        xs, rel = x.clone().requires_grad_(wants[0]), relation.clone().requires_grad_(wants[1])
+        out = rel_aggregate(xs, rel, graph, weight, mask, aggregate=aggregate)
+        with Calls() as calls:
+            out.backward(torch.ones_like(out))
+        assert [n for n in calls.names if n.startswith("gfmrag_fast::")] == expected
+
+
+def test_joint_backward_does_not_depend_on_the_thread_count():
+    # The relation sums go into blocks fixed by the graph, not by the threads; hubs cut into pieces.
+    graph, x, relation, weight, mask = skewed_inputs("cpu", torch.float32, False, True, True, chunk_size=3,
+                                                     num_nodes=200, num_triples=2000, dim=16)
+    args = _backward_args(graph, x.transpose(0, 1).contiguous(), relation, weight, mask, "distmult", "sum", True)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            runs.append(torch.ops.gfmrag_fast.rel_aggregate_backward_x_relation(*args))
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        assert torch.equal(runs[0][0], other[0]) and torch.equal(runs[0][1], other[1])
+
+
+def test_joint_backward_leaves_large_relation_tables_to_the_two_kernels():
+    # Eight block copies of a table of more than 2M floats would take over 64 MiB: the two kernels run.
+    num_relations, dim = 33_000, 64
+    gen = torch.Generator().manual_seed(0)
+    edge_index = torch.randint(0, 30, (2, 400), generator=gen)
+    edge_type = torch.randint(0, 3, (400,), generator=gen)  # many edges per relation: sums that round
+    graph = RelGraph(edge_index, edge_type, 30, num_relations)
+    x = torch.randn(2, 30, dim, generator=gen)
+    relation = torch.randn(num_relations, dim, generator=gen)
+    args = _backward_args(graph, x, relation, None, None, "distmult", "sum", False)
+    ops = torch.ops.gfmrag_fast
+    grad_x, grad_relation = ops.rel_aggregate_backward_x_relation(*args)
+    assert torch.equal(grad_x, ops.rel_aggregate_backward_x(*args))
+    assert torch.equal(grad_relation, ops.rel_aggregate_backward_relation(*args))
+
+
+def test_joint_backward_rejects_bad_input():
+    graph, x, relation, weight, mask = skewed_inputs("cpu", torch.float32, False, True, True)
+    args = list(_backward_args(graph, x, relation, weight, mask, "distmult", "sum", False))
+    args[0] = args[0][:, :-1]
+    with pytest.raises(ValueError, match="grad_out must have shape"):
+        torch.ops.gfmrag_fast.rel_aggregate_backward_x_relation(*args)
