@@ -91,7 +91,6 @@ def case_name(case, shape, per_query, dtype, node_major=False):
             + ("-nodemajor" if node_major else ""))
 
 
-@functools.lru_cache(maxsize=1)
 def aggregate_once(fn, x, relation, graph, direction, grad_out):
     """One timed call: the forward alone (no autograd), or forward + backward of grad_out."""
     if direction == "forward":
@@ -102,6 +101,7 @@ def aggregate_once(fn, x, relation, graph, direction, grad_out):
         fn(x, relation, graph).backward(grad_out)
 
 
+@functools.lru_cache(maxsize=1)
 def _copy_buffers():
     src = torch.randn(64 * 2**20)  # 256 MiB, far beyond the caches
     return src, torch.empty_like(src)

@@ -8,7 +8,9 @@
 // kernels, so the two agree bit for bit. Every output row and every partial has one writer, so
 // no locks or atomics are needed and results do not depend on the number of threads. One walk
 // serves the whole batch: a node's edge list and the relation rows it reads are loaded once for
-// the B queries. The edge-weight gradient takes one edge at a time.
+// the B queries. The edge-weight gradient takes one edge at a time. The joint backward
+// (backward_x_relation_kernel) computes the input and relation gradients in one walk by source
+// for training; its relation sums take another order (see there).
 #include "../output_buffers.h"
 #include "../rel_aggregate_kernels.h"
 #include "cpu_clones.h"

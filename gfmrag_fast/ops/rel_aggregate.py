@@ -19,7 +19,10 @@ block of B * d values instead of B rows that lie N * d apart.
 
 Long edge lists (hub nodes, a synonym relation holding half of the edges) are cut into pieces by
 the graph's plan (:class:`RelGraph`, ``chunk_size``); results are deterministic and the same on
-the CPU and the GPU for a given plan.
+the CPU and the GPU for a given plan, with one exception: where the backward needs both x's and a
+shared relation table's gradient (sum or mean), the CPU computes them in one walk of the edges
+(``rel_aggregate_backward_x_relation``), and its relation gradient sums in another fixed order
+(equal to the GPU's to rounding; still independent of the thread count).
 
 First derivatives only: differentiating a gradient of rel_aggregate again (``create_graph=True``
 followed by another backward, ``gradgradcheck``, Hessians) raises NotImplementedError rather
