@@ -254,3 +254,37 @@ def test_rel_aggregate_locality(locality_table, graph_name, layout, direction, r
                 cpu[numbering].append(time.process_time() - start_cpu)
     locality_table[(graph_name, layout, direction)] = {
         numbering: (_median(wall[numbering]) * 1e3, _median(cpu[numbering]) * 1e3) for numbering in NUMBERINGS}
+
+
+# ------------------------------------------------------------------ the CPU's joint backward
+JOINT_CASES = {  # graph, batch (d = 64, node major, shared table: a training step's layer)
+    "musique-B32": ("musique", 32),
+    "hotpotqa4-skewed-B8": ("hotpotqa4-skewed", 8),
+}
+
+
+@pytest.mark.parametrize("impl", ["joint", "two_kernels"])
+@pytest.mark.parametrize("case", list(JOINT_CASES))
+def test_joint_backward(measure, case, impl):
+    """x's and the relation table's gradients on the CPU: in one walk of the edges by source (what
+    autograd calls there, rel_aggregate_backward_x_relation) against the input and relation
+    kernels called one after the other. Compare the two impls' medians of one case."""
+    graph_name, batch = JOINT_CASES[case]
+    graph = LOCALITY_GRAPHS[graph_name]()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(graph.num_nodes, batch, 64, generator=gen)
+    relation = torch.randn(graph.num_relations, 64, generator=gen)
+    mask = torch.rand(graph.num_edges, generator=gen) < 0.01  # a pre-training batch's removed edges
+    ops = torch.ops.gfmrag_fast
+    out, aux = ops.rel_aggregate(x, relation, graph.arrays, None, mask, "distmult", "sum", True)
+    args = (torch.randn(out.shape, generator=gen), x, relation, aux, graph.arrays, None, mask, "distmult", "sum", True)
+
+    def run():
+        if impl == "joint":
+            ops.rel_aggregate_backward_x_relation(*args)
+        else:
+            ops.rel_aggregate_backward_x(*args)
+            ops.rel_aggregate_backward_relation(*args)
+
+    measure(run, f"rel_aggregate_backward/{case}/cpu", impl, "cpu", rounds=7, batch=batch, dim=64,
+            num_nodes=graph.num_nodes, num_edges=graph.num_edges)
