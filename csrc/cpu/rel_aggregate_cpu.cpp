@@ -140,42 +140,53 @@ C10_ALWAYS_INLINE void prefetch_rows(const Inputs<scalar_t>& in, const scalar_t*
 
 constexpr bool is_extremum(Aggregate A) { return A == Aggregate::Max || A == Aggregate::Min; }
 
+// The forward's edges [begin, end) of the CSR by destination into acc (and best, for max/min).
+// Compiled for AVX2 and the baseline (no FMA: the same bits).
+template <typename scalar_t, Message M, Aggregate A>
+GFMRAG_CPU_CLONES void forward_walk(const Inputs<scalar_t>& in, int32_t begin, int32_t end,
+                                    at::opmath_type<scalar_t>* __restrict__ acc, int32_t* __restrict__ best) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kExtremum = is_extremum(A);
+  const int64_t B = in.a.batch, D = in.a.dim, E = in.a.num_edges;
+  const int32_t* src = in.graph[kDstSrc];
+  const int32_t* type = in.graph[kDstType];
+  const int32_t* eid = in.graph[kDstEid];
+  const auto load = [&](int32_t k) GFMRAG_INLINE_LAMBDA {
+    // Ahead in the whole list, not only in this row: most rows hold a few edges.
+    if (k + kEdgesAhead < E) prefetch_rows(in, in.x, src[k + kEdgesAhead]);
+    return in.template edge<acc_t, kExtremum>(k, src, type, eid);
+  };
+  walk_edges(begin, end, load, [&](const WalkedEdge<acc_t>& e) GFMRAG_INLINE_LAMBDA {
+    if (e.removed) return;
+    for (int64_t b = 0; b < B; ++b) {
+      const scalar_t* __restrict__ xs = in.x + in.at(b, e.node);
+      const scalar_t* __restrict__ rr = in.relation_of(b) + static_cast<int64_t>(e.other) * D;
+      acc_t* __restrict__ a = acc + b * D;
+      if constexpr (kExtremum) {
+        int32_t* __restrict__ bb = best + b * D;
+        for (int64_t c = 0; c < D; ++c) {
+          keep_extremum<A>(a[c], bb[c], e.weight * message_of<M>(static_cast<acc_t>(xs[c]), static_cast<acc_t>(rr[c])),
+                           e.eid);
+        }
+      } else {
+        for (int64_t c = 0; c < D; ++c) {
+          a[c] = add_rn(a[c], e.weight * message_of<M>(static_cast<acc_t>(xs[c]), static_cast<acc_t>(rr[c])));
+        }
+      }
+    }
+  });
+}
+
 template <typename scalar_t, Message M, Aggregate A>
 void forward_kernel(const Inputs<scalar_t>& in, const ListPlan& plan, scalar_t* out, int32_t* arg) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kExtremum = is_extremum(A);
-  const int64_t B = in.a.batch, D = in.a.dim, width = B * D, E = in.a.num_edges;
-  const int32_t* src = in.graph[kDstSrc];
-  const int32_t* type = in.graph[kDstType];
-  const int32_t* eid = in.graph[kDstEid];
+  const int64_t B = in.a.batch, D = in.a.dim, width = B * D;
   std::vector<acc_t> partial(plan.pieces * width);
   std::vector<int32_t> partial_arg(kExtremum ? plan.pieces * width : 0);
 
   auto walk = [&](int32_t begin, int32_t end, acc_t* acc, int32_t* best) {
-    const auto load = [&](int32_t k) {
-      // Ahead in the whole list, not only in this row: most rows hold a few edges.
-      if (k + kEdgesAhead < E) prefetch_rows(in, in.x, src[k + kEdgesAhead]);
-      return in.template edge<acc_t, kExtremum>(k, src, type, eid);
-    };
-    walk_edges(begin, end, load, [&](const WalkedEdge<acc_t>& e) {
-      if (e.removed) return;
-      for (int64_t b = 0; b < B; ++b) {
-        const scalar_t* __restrict__ xs = in.x + in.at(b, e.node);
-        const scalar_t* __restrict__ rr = in.relation_of(b) + static_cast<int64_t>(e.other) * D;
-        acc_t* __restrict__ a = acc + b * D;
-        if constexpr (kExtremum) {
-          int32_t* __restrict__ bb = best + b * D;
-          for (int64_t c = 0; c < D; ++c) {
-            keep_extremum<A>(a[c], bb[c], e.weight * message_of<M>(static_cast<acc_t>(xs[c]), static_cast<acc_t>(rr[c])),
-                             e.eid);
-          }
-        } else {
-          for (int64_t c = 0; c < D; ++c) {
-            a[c] = add_rn(a[c], e.weight * message_of<M>(static_cast<acc_t>(xs[c]), static_cast<acc_t>(rr[c])));
-          }
-        }
-      }
-    });
+    forward_walk<scalar_t, M, A>(in, begin, end, acc, best);
   };
   auto start = [&](acc_t* acc, int32_t* best) {
     std::fill(acc, acc + width, acc_t(0));
