@@ -98,10 +98,18 @@ constexpr int kEdgesAhead = 4;
 #define GFMRAG_FAST_UNROLL
 #endif
 
+// Always inlined on the CPU: the loop and the lambdas it calls must be compiled into each
+// target clone of its caller (cpu/cpu_clones.h), not once for the baseline.
+#ifdef __CUDACC__
+#define GFMRAG_FAST_WALK_INLINE C10_HOST_DEVICE inline
+#else
+#define GFMRAG_FAST_WALK_INLINE C10_ALWAYS_INLINE
+#endif
+
 // visit(load(k)) for k = begin .. end - 1 in order (on the GPU, and in the CUDA emulator that runs
 // its code on the CPU, loading kEdgesAhead edges at a time).
 template <typename Load, typename Visit>
-C10_HOST_DEVICE inline void walk_edges(int32_t begin, int32_t end, const Load& load, const Visit& visit) {
+GFMRAG_FAST_WALK_INLINE void walk_edges(int32_t begin, int32_t end, const Load& load, const Visit& visit) {
   int32_t k = begin;
 #if defined(__CUDA_ARCH__) || defined(GFMRAG_FAST_CUDA_EMULATOR)
   for (; k + kEdgesAhead <= end; k += kEdgesAhead) {
