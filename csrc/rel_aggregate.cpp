@@ -322,11 +322,12 @@ TORCH_LIBRARY(gfmrag_fast, m) {
       "Tensor[] graph, Tensor? edge_weight, Tensor? edge_mask, str message, str aggregate, "
       "bool node_major=False) -> Tensor");
   // The input and relation gradients in one call (CPU: one walk of the graph for both, see
-  // cpu/rel_aggregate_cpu.cpp); returns (grad_x, grad_relation).
+  // cpu/rel_aggregate_cpu.cpp); returns (grad_x, grad_relation). grad_x_init (like x): a gradient
+  // of x from elsewhere, added to grad_x as it is written (x's other consumer in a layer).
   m.def(
       "rel_aggregate_backward_x_relation(Tensor grad_out, Tensor x, Tensor relation, Tensor aux, "
       "Tensor[] graph, Tensor? edge_weight, Tensor? edge_mask, str message, str aggregate, "
-      "bool node_major=False) -> (Tensor, Tensor)");
+      "bool node_major=False, Tensor? grad_x_init=None) -> (Tensor, Tensor)");
   // The work plan of the CUDA kernels for a batch of B (rel_aggregate_balance.cpp); host arrays.
   m.def("rel_aggregate_balance(Tensor[] graph, int batch, bool per_query) -> Tensor");
 }

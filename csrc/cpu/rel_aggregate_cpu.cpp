@@ -18,6 +18,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/add.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -394,9 +395,30 @@ struct JointItem {
 
 // The items [first, last) of one block: grad_x rows (or piece partials) written, the block's
 // relation table summed into. Compiled for AVX2 and the baseline (no FMA: the same bits).
+// grad_x's row u of the B queries from its sums acc: cast to scalar_t, plus init's row where given,
+// added as autograd would add two gradients of x in scalar_t (each rounded, then their sum).
+template <typename scalar_t, typename acc_t>
+C10_ALWAYS_INLINE void write_grad_x_row(const Inputs<scalar_t>& in, int64_t u, const acc_t* __restrict__ acc,
+                                        const scalar_t* __restrict__ init, scalar_t* __restrict__ grad_x) {
+  const int64_t B = in.a.batch, D = in.a.dim;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t o = in.at(b, u);
+    const acc_t* a = acc + b * D;
+    if (init != nullptr) {
+      for (int64_t c = 0; c < D; ++c) {
+        grad_x[o + c] = static_cast<scalar_t>(static_cast<acc_t>(init[o + c]) +
+                                              static_cast<acc_t>(static_cast<scalar_t>(a[c])));
+      }
+    } else {
+      for (int64_t c = 0; c < D; ++c) grad_x[o + c] = static_cast<scalar_t>(a[c]);
+    }
+  }
+}
+
 template <typename scalar_t, Message M, Aggregate A>
 GFMRAG_CPU_CLONES void joint_backward_items(const Inputs<scalar_t>& in, const JointItem* first, const JointItem* last,
-                                            const scalar_t* __restrict__ grad_out, scalar_t* __restrict__ grad_x,
+                                            const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ init,
+                                            scalar_t* __restrict__ grad_x,
                                             at::opmath_type<scalar_t>* __restrict__ piece_partial,
                                             at::opmath_type<scalar_t>* __restrict__ table,
                                             at::opmath_type<scalar_t>* __restrict__ acc) {
@@ -430,10 +452,7 @@ GFMRAG_CPU_CLONES void joint_backward_items(const Inputs<scalar_t>& in, const Jo
       for (; c0 < D; ++c0) joint_edge_lanes<M, 1>(in, grad_out, e.node, u, B, c0, rel, scale, acc, trow);
     });
     if (it->piece < 0) {
-      for (int64_t b = 0; b < B; ++b) {
-        scalar_t* o = grad_x + in.at(b, u);
-        for (int64_t c = 0; c < D; ++c) o[c] = static_cast<scalar_t>(acc[b * D + c]);
-      }
+      write_grad_x_row(in, u, acc, init, grad_x);
     } else {
       std::copy(acc, acc + width, piece_partial + it->piece * width);
     }
@@ -442,7 +461,7 @@ GFMRAG_CPU_CLONES void joint_backward_items(const Inputs<scalar_t>& in, const Jo
 
 template <typename scalar_t, Message M, Aggregate A>
 void backward_x_relation_kernel(const Inputs<scalar_t>& in, const ListPlan& plan, const scalar_t* grad_out,
-                                scalar_t* grad_x, scalar_t* grad_relation) {
+                                const scalar_t* init, scalar_t* grad_x, scalar_t* grad_relation) {
   using acc_t = at::opmath_type<scalar_t>;
   static_assert(!is_extremum(A), "max/min take the two kernels");
   const int64_t B = in.a.batch, D = in.a.dim, width = B * D, R = in.a.num_relations;
@@ -480,7 +499,8 @@ void backward_x_relation_kernel(const Inputs<scalar_t>& in, const ListPlan& plan
     acc_t* table = tables.get() + k * R * D;
     std::fill(table, table + R * D, acc_t(0));
     std::vector<acc_t> acc(width);
-    joint_backward_items<scalar_t, M, A>(in, items.data() + bounds[k], items.data() + bounds[k + 1], grad_out, grad_x,
+    joint_backward_items<scalar_t, M, A>(in, items.data() + bounds[k], items.data() + bounds[k + 1], grad_out, init,
+                                         grad_x,
                                          piece_partial.get(), table, acc.data());
   });
 
@@ -493,10 +513,7 @@ void backward_x_relation_kernel(const Inputs<scalar_t>& in, const ListPlan& plan
     const int64_t u = cut_rows[i];
     std::vector<acc_t> acc(width, acc_t(0));
     fold_partial_sums(plan, u, piece_partial.get(), width, acc.data());
-    for (int64_t b = 0; b < B; ++b) {
-      scalar_t* o = grad_x + in.at(b, u);
-      for (int64_t c = 0; c < D; ++c) o[c] = static_cast<scalar_t>(acc[b * D + c]);
-    }
+    write_grad_x_row(in, u, acc.data(), init, grad_x);
   });
 
   // The relation gradient: the block tables added in block order.
@@ -619,15 +636,24 @@ at::Tensor rel_aggregate_backward_cpu(const at::Tensor& grad_out, const at::Tens
 std::tuple<at::Tensor, at::Tensor> rel_aggregate_backward_x_relation_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& relation, const at::Tensor& aux,
     at::TensorList graph, const std::optional<at::Tensor>& edge_weight, const std::optional<at::Tensor>& edge_mask,
-    c10::string_view message, c10::string_view aggregate, bool node_major) {
+    c10::string_view message, c10::string_view aggregate, bool node_major,
+    const std::optional<at::Tensor>& grad_x_init) {
   const RelAggregateArgs a = check_rel_aggregate_backward_inputs(grad_out, x, relation, aux, graph, edge_weight,
                                                                  edge_mask, message, aggregate, node_major);
+  if (grad_x_init) {
+    TORCH_CHECK_VALUE(grad_x_init->sizes() == x.sizes() && grad_x_init->scalar_type() == x.scalar_type() &&
+                          grad_x_init->device() == x.device() && grad_x_init->is_contiguous(),
+                      "rel_aggregate backward: grad_x_init must be a contiguous tensor like x (shape ", x.sizes(),
+                      ", ", x.scalar_type(), "), got shape ", grad_x_init->sizes(), ", ",
+                      grad_x_init->scalar_type(), (grad_x_init->is_contiguous() ? "" : ", not contiguous"));
+  }
   const int64_t acc_bytes = x.scalar_type() == at::kDouble ? 8 : 4;
   if (!joint_backward_applies(a, acc_bytes)) {
-    return {rel_aggregate_backward_cpu<Grad::X>(grad_out, x, relation, aux, graph, edge_weight, edge_mask, message,
-                                                aggregate, node_major),
-            rel_aggregate_backward_cpu<Grad::Relation>(grad_out, x, relation, aux, graph, edge_weight, edge_mask,
-                                                       message, aggregate, node_major)};
+    at::Tensor grad_x = rel_aggregate_backward_cpu<Grad::X>(grad_out, x, relation, aux, graph, edge_weight,
+                                                            edge_mask, message, aggregate, node_major);
+    if (grad_x_init) grad_x = at::add(*grad_x_init, grad_x);
+    return {grad_x, rel_aggregate_backward_cpu<Grad::Relation>(grad_out, x, relation, aux, graph, edge_weight,
+                                                               edge_mask, message, aggregate, node_major)};
   }
   const WalkOrderArrays walked = walk_order_arrays(Kernel::GradX, edge_weight, edge_mask, graph);
   at::Tensor grad_x = empty_grad(Grad::X, x, relation, a);
@@ -639,7 +665,8 @@ std::tuple<at::Tensor, at::Tensor> rel_aggregate_backward_x_relation_cpu(
       if constexpr (!is_extremum(A)) {
         backward_x_relation_kernel<scalar_t, decltype(m)::value, A>(
             in, list_plan(graph, EdgeList::Src), grad_out.const_data_ptr<scalar_t>(),
-            grad_x.mutable_data_ptr<scalar_t>(), grad_relation.mutable_data_ptr<scalar_t>());
+            grad_x_init ? grad_x_init->const_data_ptr<scalar_t>() : nullptr, grad_x.mutable_data_ptr<scalar_t>(),
+            grad_relation.mutable_data_ptr<scalar_t>());
       }
     });
   });

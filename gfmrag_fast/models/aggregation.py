@@ -38,11 +38,12 @@ same order, so both layouts give the same bits. The update comes back in x's lay
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 
 from ..ops import RelGraph, rel_aggregate
+from ..ops.rel_aggregate import rel_aggregate_sharing_x
 
 MESSAGES = ("distmult", "transe", "rotate")
 AGGREGATES = ("sum", "mean", "max", "min", "pna")
@@ -383,6 +384,36 @@ def _pna(reduced: Callable[[str], torch.Tensor], boundary, degree, has_in_edge, 
     scalers = torch.stack([torch.ones_like(scale), scale, 1 / scale.clamp(min=1e-2)], dim=-1)  # [N, 3]
     scalers = scalers[:, None, None, :] if node_major else scalers[None, :, None, :]
     return (features.unsqueeze(-1) * scalers).flatten(-2)
+
+
+def stored_update_sharing_x(
+    x: torch.Tensor,  # [B, N, d], or [N, B, d] when node_major
+    relation: torch.Tensor,  # [R, d] shared, or [B, R, d] per query
+    boundary: Boundary,
+    graph: PreparedGraph,
+    message: str,
+    aggregate: str,
+    node_major: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:  # (update like x, x for the layer's other reader)
+    """:func:`stored_update`, and x as the rest of the layer should read it.
+
+    For the sum of distmult/transe messages on an unpartitioned graph on the CPU, that is an alias
+    of x through which the rest of the layer's gradient of x reaches the aggregation's backward,
+    which adds it while writing its own (:func:`gfmrag_fast.ops.rel_aggregate.rel_aggregate_sharing_x`):
+    no separate pass of autograd adding x's two gradients. Everywhere else it is x itself.
+    """
+    if (aggregate != "sum" or message not in ("distmult", "transe") or graph.halo is not None
+            or x.device.type != "cpu" or x.dtype != compute_dtype(x)):
+        return stored_update(x, relation, boundary, graph, message, aggregate, node_major), x
+    relation = relation.to(x.dtype)
+    weight = None if graph.edge_weight is None else graph.edge_weight.to(x.dtype)
+    agg, x_alias = rel_aggregate_sharing_x(x, relation, graph.graph, weight, graph.edge_mask, message, "sum",
+                                           node_major=node_major)
+    if isinstance(boundary, (RowBoundary, OuterBoundary)):
+        return boundary.add_to(agg, inplace=True, node_major=node_major), x_alias
+    if boundary.dtype == agg.dtype and boundary.shape == agg.shape:
+        return agg.add_(boundary), x_alias
+    return agg + boundary, x_alias
 
 
 def _fused_reduce(x, relation, graph: PreparedGraph, weight, message, kind, node_major=False):

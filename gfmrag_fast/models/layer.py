@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .aggregation import AGGREGATES, MESSAGES, Boundary, PreparedGraph, compute_dtype, stored_layout, stored_update
+from .aggregation import AGGREGATES, MESSAGES, Boundary, PreparedGraph, compute_dtype, stored_layout, stored_update_sharing_x
 from .dense import fusable, layer_tail
 
 
@@ -99,8 +99,11 @@ class GeneralizedRelationalConv(nn.Module):
             boundary = cast if boundary_is_x else boundary.to(cast.dtype)
             x = cast
         relation = self.relation_projection(relation)
-        update = stored_update(x, relation, boundary, graph, self.message_func, self.aggregate_func, node_major)
-        out = layer_tail(x, update, self.linear, self.layer_norm, self.activation, residual, fused=fused)
+        # The tail reads x through the alias the aggregation returns (on the CPU, for sum): the
+        # aggregation's backward then adds the tail's gradient of x to its own as it writes it.
+        update, x_tail = stored_update_sharing_x(x, relation, boundary, graph, self.message_func,
+                                                 self.aggregate_func, node_major)
+        out = layer_tail(x_tail, update, self.linear, self.layer_norm, self.activation, residual, fused=fused)
         return out.transpose(0, 1) if node_major else out
 
     def extra_repr(self) -> str:

@@ -31,9 +31,10 @@ than returning a wrong or partial second derivative.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import _library
 from .graph import RelGraph
@@ -118,9 +119,12 @@ _register_backward_fake("rel_aggregate_backward_relation", lambda x, relation, g
 _register_backward_fake(
     "rel_aggregate_backward_edge_weight", lambda x, relation, graph: x.new_empty((graph[1].shape[0],))
 )
-_register_backward_fake(
-    "rel_aggregate_backward_x_relation", lambda x, relation, graph: (torch.empty_like(x), torch.empty_like(relation))
-)
+
+
+@torch.library.register_fake("gfmrag_fast::rel_aggregate_backward_x_relation")
+def _joint_backward_fake(grad_out, x, relation, aux, graph, edge_weight, edge_mask, message, aggregate,
+                         node_major=False, grad_x_init=None):
+    return torch.empty_like(x), torch.empty_like(relation)
 
 
 def _setup_context(ctx, inputs, output):
@@ -169,6 +173,68 @@ def _no_double_backward(ctx, *grads):
 for _name in ("rel_aggregate_backward_x", "rel_aggregate_backward_relation", "rel_aggregate_backward_edge_weight",
               "rel_aggregate_backward_x_relation"):
     torch.library.register_autograd(f"gfmrag_fast::{_name}", _no_double_backward)
+
+
+def rel_aggregate_sharing_x(
+    x: torch.Tensor,  # [B, N, d], or [N, B, d] with node_major
+    relation: torch.Tensor,  # [R, d] | [B, R, d]
+    graph: RelGraph,
+    edge_weight: Optional[torch.Tensor] = None,
+    edge_mask: Optional[torch.Tensor] = None,
+    message: str = "distmult",
+    aggregate: str = "sum",
+    node_major: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:  # (result like x, x)
+    """:func:`rel_aggregate`, also returning x (an alias) for x's other consumer, on the CPU.
+
+    A layer reads x twice, in the aggregation and in its dense tail; autograd then adds x's two
+    gradients in a separate pass over [B, N, d]. Given the tail the returned alias instead of x,
+    the tail's gradient of x comes back to this op's backward, and the CPU's joint backward
+    (``rel_aggregate_backward_x_relation``) adds it while it writes its own: same values, same
+    bits, one pass less. Elsewhere (not the CPU, or x or relation without gradient) this is
+    ``(rel_aggregate(...), x)``.
+    """
+    _check_call(x, relation, graph, edge_weight, edge_mask, message, aggregate)
+    if not (x.device.type == "cpu" and torch.is_grad_enabled() and x.requires_grad and relation.requires_grad):
+        return rel_aggregate(x, relation, graph, edge_weight, edge_mask, message, aggregate, node_major), x
+    out, x_alias = _SharedX.apply(x.contiguous(), relation.contiguous(), edge_weight, graph,
+                                  None if edge_mask is None else edge_mask.contiguous(), message, aggregate,
+                                  bool(node_major))
+    return out, x_alias
+
+
+class _SharedX(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, relation, edge_weight, graph, edge_mask, message, aggregate, node_major):
+        weight = None if edge_weight is None else edge_weight.contiguous()
+        out, aux = _ops.rel_aggregate(x, relation, graph.arrays, weight, edge_mask, message, aggregate, node_major)
+        ctx.graph, ctx.message, ctx.aggregate, ctx.node_major = graph, message, aggregate, node_major
+        ctx.save_for_backward(x, relation, aux, weight, edge_mask)
+        return out, x.view_as(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, grad_x_alias):
+        x, relation, aux, weight, edge_mask = ctx.saved_tensors
+        if grad_x_alias is not None:
+            grad_x_alias = grad_x_alias.contiguous()
+        if grad_out is None:  # the result was not used
+            return grad_x_alias, None, None, None, None, None, None, None
+        args = (grad_out.contiguous(), x, relation, aux, ctx.graph.arrays, weight, edge_mask, ctx.message,
+                ctx.aggregate, ctx.node_major)
+        grad_x = grad_relation = grad_weight = None
+        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
+            grad_x, grad_relation = _ops.rel_aggregate_backward_x_relation(*args, grad_x_init=grad_x_alias)
+        else:
+            if ctx.needs_input_grad[0]:
+                grad_x = _ops.rel_aggregate_backward_x(*args)
+                if grad_x_alias is not None:
+                    grad_x = grad_x_alias + grad_x
+            if ctx.needs_input_grad[1]:
+                grad_relation = _ops.rel_aggregate_backward_relation(*args)
+        if ctx.needs_input_grad[2]:
+            grad_weight = _ops.rel_aggregate_backward_edge_weight(*args)
+        return grad_x, grad_relation, grad_weight, None, None, None, None, None
 
 
 def rel_aggregate_reference(
