@@ -239,8 +239,8 @@ def make_step(case: Case, kind: str, impl: str, dtype: str) -> Step:
 @contextlib.contextmanager
 def profiling_scopes():
     """Names the aggregation and the dense tail for the profiler (module functions wrapped)."""
-    patched = [(aggregation, "_fused_reduce", "aggregation"), (dense, "dense_update", "dense_tail"),
-               (dense, "plain_tail", "dense_tail")]
+    patched = [(aggregation, "_fused_reduce", "aggregation"), (aggregation, "rel_aggregate_sharing_x", "aggregation"),
+               (dense, "dense_update", "dense_tail"), (dense, "plain_tail", "dense_tail")]
     originals = [getattr(module, name) for module, name, _ in patched]
 
     def scoped(fn, scope):

@@ -41,3 +41,14 @@ def test_free_tail_ceiling(bench, capsys):
     out = capsys.readouterr().out
     assert "plain_tail / kernel = 1.25x" in out and "reference / kernel = 3.75x" in out
     assert "25 % of the plain_tail step, 12 % of the kernel step" in out and "free tail: 1.33x" in out
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "finetune"])
+@pytest.mark.parametrize("impl", ["kernel", "plain_tail"])
+def test_breakdown_finds_every_part_of_a_step(bench, kind, impl):
+    # Each part of the model the breakdown names must be found in the profile (the aggregation
+    # once went uncounted when the layers stopped calling the function it wrapped).
+    case = next(c for c in bench.CASES if c.name == "cpu-N20k").shrunk(100)
+    totals = bench.profile_step(bench.make_step(case, kind, impl, "float32"), "cpu")
+    for part in ("matmuls", "aggregation fwd", "aggregation bwd", "dense tail fwd", "dense tail bwd", "optimizer"):
+        assert totals[part] > 0, (part, totals)
