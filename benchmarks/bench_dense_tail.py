@@ -68,3 +68,34 @@ def test_dense_tail_forward_backward(measure, device, name, dtype, impl):
     fn = make_tail(impl, device, rows, dim, dtype)
     measure(fn, f"dense_tail/{name}/{device}/{dtype}/forward_backward", impl, device,
             rounds=7 if device == "cpu" else 20, rows=rows, dim=dim, dtype=dtype)
+
+
+@pytest.mark.parametrize("device,name,dtype", _params())
+def test_dense_tail_taking_turns(request, device, name, dtype, rounds=15):
+    """The three implementations call by call in turn (after two warm-up rounds), so that a change in
+    the machine's load falls on all three alike; prints the median of each and the ratios. On a
+    shared CPU this ratio is steadier than the three separate cases above."""
+    import statistics
+    import time
+
+    rows, dim = CASES[device][name]
+    fns = {impl: make_tail(impl, device, rows, dim, dtype) for impl in ("kernel", "reference", "matmuls")}
+    times = {impl: [] for impl in fns}
+    for step in range(rounds + 2):
+        for impl, fn in fns.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if step >= 2:
+                times[impl].append((time.perf_counter() - start) * 1e3)
+    med = {impl: statistics.median(t) for impl, t in times.items()}
+    line = (f"dense_tail {name} {device} {dtype}, taking turns, median of {rounds}: kernel {med['kernel']:.1f} ms, "
+            f"reference {med['reference']:.1f} ms, matmuls {med['matmuls']:.1f} ms; reference / kernel = "
+            f"{med['reference'] / med['kernel']:.2f}x; above the products: kernel "
+            f"{med['kernel'] - med['matmuls']:.1f} ms, reference {med['reference'] - med['matmuls']:.1f} ms")
+    with request.config.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():
+        print("\n" + line, flush=True)
+    assert all(t > 0 for t in med.values())
