@@ -393,8 +393,6 @@ struct JointItem {
   int32_t end;
 };
 
-// The items [first, last) of one block: grad_x rows (or piece partials) written, the block's
-// relation table summed into. Compiled for AVX2 and the baseline (no FMA: the same bits).
 // grad_x's row u of the B queries from its sums acc: cast to scalar_t, plus init's row where given,
 // added as autograd would add two gradients of x in scalar_t (each rounded, then their sum).
 template <typename scalar_t, typename acc_t>
@@ -415,6 +413,8 @@ C10_ALWAYS_INLINE void write_grad_x_row(const Inputs<scalar_t>& in, int64_t u, c
   }
 }
 
+// The items [first, last) of one block: grad_x rows (or piece partials) written, the block's
+// relation table summed into. Compiled for AVX2 and the baseline (no FMA: the same bits).
 template <typename scalar_t, Message M, Aggregate A>
 GFMRAG_CPU_CLONES void joint_backward_items(const Inputs<scalar_t>& in, const JointItem* first, const JointItem* last,
                                             const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ init,
@@ -500,8 +500,7 @@ void backward_x_relation_kernel(const Inputs<scalar_t>& in, const ListPlan& plan
     std::fill(table, table + R * D, acc_t(0));
     std::vector<acc_t> acc(width);
     joint_backward_items<scalar_t, M, A>(in, items.data() + bounds[k], items.data() + bounds[k + 1], grad_out, init,
-                                         grad_x,
-                                         piece_partial.get(), table, acc.data());
+                                         grad_x, piece_partial.get(), table, acc.data());
   });
 
   // Rows cut into pieces: their pieces' partials folded in piece order, as backward_x_kernel does.
