@@ -154,7 +154,8 @@ else
   # GFM-RAG's size: 6 x 512, 768-d text, B = 8, HotpotQA-sized; fp32 and bf16, peak memory.
   run_step "training step (GFM-RAG's size)" 60 train_step.log \
     "${PY}" benchmarks/bench_train_step.py --device cuda --impl kernel --json "${OUT_DIR}/train_step.json"
-  bench kernels_more 45 "cuda and ((hotpotqa and uniform) or big-B8)" benchmarks/bench_rel_aggregate.py \
+  # (d512: the dense tail's GFM-RAG-size cases, which the selection used to miss.)
+  bench kernels_more 45 "cuda and ((hotpotqa and uniform) or big-B8 or d512)" benchmarks/bench_rel_aggregate.py \
     benchmarks/bench_dense_tail.py
   run_step "scale: peak memory of the fine-tune step against graph size (6 x 512, B = 8)" 60 scale.log \
     "${PY}" benchmarks/bench_scale.py --device cuda --procs 1 --sizes 10000 20000 40000 --batch 8 --dim 512 \
