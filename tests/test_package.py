@@ -1,5 +1,6 @@
-"""Packaging behaviour: the error without a built library, the demo, the synthetic KG."""
+"""Packaging behaviour: the error without a built library, the demo, the synthetic KG, the sdist."""
 
+import os
 import subprocess
 import sys
 
@@ -36,3 +37,23 @@ def test_demo_runs(capsys):
     assert "fused kernel" in out and "speed-up" in out
     diff = float(out.split("(output and gradients): ")[1].split()[0])
     assert diff < 1e-5
+
+
+def test_source_distribution_holds_every_kernel_file(tmp_path):
+    # pip builds the kernels from an sdist on machines without a wheel: every source, header and
+    # the build configuration must be in it (the headers once were not: MANIFEST.in).
+    import tarfile
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # A fresh egg-info (setuptools would otherwise also pack what an earlier one listed).
+    subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path), "sdist", "-d",
+                    str(tmp_path)], cwd=repo, check=True, env={**os.environ, "FORCE_ONLY_CPU": "1"},
+                   capture_output=True)
+    (archive,) = tmp_path.glob("*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    wanted = {"CMakeLists.txt", "setup.py", "pyproject.toml"}
+    for folder, _, files in os.walk(os.path.join(repo, "csrc")):
+        wanted |= {os.path.relpath(os.path.join(folder, f), repo) for f in files
+                   if f.endswith((".h", ".cpp", ".cu", ".py"))}
+    assert not wanted - names, sorted(wanted - names)
