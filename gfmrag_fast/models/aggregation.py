@@ -328,13 +328,7 @@ def stored_update(
             return graph.owned(reduce(source, relation, graph, weight, message, kind, node_major))
 
         if aggregate == "sum":
-            agg = reduced("sum")
-            if isinstance(boundary, (RowBoundary, OuterBoundary)):
-                # Owned rows of a partitioned graph are a view of the op's result: not written into.
-                return boundary.add_to(agg, inplace=graph.halo is None, node_major=node_major)
-            if graph.halo is None and boundary.dtype == agg.dtype and boundary.shape == agg.shape:
-                return agg.add_(boundary)
-            return agg + boundary
+            return _sum_with_boundary(reduced("sum"), boundary, graph, node_major)
         if isinstance(boundary, (RowBoundary, OuterBoundary)):
             boundary = boundary.dense(node_major)
             if node_major:
@@ -402,18 +396,25 @@ def stored_update_sharing_x(
     which adds it while writing its own (:func:`gfmrag_fast.ops.rel_aggregate.rel_aggregate_sharing_x`):
     no separate pass of autograd adding x's two gradients. Everywhere else it is x itself.
     """
+    # (x already in the aggregation's dtype: the alias must be the tensor the tail would read.)
     if (aggregate != "sum" or message not in ("distmult", "transe") or graph.halo is not None
-            or x.device.type != "cpu" or x.dtype != compute_dtype(x)):
+            or x.dtype != compute_dtype(x)):
         return stored_update(x, relation, boundary, graph, message, aggregate, node_major), x
-    relation = relation.to(x.dtype)
     weight = None if graph.edge_weight is None else graph.edge_weight.to(x.dtype)
-    agg, x_alias = rel_aggregate_sharing_x(x, relation, graph.graph, weight, graph.edge_mask, message, "sum",
-                                           node_major=node_major)
+    agg, x_alias = rel_aggregate_sharing_x(x, relation.to(x.dtype), graph.graph, weight, graph.edge_mask, message,
+                                           "sum", node_major=node_major)
+    return _sum_with_boundary(agg, boundary, graph, node_major), x_alias
+
+
+def _sum_with_boundary(agg: torch.Tensor, boundary: Boundary, graph: PreparedGraph, node_major: bool) -> torch.Tensor:
+    """The sum aggregation's result with the boundary added, in place where the result is the op's
+    own fresh tensor."""
     if isinstance(boundary, (RowBoundary, OuterBoundary)):
-        return boundary.add_to(agg, inplace=True, node_major=node_major), x_alias
-    if boundary.dtype == agg.dtype and boundary.shape == agg.shape:
-        return agg.add_(boundary), x_alias
-    return agg + boundary, x_alias
+        # Owned rows of a partitioned graph are a view of the op's result: not written into.
+        return boundary.add_to(agg, inplace=graph.halo is None, node_major=node_major)
+    if graph.halo is None and boundary.dtype == agg.dtype and boundary.shape == agg.shape:
+        return agg.add_(boundary)
+    return agg + boundary
 
 
 def _fused_reduce(x, relation, graph: PreparedGraph, weight, message, kind, node_major=False):

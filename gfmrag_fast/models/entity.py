@@ -45,8 +45,8 @@ class NBFNet(nn.Module):
         node_major: store the node states node major (each [B, N, d] state a ``transpose(0, 1)``
             view of a contiguous [N, B, d] tensor), so that the aggregation gathers one contiguous
             block of B·d values per edge. None (default): node major on the CPU, where it is
-            faster (MuSiQue KG, B = 32, d = 64, 2 cores: rel_aggregate forward+backward 193 -> 142
-            ms per layer), batch major elsewhere (not yet measured on a GPU: set True to try).
+            faster (README, Measured), batch major elsewhere (not yet measured on a GPU: set True
+            to try).
             Every layer's output is the same bits either way (but for the retrieval boundary with
             entity weights other than 0/1, see ``models.aggregation.OuterBoundary``); scores and
             parameter gradients agree to float rounding, since sums over rows then add the rows in

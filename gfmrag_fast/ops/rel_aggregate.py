@@ -140,17 +140,28 @@ def _backward(ctx, grad_out, _grad_aux):
     x, relation, aux, edge_weight, edge_mask, *graph = ctx.saved_tensors
     grad_out = grad_out.contiguous()
     args = (grad_out, x, relation, aux, graph, edge_weight, edge_mask, ctx.message, ctx.aggregate, ctx.node_major)
-    grad_x = grad_relation = None
-    if ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and x.device.type == "cpu":
-        # One walk of the graph for both (the CPU kernel gathers grad_out once instead of twice).
-        grad_x, grad_relation = _ops.rel_aggregate_backward_x_relation(*args)
-    else:
-        grad_x = _ops.rel_aggregate_backward_x(*args) if ctx.needs_input_grad[0] else None
-        grad_relation = _ops.rel_aggregate_backward_relation(*args) if ctx.needs_input_grad[1] else None
-    grad_weight = None
-    if ctx.has_weight and ctx.needs_input_grad[3]:
-        grad_weight = _ops.rel_aggregate_backward_edge_weight(*args)
+    grad_x, grad_relation, grad_weight = _gradients(
+        args, ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_weight and ctx.needs_input_grad[3])
     return grad_x, grad_relation, [None] * ctx.num_graph, grad_weight, None, None, None, None
+
+
+def _gradients(args, want_x: bool, want_relation: bool, want_weight: bool, grad_x_init=None):
+    """The backward ops for the gradients asked for, args as they take them. On the CPU x's and the
+    relation's come from one walk of the graph (the kernel gathers grad_out once instead of twice),
+    which also adds grad_x_init (x's gradient from its other reader) as it writes x's."""
+    grad_x = grad_relation = grad_weight = None
+    if want_x and want_relation and args[1].device.type == "cpu":
+        grad_x, grad_relation = _ops.rel_aggregate_backward_x_relation(*args, grad_x_init=grad_x_init)
+    else:
+        if want_x:
+            grad_x = _ops.rel_aggregate_backward_x(*args)
+            if grad_x_init is not None:
+                grad_x = grad_x_init + grad_x
+        if want_relation:
+            grad_relation = _ops.rel_aggregate_backward_relation(*args)
+    if want_weight:
+        grad_weight = _ops.rel_aggregate_backward_edge_weight(*args)
+    return grad_x, grad_relation, grad_weight
 
 
 torch.library.register_autograd("gfmrag_fast::rel_aggregate", _backward, setup_context=_setup_context)
@@ -222,19 +233,8 @@ class _SharedX(torch.autograd.Function):
             return grad_x_alias, None, None, None, None, None, None, None
         args = (grad_out.contiguous(), x, relation, aux, ctx.graph.arrays, weight, edge_mask, ctx.message,
                 ctx.aggregate, ctx.node_major)
-        grad_x = grad_relation = grad_weight = None
-        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
-            grad_x, grad_relation = _ops.rel_aggregate_backward_x_relation(*args, grad_x_init=grad_x_alias)
-        else:
-            if ctx.needs_input_grad[0]:
-                grad_x = _ops.rel_aggregate_backward_x(*args)
-                if grad_x_alias is not None:
-                    grad_x = grad_x_alias + grad_x
-            if ctx.needs_input_grad[1]:
-                grad_relation = _ops.rel_aggregate_backward_relation(*args)
-        if ctx.needs_input_grad[2]:
-            grad_weight = _ops.rel_aggregate_backward_edge_weight(*args)
-        return grad_x, grad_relation, grad_weight, None, None, None, None, None
+        grads = _gradients(args, *ctx.needs_input_grad[:3], grad_x_init=grad_x_alias)
+        return (*grads, None, None, None, None, None)
 
 
 def rel_aggregate_reference(
