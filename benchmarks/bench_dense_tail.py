@@ -72,26 +72,14 @@ def test_dense_tail_forward_backward(measure, device, name, dtype, impl):
 
 @pytest.mark.parametrize("device,name,dtype", _params())
 def test_dense_tail_taking_turns(request, device, name, dtype, rounds=15):
-    """The three implementations call by call in turn (after two warm-up rounds), so that a change in
-    the machine's load falls on all three alike; prints the median of each and the ratios. On a
+    """The three implementations call by call in turn (bench_train_step.take_turns), so that a change
+    in the machine's load falls on all three alike; prints the median of each and the ratios. On a
     shared CPU this ratio is steadier than the three separate cases above."""
-    import statistics
-    import time
+    from bench_train_step import take_turns
 
     rows, dim = CASES[device][name]
     fns = {impl: make_tail(impl, device, rows, dim, dtype) for impl in ("kernel", "reference", "matmuls")}
-    times = {impl: [] for impl in fns}
-    for step in range(rounds + 2):
-        for impl, fn in fns.items():
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            if step >= 2:
-                times[impl].append((time.perf_counter() - start) * 1e3)
-    med = {impl: statistics.median(t) for impl, t in times.items()}
+    med = {impl: t["step_ms"] for impl, t in take_turns(fns, device, rounds).items()}
     line = (f"dense_tail {name} {device} {dtype}, taking turns, median of {rounds}: kernel {med['kernel']:.1f} ms, "
             f"reference {med['reference']:.1f} ms, matmuls {med['matmuls']:.1f} ms; reference / kernel = "
             f"{med['reference'] / med['kernel']:.2f}x; above the products: kernel "

@@ -219,10 +219,6 @@ def locality_table(request):
         print("\n" + "\n".join(lines), flush=True)
 
 
-def _median(values):
-    return sorted(values)[len(values) // 2]
-
-
 @pytest.mark.parametrize("direction", ["forward", "forward_backward"])
 @pytest.mark.parametrize("layout", ["batch_major", "node_major"])
 @pytest.mark.parametrize("graph_name", list(LOCALITY_GRAPHS))
@@ -242,18 +238,12 @@ def test_rel_aggregate_locality(locality_table, graph_name, layout, direction, r
     def run(graph):
         aggregate_once(fn, x, relation, graph, direction, grad_out)
 
-    graphs = {numbering: numbered_graph(graph_name, numbering) for numbering in NUMBERINGS}
-    wall = {numbering: [] for numbering in NUMBERINGS}
-    cpu = {numbering: [] for numbering in NUMBERINGS}
-    for step in range(rounds + 1):
-        for numbering, graph in graphs.items():
-            start, start_cpu = time.perf_counter(), time.process_time()
-            run(graph)
-            if step:  # the first round warms up
-                wall[numbering].append(time.perf_counter() - start)
-                cpu[numbering].append(time.process_time() - start_cpu)
+    from bench_train_step import take_turns
+
+    times = take_turns({numbering: functools.partial(run, numbered_graph(graph_name, numbering))
+                        for numbering in NUMBERINGS}, "cpu", rounds)
     locality_table[(graph_name, layout, direction)] = {
-        numbering: (_median(wall[numbering]) * 1e3, _median(cpu[numbering]) * 1e3) for numbering in NUMBERINGS}
+        numbering: (times[numbering]["step_ms"], times[numbering]["step_cpu_ms"]) for numbering in NUMBERINGS}
 
 
 # ------------------------------------------------------------------ the CPU's joint backward

@@ -349,31 +349,36 @@ def step_memory(step: Step, device: str) -> Dict[str, float]:
     return {"saved_for_backward_mib": sum(storages.values()) / 2**20}
 
 
-def time_steps(steps: Dict[str, Step], device: str, rounds: int) -> Dict[str, Dict[str, float]]:
-    """Per implementation: the median wall ms of `rounds` steps and, on CPU, the median process CPU
-    ms (on a machine shared with other processes the CPU time says more about the work than the
-    wall time, which includes waiting for a core). One warm-up step each, then the
-    implementations take turns, so that a change in the machine's load hits them alike."""
-    for step in steps.values():
-        step.run()
-    wall = {impl: [] for impl in steps}
-    cpu = {impl: [] for impl in steps}
+def take_turns(fns: Dict[str, Callable[[], object]], device: str, rounds: int) -> Dict[str, Dict[str, float]]:
+    """Per name: the median wall ms of `rounds` calls and, on CPU, the median process CPU ms (on a
+    machine shared with other processes the CPU time says more about the work than the wall time,
+    which includes waiting for a core). One warm-up call each, then the functions take turns, so
+    that a change in the machine's load hits them alike. Also used by the other benchmarks."""
+    for fn in fns.values():
+        fn()
+    wall = {name: [] for name in fns}
+    cpu = {name: [] for name in fns}
     for _ in range(rounds):
-        for impl, step in steps.items():
+        for name, fn in fns.items():
             if device == "cuda":
                 torch.cuda.synchronize()
             start, start_cpu = time.perf_counter(), time.process_time()
-            step.run()
+            fn()
             if device == "cuda":
                 torch.cuda.synchronize()
-            wall[impl].append((time.perf_counter() - start) * 1e3)
-            cpu[impl].append((time.process_time() - start_cpu) * 1e3)
+            wall[name].append((time.perf_counter() - start) * 1e3)
+            cpu[name].append((time.process_time() - start_cpu) * 1e3)
     times = {}
-    for impl in steps:
-        times[impl] = {"step_ms": statistics.median(wall[impl])}
+    for name in fns:
+        times[name] = {"step_ms": statistics.median(wall[name])}
         if device == "cpu":
-            times[impl]["step_cpu_ms"] = statistics.median(cpu[impl])
+            times[name]["step_cpu_ms"] = statistics.median(cpu[name])
     return times
+
+
+def time_steps(steps: Dict[str, Step], device: str, rounds: int) -> Dict[str, Dict[str, float]]:
+    """:func:`take_turns` over the implementations' training steps."""
+    return take_turns({impl: step.run for impl, step in steps.items()}, device, rounds)
 
 
 # ------------------------------------------------------------------------------------- pytest
